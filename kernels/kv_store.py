@@ -1,0 +1,146 @@
+"""Store this step's K/V into the paged KV cache.
+
+`store_kv(key, value, k_cache, v_cache, slot_mapping)` writes token t's K and V to cache slot
+`slot_mapping[t]` (slot = block * block_size + offset) in place; slot -1 means "skip" (padding,
+or a token whose KV is already cached).
+
+Layouts:
+  key, value:    [T, Hkv, D]                      fp32 / fp16 / bf16 (any strides)
+  k_cache:       [num_blocks, block_size, Hkv, D] same dtype as key (any strides, written in place)
+  v_cache:       [num_blocks, block_size, Hkv, D] same dtype
+  slot_mapping:  [T] int32, -1 = skip
+
+This file also holds the small launch helpers that the other kernel files share.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run through the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _fix_interpreter_scalar_index() -> None:
+    """Triton 3.6's interpreter turns a scalar tensor into a Python int (for `range(lo, hi)` with
+    runtime bounds) via `int(ndarray)`, which NumPy >= 2.3 rejects for its 1-element arrays.
+    Re-register `__index__` so it reads the single element; no effect outside the interpreter."""
+    try:
+        import triton.runtime.interpreter as ti
+    except ImportError:  # pragma: no cover
+        return
+    orig = getattr(ti, "_patch_lang_tensor", None)
+    if orig is None or getattr(orig, "_ttc_fixed", False):
+        return
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._ttc_fixed = True
+    ti._patch_lang_tensor = patched
+
+
+if interpreting():
+    _fix_interpreter_scalar_index()
+
+
+def check_launchable(name: str, *tensors: torch.Tensor) -> torch.device:
+    """All tensors on one device, and that device able to run Triton (CUDA, or CPU + interpreter)."""
+    dev = tensors[0].device
+    for t in tensors:
+        if t.device != dev:
+            raise ValueError(f"{name}: all tensors must be on one device, got {dev} and {t.device}")
+    if dev.type != "cuda" and not interpreting():
+        raise RuntimeError(
+            f"{name}: tensors are on {dev}; the Triton kernel needs CUDA tensors, or TRITON_INTERPRET=1 "
+            f"set before importing ttc_fast.kernels. On the CPU use {name}_ref instead."
+        )
+    return dev
+
+
+def use_fp32_dot(dtype: torch.dtype) -> bool:
+    """Do tl.dot on fp32-cast operands (exact IEEE fp32): always in the interpreter (its bf16 dot is
+    wrong) and for fp32 caches (so no TF32 rounding); fp16/bf16 on a GPU use the native MMA."""
+    return interpreting() or dtype == torch.float32
+
+
+def check_pow2_head_dim(name: str, d: int) -> None:
+    assert d >= 16 and (d & (d - 1)) == 0, f"{name}: head_dim must be a power of two >= 16, got {d}"
+
+
+def check_cache(name: str, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    assert k_cache.dim() == 4, f"{name}: k_cache must be [num_blocks, block_size, Hkv, D], got {tuple(k_cache.shape)}"
+    assert v_cache.shape == k_cache.shape, f"{name}: v_cache shape {tuple(v_cache.shape)} != k_cache {tuple(k_cache.shape)}"
+    assert k_cache.dtype == v_cache.dtype and k_cache.dtype in FLOAT_DTYPES, (
+        f"{name}: caches must share one dtype among fp32/fp16/bf16, got {k_cache.dtype}, {v_cache.dtype}")
+    assert k_cache.stride(3) == 1 and v_cache.stride(3) == 1, f"{name}: cache head_dim must be contiguous"
+
+
+@triton.jit
+def _store_kv_kernel(
+    key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    sk_t, sk_h, sk_d, sv_t, sv_h, sv_d,
+    skc_b, skc_p, skc_h, svc_b, svc_p, svc_h,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    blk = slot // BLOCK_SIZE
+    off = slot % BLOCK_SIZE
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, BLOCK_D)
+    mask = (h[:, None] < NUM_HEADS) & (d[None, :] < HEAD_DIM) & (slot >= 0)
+    k = tl.load(key_ptr + t * sk_t + h[:, None] * sk_h + d[None, :] * sk_d, mask=mask)
+    v = tl.load(value_ptr + t * sv_t + h[:, None] * sv_h + d[None, :] * sv_d, mask=mask)
+    tl.store(k_cache_ptr + blk * skc_b + off * skc_p + h[:, None] * skc_h + d[None, :], k, mask=mask)
+    tl.store(v_cache_ptr + blk * svc_b + off * svc_p + h[:, None] * svc_h + d[None, :], v, mask=mask)
+
+
+def _check_store_args(key, value, k_cache, v_cache, slot_mapping):
+    check_cache("store_kv", k_cache, v_cache)
+    assert key.dim() == 3 and value.shape == key.shape, (
+        f"store_kv: key/value must be [T, Hkv, D] of one shape, got {tuple(key.shape)}, {tuple(value.shape)}")
+    assert key.shape[1:] == k_cache.shape[2:], (
+        f"store_kv: key heads/dim {tuple(key.shape[1:])} != cache {tuple(k_cache.shape[2:])}")
+    assert key.dtype == value.dtype == k_cache.dtype, (
+        f"store_kv: key/value dtype ({key.dtype}, {value.dtype}) must equal cache dtype {k_cache.dtype}")
+    assert slot_mapping.dim() == 1 and slot_mapping.shape[0] == key.shape[0], (
+        f"store_kv: slot_mapping must be [T={key.shape[0]}], got {tuple(slot_mapping.shape)}")
+    assert slot_mapping.dtype == torch.int32, f"store_kv: slot_mapping must be int32, got {slot_mapping.dtype}"
+
+
+def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
+    """Write key/value [T, Hkv, D] into k_cache/v_cache at slot_mapping (in place; -1 skips)."""
+    _check_store_args(key, value, k_cache, v_cache, slot_mapping)
+    check_launchable("store_kv", key, value, k_cache, v_cache, slot_mapping)
+    T, H, D = key.shape
+    if T == 0:
+        return
+    _store_kv_kernel[(T,)](
+        key, value, k_cache, v_cache, slot_mapping,
+        key.stride(0), key.stride(1), key.stride(2), value.stride(0), value.stride(1), value.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        NUM_HEADS=H, HEAD_DIM=D, BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_H=triton.next_power_of_2(H), BLOCK_D=triton.next_power_of_2(D),
+    )
+
+
+def store_kv_ref(key, value, k_cache, v_cache, slot_mapping) -> None:
+    """Pure-torch reference of `store_kv` (same signature, in place)."""
+    _check_store_args(key, value, k_cache, v_cache, slot_mapping)
+    bs = k_cache.shape[1]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    blk, off = slots // bs, slots % bs
+    k_cache[blk, off] = key[keep]
+    v_cache[blk, off] = value[keep]

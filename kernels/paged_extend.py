@@ -1,0 +1,180 @@
+"""Paged prefill / extend attention (causal, online softmax over paged KV tiles).
+
+Sequence b has q_len_b = cu_q_lens[b+1] - cu_q_lens[b] new query tokens; its query i sits at
+absolute position context_lens[b] - q_len_b + i and attends to the paged KV positions
+0 .. that position (cached context + the new tokens, whose KV is already stored).
+One program per (sequence, kv head, tile of BLOCK_M query rows), where a row is a
+(query token, GQA head) pair of that kv head, so each KV tile is loaded once for the whole
+GQA group. KV tiles of BLOCK_N positions are gathered through the block table (a tile may span
+several cache blocks), and combined with an online (flash-attention) softmax.
+
+Layouts:
+  q:            [T, Hq, D]  fp32 / fp16 / bf16 (T = cu_q_lens[-1]), head_dim contiguous
+  k_cache:      [num_blocks, block_size, Hkv, D] same dtype as q (v_cache likewise)
+  block_tables: [S, max_blocks] int32
+  cu_q_lens:    [S+1] int32 prefix sums of query lengths
+  context_lens: [S] int32 KV length of each sequence, this step's tokens included (>= q_len)
+  out:          [T, Hq, D] q.dtype, head_dim contiguous (allocated when None)
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .kv_store import check_cache, check_launchable, check_pow2_head_dim, interpreting, use_fp32_dot
+from .paged_decode import _chunks, gather_paged_kv
+
+LOG2E = 1.4426950408889634
+EXTEND_BLOCK_M, EXTEND_BLOCK_N = 64, 64
+EXTEND_BLOCK_M_INTERP, EXTEND_BLOCK_N_INTERP = 32, 32
+
+
+@triton.jit
+def _paged_extend_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, cu_ptr, ctx_ptr,
+    sq_t, sq_h, sk_b, sk_p, sk_h, sv_b, sv_p, sv_h, so_t, so_h, sbt_b,
+    scale_log2,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1)
+    mt = tl.program_id(2)
+    q_start = tl.load(cu_ptr + b)
+    q_len = tl.load(cu_ptr + b + 1) - q_start
+    ctx = tl.load(ctx_ptr + b)
+
+    rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    tok = rows // GROUP
+    heads = (kvh * GROUP + rows % GROUP).to(tl.int64)
+    rmask = tok < q_len
+    qpos = ctx - q_len + tok  # absolute position of each row's query
+    d = tl.arange(0, HEAD_DIM)
+    t_idx = (q_start + tok).to(tl.int64)
+    q = tl.load(q_ptr + t_idx[:, None] * sq_t + heads[:, None] * sq_h + d[None, :], mask=rmask[:, None], other=0.0)
+    if FP32_DOT:
+        q = q.to(tl.float32)
+    last_tok = tl.minimum((mt * BLOCK_M + BLOCK_M - 1) // GROUP, q_len - 1)
+    kv_end = tl.minimum(ctx, ctx - q_len + last_tok + 1)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for n0 in range(0, kv_end, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs < kv_end
+        blk = tl.load(bt_ptr + b * sbt_b + offs // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
+        pos = (offs % BLOCK_SIZE).to(tl.int64)
+        k = tl.load(k_ptr + blk[:, None] * sk_b + pos[:, None] * sk_p + kvh * sk_h + d[None, :],
+                    mask=nmask[:, None], other=0.0)
+        v = tl.load(v_ptr + blk[:, None] * sv_b + pos[:, None] * sv_p + kvh * sv_h + d[None, :],
+                    mask=nmask[:, None], other=0.0)
+        if FP32_DOT:
+            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        valid = nmask[None, :] & (offs[None, :] <= qpos[:, None])
+        s = tl.where(valid, s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if FP32_DOT:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(o_ptr + t_idx[:, None] * so_t + heads[:, None] * so_h + d[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=rmask[:, None])
+
+
+def _check_extend_args(q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, out):
+    name = "paged_extend_attention"
+    check_cache(name, k_cache, v_cache)
+    assert q.dim() == 3, f"{name}: q must be [T, Hq, D], got {tuple(q.shape)}"
+    T, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    assert D == k_cache.shape[3], f"{name}: q head_dim {D} != cache head_dim {k_cache.shape[3]}"
+    assert Hq % Hkv == 0, f"{name}: Hq={Hq} must be a multiple of Hkv={Hkv}"
+    assert q.dtype == k_cache.dtype, f"{name}: q dtype {q.dtype} != cache dtype {k_cache.dtype}"
+    assert q.stride(2) == 1, f"{name}: q head_dim must be contiguous"
+    S = context_lens.shape[0]
+    assert context_lens.dim() == 1 and context_lens.dtype == torch.int32, f"{name}: context_lens must be int32 [S]"
+    assert cu_q_lens.shape == (S + 1,) and cu_q_lens.dtype == torch.int32, (
+        f"{name}: cu_q_lens must be int32 [S+1={S + 1}], got {cu_q_lens.dtype} {tuple(cu_q_lens.shape)}")
+    assert block_tables.dim() == 2 and block_tables.shape[0] == S and block_tables.dtype == torch.int32, (
+        f"{name}: block_tables must be int32 [S={S}, max_blocks], got {block_tables.dtype} {tuple(block_tables.shape)}")
+    assert block_tables.stride(1) == 1, f"{name}: block_tables rows must be contiguous"
+    if out is not None:
+        assert out.shape == q.shape and out.dtype == q.dtype, (
+            f"{name}: out must be {q.dtype} {tuple(q.shape)}, got {out.dtype} {tuple(out.shape)}")
+        assert out.stride(2) == 1, f"{name}: out head_dim must be contiguous"
+
+
+def paged_extend_attention(q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, max_q_len: int, scale,
+                           out=None):
+    """Causal prefill/extend attention of q [T, Hq, D] over the paged KV. Returns out [T, Hq, D]."""
+    _check_extend_args(q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, out)
+    check_launchable("paged_extend_attention", q, k_cache, v_cache, block_tables, cu_q_lens, context_lens,
+                     *([] if out is None else [out]))
+    T, Hq, D = q.shape
+    Hkv, bs = k_cache.shape[2], k_cache.shape[1]
+    check_pow2_head_dim("paged_extend_attention", D)
+    group = Hq // Hkv
+    if out is None:
+        out = torch.empty_like(q)
+    S = context_lens.shape[0]
+    if T == 0 or S == 0 or max_q_len <= 0:
+        return out
+    bm, bn = (EXTEND_BLOCK_M_INTERP, EXTEND_BLOCK_N_INTERP) if interpreting() else (EXTEND_BLOCK_M, EXTEND_BLOCK_N)
+    bm = max(bm, triton.next_power_of_2(group))
+    grid = (S, Hkv, triton.cdiv(int(max_q_len) * group, bm))
+    _paged_extend_kernel[grid](
+        q, k_cache, v_cache, out, block_tables, cu_q_lens, context_lens,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), block_tables.stride(0),
+        float(scale) * LOG2E,
+        GROUP=group, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, BLOCK_SIZE=bs, FP32_DOT=use_fp32_dot(q.dtype),
+    )
+    return out
+
+
+def paged_extend_attention_ref(q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, max_q_len: int, scale,
+                               out=None):
+    """Pure-torch reference of `paged_extend_attention`: queries padded to [S, max_q_len] and KV
+    gathered to [S, max_context], one batched masked matmul per chunk of sequences."""
+    _check_extend_args(q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, out)
+    T, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    group = Hq // Hkv
+    if out is None:
+        out = torch.empty_like(q)
+    S = context_lens.shape[0]
+    if T == 0 or S == 0:
+        return out
+    dev = q.device
+    cu = cu_q_lens.long()
+    qlen = cu[1:] - cu[:-1]
+    ctx = context_lens.long()
+    Qm = max(int(qlen.max()), 1)
+    L = max(int(ctx.max()), 1)
+    ii = torch.arange(Qm, device=dev)
+    pos = torch.arange(L, device=dev)
+    for a, z in _chunks(S, L * Hkv * D + Qm * L * Hq):
+        n = z - a
+        tok = cu[a:z, None] + ii[None, :]  # [n, Qm]
+        qmask = ii[None, :] < qlen[a:z, None]
+        tok = torch.where(qmask, tok, torch.zeros_like(tok))
+        qq = q[tok].float().view(n, Qm, Hkv, group, D)
+        k = gather_paged_kv(k_cache, block_tables[a:z], L).float()  # [n, L, Hkv, D]
+        v = gather_paged_kv(v_cache, block_tables[a:z], L).float()
+        s = torch.einsum("bihgd,blhd->bhgil", qq, k) * scale
+        qpos = ctx[a:z, None] - qlen[a:z, None] + ii[None, :]  # [n, Qm]
+        valid = (pos[None, None, :] <= qpos[:, :, None]) & (pos[None, None, :] < ctx[a:z, None, None])
+        s = s.masked_fill(~valid[:, None, None], float("-inf"))
+        p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+        o = torch.einsum("bhgil,blhd->bihgd", p, v).reshape(n, Qm, Hq, D)
+        out[tok[qmask]] = o[qmask].to(out.dtype)
+    return out

@@ -1,0 +1,13 @@
+"""Test set-up shared by every test file.
+
+Triton kernels run on the CPU through Triton's interpreter; TRITON_INTERPRET must be set before
+any kernel is defined (at import of ttc_fast.kernels), so it is set here, first.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -1,0 +1,91 @@
+"""Attention metadata for one ragged batch, and the backend that stores K/V and attends.
+
+Two backends run behind one interface: `torch` calls the pure-torch references in
+`ttc_fast.kernels` (the CPU path), `triton` calls the Triton kernels (the CUDA path, or the CPU
+under TRITON_INTERPRET=1). "auto" picks triton on CUDA and torch elsewhere.
+
+Batch layout: decode sequences (one new token each) come first, then prefill/extend sequences.
+The metadata is built once per forward and shared by every layer.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from . import kernels as K
+
+BACKENDS = ("auto", "torch", "triton")
+# The shared-prefix (cascade) decode path pays off only when a prefix is read by enough beams.
+CASCADE_MIN_PREFIX_TOKENS = 256
+CASCADE_MIN_GROUP_SIZE = 4
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] int32, -1 = do not store
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
+    context_lens: torch.Tensor  # [num_seqs] int32, KV length including this step's tokens
+    cu_q_lens: torch.Tensor  # [num_seqs + 1] int32
+    max_q_len: int
+    max_context_len: int
+    num_decode_seqs: int  # the first num_decode_seqs sequences (and tokens) are decode tokens
+    # Shared-prefix groups over the decode rows, when the cascade path is taken:
+    group_indptr: torch.Tensor | None = None  # [num_groups + 1] int32
+    prefix_lens: torch.Tensor | None = None  # [num_groups] int32
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}: use one of {', '.join(BACKENDS)}")
+    if name == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "backend='triton' on the CPU needs Triton's interpreter: set TRITON_INTERPRET=1 before "
+            "importing ttc_fast, or use backend='torch'"
+        )
+    return name
+
+
+class AttentionBackend:
+    """Stores K/V into the paged pool and attends over each sequence's paged context."""
+
+    def __init__(self, name: str, device: torch.device, use_cascade: bool = True):
+        self.name = resolve_backend(name, device)
+        self.use_cascade = use_cascade and self.name == "triton"
+        triton = self.name == "triton"
+        self.store_kv = K.store_kv if triton else K.store_kv_ref
+        self.copy_blocks = K.copy_blocks if triton else K.copy_blocks_ref
+        self.decode = K.paged_decode_attention if triton else K.paged_decode_attention_ref
+        self.extend = K.paged_extend_attention if triton else K.paged_extend_attention_ref
+        self.sample = K.sample if triton else K.sample_ref
+
+    def plan_decode_groups(self, block_tables, context_lens, block_size: int):
+        """Order and groups of decode rows for the cascade path, or None for the plain path."""
+        if not self.use_cascade or len(context_lens) < CASCADE_MIN_GROUP_SIZE:
+            return None
+        return K.plan_shared_prefix_groups(
+            block_tables, context_lens, block_size,
+            min_prefix_tokens=CASCADE_MIN_PREFIX_TOKENS, min_group_size=CASCADE_MIN_GROUP_SIZE,
+        )
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """q: [T, Hq, D]; k, v: [T, Hkv, D]. Returns attention output [T, Hq, D]."""
+        self.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        nd = meta.num_decode_seqs
+        if nd > 0:
+            tables, lens = meta.block_tables[:nd], meta.context_lens[:nd]
+            if meta.group_indptr is not None:
+                K.cascade_decode_attention(q[:nd], k_cache, v_cache, tables, lens, meta.group_indptr, meta.prefix_lens, scale, out=out[:nd])
+            else:
+                self.decode(q[:nd], k_cache, v_cache, tables, lens, scale, out=out[:nd])
+        if nd < meta.context_lens.shape[0]:
+            cu = meta.cu_q_lens[nd:] - nd
+            self.extend(
+                q[nd:], k_cache, v_cache, meta.block_tables[nd:], cu, meta.context_lens[nd:],
+                meta.max_q_len, scale, out=out[nd:],
+            )
+        return out

@@ -1,0 +1,289 @@
+"""The engine: batches every live sequence into one forward per step, samples, stops, frees.
+
+A request's prompt is prefilled once (in chunks when long, mixed with other sequences' decode
+tokens), then forked into its `n` samples, which share the prompt's blocks. Each step runs the
+decode token of every running sample plus as many prefill tokens as the step budget allows. When
+the pool runs dry, the most recently started sample is preempted (its blocks freed) and later
+recomputed from its tokens; its counter-based random stream makes the result identical.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .block_manager import OutOfBlocks
+from .loader import LoadedModel, load_model
+from .model_runner import ModelRunner
+from .sampling import SamplingParams, fresh_seed, sample_seed
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str  # "eos" | "stop" (stop string or stop token) | "length"
+    stop_reason: str | int | None = None  # the stop string or token id that ended it
+
+
+@dataclass
+class RequestOutput:
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+
+    @property
+    def text(self) -> str | None:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str:
+        return self.outputs[0].finish_reason
+
+
+@dataclass
+class _Request:
+    index: int
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    samples: list["_Sample"] = field(default_factory=list)
+
+
+@dataclass
+class _Sample:
+    """One continuation of a request. Before its prompt is prefilled, a request is represented by
+    its sample 0 alone (`forks_pending` > 0), which is forked when the prompt's logits arrive."""
+
+    request: _Request
+    index: int
+    seed: int
+    generated: list[int] = field(default_factory=list)
+    seq: int | None = None  # handle in the block manager; None while waiting
+    pending: list[int] = field(default_factory=list)  # tokens to feed in the coming forwards
+    forks_pending: int = 0
+    tail: str = ""  # recent text, for stop strings
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+    def context(self) -> list[int]:
+        return self.request.prompt_ids + self.generated
+
+
+class Engine:
+    def __init__(
+        self,
+        model: LoadedModel | str | Path,
+        prm=None,
+        kv_cache_bytes: int | None = None,
+        block_size: int = 16,
+        backend: str = "auto",
+        enable_prefix_cache: bool = True,
+        max_batch_tokens: int | None = None,
+        num_blocks: int | None = None,
+    ):
+        if not isinstance(model, LoadedModel):
+            model = load_model(model)
+        self.model = model
+        self.prm = prm
+        self.tokenizer = model.tokenizer
+        self.runner = ModelRunner(
+            model, kv_cache_bytes=kv_cache_bytes, block_size=block_size, backend=backend,
+            enable_prefix_cache=enable_prefix_cache, num_blocks=num_blocks,
+        )
+        self.max_batch_tokens = max_batch_tokens or (8192 if model.device.type == "cuda" else 1024)
+        self._token_text: dict[int, str] = {}
+        self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "cached_prompt_tokens": 0, "preemptions": 0, "steps": 0}
+
+    # --- public API ----------------------------------------------------------------------------
+    def generate(self, prompts, sampling: SamplingParams | None = None) -> list[RequestOutput]:
+        """Generate for each prompt (a string, or a list of token ids); one output per prompt,
+        each with `sampling.n` completions."""
+        sampling = sampling or SamplingParams()
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        base_seed = fresh_seed() if sampling.seed is None else sampling.seed
+        requests = [self._make_request(i, p, sampling, base_seed) for i, p in enumerate(prompts)]
+        self._run([r.samples[0] for r in requests])
+        return [self._output(r) for r in requests]
+
+    # --- requests ------------------------------------------------------------------------------
+    def _make_request(self, index: int, prompt, params: SamplingParams, base_seed: int) -> _Request:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"prompt {index} is text but {self.model.path} has no tokenizer; pass token ids")
+            text, ids = prompt, list(self.tokenizer(prompt)["input_ids"])
+        else:
+            text, ids = None, [int(t) for t in prompt]
+        if not ids:
+            raise ValueError(f"prompt {index} is empty")
+        vocab = self.model.config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"prompt {index} holds token ids outside the vocabulary [0, {vocab})")
+        limit = self.model.config.max_context
+        if len(ids) >= limit:
+            raise ValueError(f"prompt {index} has {len(ids)} tokens; the model attends over at most {limit} positions")
+        need = self.runner.blocks_for(len(ids) + 1)
+        if need > self.runner.num_blocks:
+            raise ValueError(
+                f"prompt {index} has {len(ids)} tokens and needs {need} KV blocks, but the pool holds only "
+                f"{self.runner.num_blocks}; raise kv_cache_bytes"
+            )
+        request = _Request(index, text, ids, params, sample_seed(base_seed, index))
+        request.samples = [_Sample(request, i, sample_seed(request.seed, i)) for i in range(params.n)]
+        request.samples[0].forks_pending = params.n - 1
+        return request
+
+    def _output(self, request: _Request) -> RequestOutput:
+        outs = [
+            CompletionOutput(s.index, s.generated, self._final_text(s), s.finish_reason, s.stop_reason)
+            for s in request.samples
+        ]
+        return RequestOutput(request.prompt, request.prompt_ids, outs)
+
+    # --- the loop ------------------------------------------------------------------------------
+    def _run(self, samples: list[_Sample]) -> None:
+        waiting: deque[_Sample] = deque(samples)
+        running: list[_Sample] = []
+        while waiting or running:
+            batch = self._schedule(waiting, running)
+            out = None
+            while out is None:
+                try:
+                    out = self._forward(batch)
+                except OutOfBlocks:
+                    batch = self._preempt(batch, waiting, running)
+            self._postprocess(batch, out, waiting, running)
+
+    def _schedule(self, waiting: deque, running: list) -> list[tuple[_Sample, list[int]]]:
+        """Decode tokens of all running samples, then prefill chunks within the token budget."""
+        batch = [(s, s.pending) for s in running]
+        budget = self.max_batch_tokens - len(batch)
+        runner = self.runner
+        while waiting and budget > 0:
+            s = waiting[0]
+            if s.seq is None:
+                context = s.context()
+                reserve = len(running) // 4 + 1  # headroom so running samples can keep decoding
+                if runner.blocks.num_available_blocks < runner.blocks_for(len(context) + 1) + reserve and batch:
+                    break
+                s.seq, cached = runner.new_sequence(context)
+                s.pending = context[cached:]
+                self.stats["cached_prompt_tokens"] += cached
+            chunk = s.pending[:budget]
+            batch.append((s, chunk))
+            budget -= len(chunk)
+            if len(chunk) == len(s.pending):
+                waiting.popleft()
+                running.append(s)
+            else:
+                break  # the rest of this prompt goes in the next step
+        return batch
+
+    def _forward(self, batch):
+        # Logits are needed where a sample's context is complete: decodes and last prefill chunks.
+        offsets = [[len(chunk) - 1] if len(chunk) == len(s.pending) else [] for s, chunk in batch]
+        return self.runner.forward([s.seq for s, _ in batch], [chunk for _, chunk in batch], offsets)
+
+    def _preempt(self, batch, waiting: deque, running: list):
+        """Free the most recently started sample and retry without it."""
+        victim = running.pop() if running else None
+        if victim is None or (len(batch) == 1 and batch[0][0] is victim):
+            raise ValueError(
+                "the KV pool cannot hold a single sequence of this request "
+                f"({self.runner.num_blocks} blocks of {self.runner.block_size} tokens); raise kv_cache_bytes"
+            )
+        self.runner.free(victim.seq)
+        victim.seq, victim.pending = None, []
+        waiting.appendleft(victim)
+        self.stats["preemptions"] += 1
+        return [(s, chunk) for s, chunk in batch if s is not victim]
+
+    def _postprocess(self, batch, out, waiting: deque, running: list) -> None:
+        self.stats["steps"] += 1
+        rows, targets = [], []
+        for i, (s, chunk) in enumerate(batch):
+            self.stats["decode_tokens" if s.generated and len(chunk) == 1 else "prefill_tokens"] += len(chunk)
+            s.pending = s.pending[len(chunk):]
+            if out.row_starts[i + 1] == out.row_starts[i]:
+                continue  # a prefill chunk that does not finish its prompt
+            for child in self._fork(s):
+                rows.append(out.row_starts[i])
+                targets.append(child)
+                if child is not s:
+                    running.append(child)
+        if not targets:
+            return
+        tokens = self._sample(out.logits[rows], targets)
+        for s, token in zip(targets, tokens):
+            s.generated.append(token)
+            s.pending = [token]
+            if self._check_stop(s, token):
+                running.remove(s)
+                self.runner.free(s.seq)
+                s.seq, s.pending = None, []
+
+    def _fork(self, s: _Sample) -> list[_Sample]:
+        """After the prompt's logits arrive, sample 0 is forked into the request's other samples."""
+        if s.forks_pending == 0:
+            return [s]
+        others = s.request.samples[1:]
+        for child, seq in zip(others, self.runner.fork(s.seq, len(others))):
+            child.seq = seq
+        s.forks_pending = 0
+        return [s] + others
+
+    def _sample(self, logits: torch.Tensor, samples: list[_Sample]) -> list[int]:
+        dev = logits.device
+        params = [s.request.params for s in samples]
+        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
+        top_k = torch.tensor([p.top_k for p in params], dtype=torch.int32, device=dev)
+        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev)
+        seeds = torch.tensor([s.seed for s in samples], dtype=torch.int64, device=dev)
+        positions = torch.tensor([len(s.request.prompt_ids) + len(s.generated) for s in samples], dtype=torch.int64, device=dev)
+        tokens = self.runner.attention.sample(logits, temperature, top_k, top_p, seeds, positions)
+        return tokens.tolist()
+
+    # --- stopping ------------------------------------------------------------------------------
+    def _check_stop(self, s: _Sample, token: int) -> bool:
+        p = s.request.params
+        if token in p.stop_token_ids:
+            s.finish_reason, s.stop_reason = "stop", token
+        elif not p.ignore_eos and token in self.model.eos_token_ids:
+            s.finish_reason, s.stop_reason = "eos", token
+        elif p.stop and self.tokenizer is not None and self._hits_stop_string(s, token):
+            s.finish_reason = "stop"
+        elif len(s.generated) >= p.max_tokens or len(s.request.prompt_ids) + len(s.generated) >= self.model.config.max_context:
+            s.finish_reason = "length"
+        return s.finish_reason is not None
+
+    def _hits_stop_string(self, s: _Sample, token: int) -> bool:
+        piece = self._token_text.get(token)
+        if piece is None:
+            piece = self._token_text[token] = self.tokenizer.decode([token])
+        longest = max(len(t) for t in s.request.params.stop)
+        s.tail = (s.tail + piece)[-(longest + len(piece)) :]
+        for stop in s.request.params.stop:
+            if stop in s.tail:
+                s.stop_reason = stop
+                return True
+        return False
+
+    def _final_text(self, s: _Sample) -> str | None:
+        if self.tokenizer is None:
+            return None
+        text = self.tokenizer.decode(s.generated, skip_special_tokens=True)
+        if isinstance(s.stop_reason, str):
+            cut = text.find(s.stop_reason)
+            if cut >= 0:
+                text = text[: cut + (len(s.stop_reason) if s.request.params.include_stop_str_in_output else 0)]
+        return text

@@ -1,0 +1,182 @@
+"""Loading a local Hugging Face checkpoint directory into our own model implementation.
+
+Reads config.json (and generation_config.json for EOS ids), the safetensors weights (one file or
+a sharded index), and the tokenizer through AutoTokenizer when its files are present. Nothing is
+ever downloaded: `path` must be a local directory, or `builtin:NAME` for a model shipped with
+the package.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig, rope_inv_freq
+from .model import CausalLM
+
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run: its module, config, tokenizer (or None), device and dtype."""
+
+    module: CausalLM
+    config: ModelConfig
+    tokenizer: object | None
+    path: Path
+    device: torch.device
+    dtype: torch.dtype
+    eos_token_ids: tuple[int, ...]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {device!r}: use 'cpu' or 'cuda[:N]'") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} was requested but CUDA is not available here; use device='cpu'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
+    elif device.type != "cpu":
+        raise ValueError(f"device type {device.type!r} is not supported: use 'cpu' or 'cuda'")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, config_dtype: str | None) -> torch.dtype:
+    if dtype is None:
+        # CPUs run fp32 (bf16 matmuls are slow there); GPUs take the checkpoint's own dtype.
+        if device.type == "cpu":
+            return torch.float32
+        return _DTYPES.get(config_dtype or "bfloat16", torch.bfloat16)
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(sorted(_DTYPES))}")
+        dtype = _DTYPES[dtype]
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype {dtype} is not supported: use float32, float16 or bfloat16")
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"bfloat16 is not supported on {torch.cuda.get_device_name(device)}; use dtype='float16'")
+    return dtype
+
+
+def resolve_path(path: str | Path) -> Path:
+    text = str(path)
+    if text.startswith("builtin:"):
+        name = text[len("builtin:"):]
+        found = BUILTIN_DIR / name
+        if not (found / "config.json").is_file():
+            available = sorted(p.name for p in BUILTIN_DIR.iterdir() if (p / "config.json").is_file()) if BUILTIN_DIR.is_dir() else []
+            raise FileNotFoundError(f"no built-in model {name!r}; available: {', '.join(available) or 'none'}")
+        return found
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"model directory {str(p)!r} does not exist (ttc_fast loads local checkpoints only; nothing is downloaded)")
+    if not p.is_dir():
+        raise FileNotFoundError(f"{str(p)!r} is a file; pass the checkpoint directory that holds config.json")
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{str(p)!r} has no config.json: is it a Hugging Face checkpoint directory?")
+    return p
+
+
+def read_state_dict(path: Path, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """All tensors of the checkpoint (single file or sharded index), cast to dtype on device."""
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        bins = [p.name for p in path.glob("*.bin")]
+        hint = f" (found {', '.join(bins)}: convert them to safetensors)" if bins else ""
+        raise FileNotFoundError(f"{path} holds no .safetensors weights{hint}")
+    tensors = {}
+    for name in files:
+        file = path / name
+        if not file.is_file():
+            raise FileNotFoundError(f"shard {name} listed in {index.name} is missing from {path}")
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                tensors[key] = t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
+    return tensors
+
+
+def build_module(config: ModelConfig, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype, source: Path, strict: bool = True) -> CausalLM:
+    with torch.device("meta"):
+        module = CausalLM(config)
+    expected = set(module.state_dict().keys())
+    if config.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    # Heads a PRM adds (value heads, score heads) are read by the PRM loader, not here.
+    ours = {k: v for k, v in state.items() if k in expected}
+    missing = sorted(expected - set(ours))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"{source}: checkpoint is missing weights {shown}; is config.json from the same model?")
+    for key, tensor in ours.items():
+        want = _shape_of(module, key)
+        if tuple(tensor.shape) != want:
+            raise ValueError(f"{source}: weight {key} has shape {tuple(tensor.shape)}, config.json implies {want}")
+    module.load_state_dict(ours, strict=False, assign=True)
+    # Buffers are not in the checkpoint: rebuild the rotary frequencies on the real device.
+    module.inv_freq = rope_inv_freq(config.rope, config.head_dim).to(device)
+    module.tie_weights()
+    return module.eval()
+
+
+def _shape_of(module: torch.nn.Module, key: str) -> tuple[int, ...]:
+    obj = module
+    for part in key.split("."):
+        obj = getattr(obj, part) if not part.isdigit() else obj[int(part)]
+    return tuple(obj.shape)
+
+
+def load_tokenizer(path: Path):
+    has_files = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"))
+    if not has_files:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def eos_ids(path: Path, config: ModelConfig, tokenizer) -> tuple[int, ...]:
+    ids = list(config.eos_token_ids)
+    gen = path / "generation_config.json"
+    if gen.is_file():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids += eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.append(tokenizer.eos_token_id)
+    return tuple(dict.fromkeys(int(i) for i in ids))
+
+
+def load_model(path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> LoadedModel:
+    """Load a local HF checkpoint directory (or `builtin:NAME`) into ttc_fast's own model."""
+    path = resolve_path(path)
+    raw = json.loads((path / "config.json").read_text())
+    config = ModelConfig.from_dict(raw, str(path / "config.json"))
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device, raw.get("dtype") or raw.get("torch_dtype"))
+    state = read_state_dict(path, device, dtype)
+    module = build_module(config, state, device, dtype, path)
+    tokenizer = load_tokenizer(path)
+    return LoadedModel(module, config, tokenizer, path, device, dtype, eos_ids(path, config, tokenizer))
