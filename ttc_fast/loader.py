@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig, rope_inv_freq
-from .model import CausalLM
+from .model import STACKED, CausalLM, stack_checkpoint
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 _DTYPES = {
@@ -118,19 +118,20 @@ def read_state_dict(path: Path, device: torch.device, dtype: torch.dtype) -> dic
     return tensors
 
 
-def build_module(config: ModelConfig, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype, source: Path, strict: bool = True) -> CausalLM:
+def build_module(config: ModelConfig, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype, source: Path) -> CausalLM:
     with torch.device("meta"):
         module = CausalLM(config)
     expected = set(module.state_dict().keys())
     if config.tie_word_embeddings:
         expected.discard("lm_head.weight")
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-    # Heads a PRM adds (value heads, score heads) are read by the PRM loader, not here.
-    ours = {k: v for k, v in state.items() if k in expected}
-    missing = sorted(expected - set(ours))
+    missing = sorted(name for key in expected for name in _checkpoint_names(key) if name not in state)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ValueError(f"{source}: checkpoint is missing weights {shown}; is config.json from the same model?")
+    state = stack_checkpoint(state, config.num_layers)
+    # Heads a PRM adds (value heads, score heads) are read by the PRM loader, not here.
+    ours = {k: v for k, v in state.items() if k in expected}
     for key, tensor in ours.items():
         want = _shape_of(module, key)
         if tuple(tensor.shape) != want:
@@ -140,6 +141,15 @@ def build_module(config: ModelConfig, state: dict[str, torch.Tensor], device: to
     module.inv_freq = rope_inv_freq(config.rope, config.head_dim).to(device)
     module.tie_weights()
     return module.eval()
+
+
+def _checkpoint_names(key: str) -> list[str]:
+    """The checkpoint parameters one of our parameters is made of (several for stacked ones)."""
+    for stacked, parts in STACKED.items():
+        if f".{stacked}." in key:
+            prefix, kind = key.split(f"{stacked}.")
+            return [f"{prefix}{p}.{kind}" for p in parts]
+    return [key]
 
 
 def _shape_of(module: torch.nn.Module, key: str) -> tuple[int, ...]:

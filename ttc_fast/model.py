@@ -1,7 +1,8 @@
 """The decoder: one implementation of the Llama family (Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3).
 
-Module and parameter names mirror the Hugging Face checkpoints (`model.layers.0.self_attn.q_proj`)
-so a safetensors state dict loads as it is. A forward pass takes a flat, ragged batch of tokens
+Module names mirror the Hugging Face checkpoints (`model.layers.0.self_attn.o_proj`), except that
+q/k/v and gate/up are stacked into one matrix each (`qkv_proj`, `gate_up_proj`): one matmul instead
+of three or two. `stack_checkpoint` maps a checkpoint's state dict onto these names. A forward pass takes a flat, ragged batch of tokens
 from many sequences (prefill chunks and decode tokens mixed), stores each layer's K/V into the
 paged pool through `attention`, and returns logits only at the requested rows.
 """
@@ -45,9 +46,8 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.scale = config.head_dim**-0.5
         q_size, kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, q_size, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=config.qkv_bias)
+        self.split = (q_size, kv_size, kv_size)
+        self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.qkv_bias)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.o_bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
@@ -57,9 +57,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, attention, kv_layer, meta) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = q.reshape(num_tokens, self.num_heads, self.head_dim)
+        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -71,12 +72,13 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(h, i, bias=bias)
-        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.intermediate_size = i
+        self.gate_up_proj = nn.Linear(h, 2 * i, bias=bias)
         self.down_proj = nn.Linear(i, h, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -100,6 +102,27 @@ class DecoderStack(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+# stacked parameter -> the checkpoint parameters it concatenates, in order (along dim 0)
+STACKED = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+
+
+def stack_checkpoint(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """Checkpoint names -> ours: per layer, concatenate q/k/v and gate/up weights (and biases).
+    Parts that are absent are left for the caller's missing-weight check to report."""
+    state = dict(state)
+    for i in range(num_layers):
+        prefix = f"model.layers.{i}."
+        for stacked, parts in STACKED.items():
+            for kind in ("weight", "bias"):
+                names = [f"{prefix}{p}.{kind}" for p in parts]
+                if all(n in state for n in names):
+                    state[f"{prefix}{stacked}.{kind}"] = torch.cat([state.pop(n) for n in names], dim=0)
+    return state
 
 
 class CausalLM(nn.Module):
