@@ -35,6 +35,8 @@ SEG_BLOCK = 1024
 VOCAB_TILE = 4096
 VOCAB_TILE_INTERP = 256
 MAX_K = 1024
+KEY_NONE = tl.constexpr(-(2 ** 63))  # empty slot
+KEY_MAX = tl.constexpr(2 ** 63 - 1)
 
 
 @triton.jit
@@ -48,7 +50,7 @@ def _pack_keys(x, idx):
 @triton.jit
 def _unpack_keys(key):
     """Inverse of _pack_keys -> (fp32 value, int64 index); INT64_MIN -> (-inf, -1)."""
-    valid = key != -9223372036854775808
+    valid = key != KEY_NONE
     ordered = (key >> 32).to(tl.int32)
     bits = tl.where(ordered >= 0, ordered, ordered ^ 0x7FFFFFFF)
     value = tl.where(valid, bits.to(tl.float32, bitcast=True), float("-inf"))
@@ -59,12 +61,12 @@ def _unpack_keys(key):
 @triton.jit
 def _extract_topk(keys, K_PAD: tl.constexpr, K: tl.constexpr):
     """Top-K of a block of unique int64 keys by K rounds of max-and-drop; -> [K_PAD] keys, descending."""
-    out = tl.full([K_PAD], -9223372036854775808, tl.int64)
+    out = tl.full([K_PAD], KEY_NONE, tl.int64)
     slot = tl.arange(0, K_PAD)
-    for j in tl.static_range(K):
+    for j in range(K):
         best = tl.max(keys, 0)
         out = tl.where(slot == j, best, out)
-        keys = tl.where(keys == best, -9223372036854775808, keys)
+        keys = tl.where(keys == best, KEY_NONE, keys)
     return out
 
 
@@ -77,17 +79,17 @@ def _segmented_topk_kernel(
     lo = tl.load(indptr_ptr + s)
     hi = tl.load(indptr_ptr + s + 1)
     slot = tl.arange(0, K_PAD)
-    res = tl.full([K_PAD], -9223372036854775808, tl.int64)
-    prev = tl.full([], 9223372036854775807, tl.int64)
+    res = tl.full([K_PAD], KEY_NONE, tl.int64)
+    prev = tl.full([], KEY_MAX, tl.int64)
     # k passes: pass j finds the largest key strictly below the (j-1)-th winner.
-    for j in tl.static_range(K):
-        best = tl.full([], -9223372036854775808, tl.int64)
+    for j in range(K):
+        best = tl.full([], KEY_NONE, tl.int64)
         for start in range(lo, hi, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             m = offs < hi
             x = tl.load(scores_ptr + offs, mask=m, other=0.0)
             keys = _pack_keys(x, offs)
-            keys = tl.where(m & (keys < prev), keys, -9223372036854775808)
+            keys = tl.where(m & (keys < prev), keys, KEY_NONE)
             best = tl.maximum(best, tl.max(keys, 0))
         res = tl.where(slot == j, best, res)
         prev = best
@@ -172,7 +174,7 @@ def _lsm_topk_tile_kernel(
     mx = tl.max(x, 0)
     mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
     se = tl.sum(tl.where(m, tl.exp(x - mx_safe), 0.0), 0)
-    keys = tl.where(m, _pack_keys(x, offs), -9223372036854775808)
+    keys = tl.where(m, _pack_keys(x, offs), KEY_NONE)
     top = _extract_topk(keys, K_PAD, K)
     base = b * num_tiles + t
     tl.store(stat_ptr + base * 2, mx)
@@ -195,7 +197,7 @@ def _lsm_topk_reduce_kernel(
     total = tl.sum(tl.where(mx == float("-inf"), 0.0, se * tl.exp(mx - gm_safe)), 0)
     log_z = gm_safe + tl.log(total)
     c = tl.arange(0, BLOCK_T * K_PAD)
-    keys = tl.load(cand_ptr + b * num_tiles * K_PAD + c, mask=c < num_tiles * K_PAD, other=-9223372036854775808)
+    keys = tl.load(cand_ptr + b * num_tiles * K_PAD + c, mask=c < num_tiles * K_PAD, other=KEY_NONE)
     top = _extract_topk(keys, K_PAD, K)
     value, idx = _unpack_keys(top)
     cum = tl.load(cum_ptr + b)

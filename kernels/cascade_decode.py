@@ -33,7 +33,8 @@ from .kv_store import check_cache, check_launchable, check_pow2_head_dim, interp
 from .paged_decode import LOG2E, _check_decode_args, _num_sms, merge_split_states, paged_decode_attention, \
     paged_decode_attention_ref
 
-PREFIX_BLOCK_M, PREFIX_BLOCK_N = 64, 64
+# Larger query tiles mean fewer passes over the prefix (one per tile): 128 rows, 8 warps on GPU.
+PREFIX_BLOCK_M, PREFIX_BLOCK_N, PREFIX_WARPS = 128, 64, 8
 PREFIX_BLOCK_M_INTERP, PREFIX_BLOCK_N_INTERP = 32, 32
 PREFIX_MIN_SPLIT_TOKENS = 256
 PREFIX_MAX_SPLITS = 16
@@ -234,6 +235,7 @@ def cascade_decode_attention(q, k_cache, v_cache, block_tables, context_lens, gr
             po.stride(0), po.stride(1), po.stride(2), plse.stride(0), plse.stride(1), plse.stride(2),
             float(scale) * LOG2E, splits,
             GROUP=group, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, BLOCK_SIZE=bs, FP32_DOT=use_fp32_dot(q.dtype),
+            num_warps=4 if interpreting() else PREFIX_WARPS,
         )
     if splits > 1:
         out_p = torch.empty(B, Hq, D, device=dev, dtype=torch.float32)

@@ -37,6 +37,8 @@ from .kv_store import FLOAT_DTYPES, check_launchable, interpreting
 
 SAMPLE_BLOCK = 4096
 SAMPLE_BLOCK_INTERP = 256
+I32_MIN = tl.constexpr(-(2 ** 31))
+I32_MAX = tl.constexpr(2 ** 31 - 1)
 _M32 = 0xFFFFFFFF
 _C1, _C2 = 0x21F0AAAD, 0x735A2D97
 _ROW_SALT, _TOK_SALT = 0x2545F491, 0x5BD1E995
@@ -96,25 +98,26 @@ def _sample_kernel(
     top_k = tl.load(topk_ptr + b)
     top_p = tl.load(topp_ptr + b)
     greedy = temp <= 0.0
+    sampling = temp > 0.0
     inv_t = 1.0 / tl.where(greedy, 1.0, temp)
     ar = tl.arange(0, BLOCK)
 
     # pass 1: max and min of the row (in the order-preserving int image)
-    kmax = tl.full([], -2147483648, tl.int32)
-    kmin = tl.full([], 2147483647, tl.int32)
+    kmax = tl.full([], I32_MIN, tl.int32)
+    kmin = tl.full([], I32_MAX, tl.int32)
     for v0 in range(0, V, BLOCK):
         offs = v0 + ar
         m = offs < V
         x = tl.load(row + offs, mask=m, other=0.0).to(tl.float32)
         kx = _ordered(x)
-        kmax = tl.maximum(kmax, tl.max(tl.where(m, kx, -2147483648), 0))
-        kmin = tl.minimum(kmin, tl.min(tl.where(m, kx, 2147483647), 0))
+        kmax = tl.maximum(kmax, tl.max(tl.where(m, kx, I32_MIN), 0))
+        kmin = tl.minimum(kmin, tl.min(tl.where(m, kx, I32_MAX), 0))
     xmax = tl.where(kmax >= 0, kmax, kmax ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
 
     # top-k threshold: largest t with count(key >= t) >= top_k  (bisection on int64 keys)
     lo = kmin.to(tl.int64)
     hi = kmax.to(tl.int64)
-    if (top_k > 0) & (top_k < V) & (~greedy):
+    if (top_k > 0) & (top_k < V) & sampling:
         while lo < hi:
             mid = lo + (hi - lo + 1) // 2
             cnt = tl.zeros([], tl.int32)
@@ -131,7 +134,7 @@ def _sample_kernel(
     # top-p threshold over the top-k-restricted distribution
     lo = t_k
     hi = kmax.to(tl.int64)
-    if (top_p < 1.0) & (~greedy):
+    if (top_p < 1.0) & sampling:
         total = tl.zeros([], tl.float32)
         for v0 in range(0, V, BLOCK):
             offs = v0 + ar
@@ -162,7 +165,7 @@ def _sample_kernel(
     h = _mix32_tl(h ^ (pos & 0xFFFFFFFF).to(tl.uint32))
     h = _mix32_tl(h ^ ((pos >> 32) & 0xFFFFFFFF).to(tl.uint32))
     best = tl.full([], float("-inf"), tl.float32)
-    best_i = tl.full([], 2147483647, tl.int32)
+    best_i = tl.full([], I32_MAX, tl.int32)
     for v0 in range(0, V, BLOCK):
         offs = v0 + ar
         m = offs < V
@@ -174,12 +177,12 @@ def _sample_kernel(
         score = tl.where(greedy, x, x * inv_t + g)
         score = tl.where(allowed, score, float("-inf"))
         tmax = tl.max(score, 0)
-        targ = tl.min(tl.where(allowed & (score == tmax), offs, 2147483647), 0)
+        targ = tl.min(tl.where(allowed & (score == tmax), offs, I32_MAX), 0)
         better = tmax > best
         best_i = tl.where(better, targ, best_i)
         best = tl.where(better, tmax, best)
     # a row whose allowed scores are all -inf (e.g. all logits -inf) falls back to token 0
-    best_i = tl.where(best_i == 2147483647, 0, best_i)
+    best_i = tl.where(best_i == I32_MAX, 0, best_i)
     tl.store(out_ptr + b, best_i.to(tl.int64))
 
 
@@ -218,10 +221,15 @@ def sample_allowed_mask_ref(logits, temperature, top_k, top_p):
     x = logits.float()
     B, V = x.shape
     greedy = temperature <= 0
-    t = torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
-    xs, _ = torch.sort(x, dim=-1, descending=True)
     k = top_k.long()
     k_on = (k > 0) & (k < V)
+    p_on = top_p < 1.0
+    if not bool((k_on | p_on).any()):
+        # No filtering anywhere: skip the sort (the common case of plain or greedy sampling).
+        is_max = x >= x.max(dim=-1, keepdim=True).values
+        return torch.where(greedy[:, None], is_max, torch.ones_like(is_max))
+    t = torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
+    xs, _ = torch.sort(x, dim=-1, descending=True)
     kth = xs.gather(1, (torch.where(k_on, k, torch.full_like(k, V)) - 1)[:, None])  # [B, 1]
     allowed = x >= kth
     # top-p over the top-k-renormalised distribution: a sorted token stays while the mass before it < top_p
@@ -232,7 +240,6 @@ def sample_allowed_mask_ref(logits, temperature, top_k, top_p):
     keep_sorted = before < top_p[:, None]
     n_keep = keep_sorted.sum(-1).clamp_min(1)
     p_thresh = xs.gather(1, (n_keep - 1)[:, None])
-    p_on = top_p < 1.0
     allowed &= torch.where(p_on[:, None], x >= p_thresh, torch.ones_like(allowed))
     allowed = torch.where(greedy[:, None], x >= xs[:, :1], allowed)
     return allowed
@@ -244,6 +251,9 @@ def sample_ref(logits, temperature, top_k, top_p, seeds, positions, out=None):
     B, V = logits.shape
     x = logits.float()
     greedy = temperature <= 0
+    if bool(greedy.all()):  # fast path: argmax gives the lowest index among ties, like the kernel
+        tok = torch.argmax(x, dim=-1)
+        return tok if out is None else out.copy_(tok)
     allowed = sample_allowed_mask_ref(logits, temperature, top_k, top_p)
     t = torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
     u = sampling_uniform(seeds, positions, V)

@@ -5,6 +5,7 @@ Runs on the CPU through Triton's interpreter (tests/conftest.py sets TRITON_INTE
 CUDA when available; shapes are tiny because the interpreter is slow.
 """
 import math
+import os
 
 import pytest
 import torch
@@ -21,7 +22,9 @@ from ttc_fast.kernels import (
     plan_shared_prefix_groups,
 )
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Kernels run on CPU tensors only through the interpreter (conftest sets it when there is no GPU).
+DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + (["cuda"] if torch.cuda.is_available() else [])
+KDEV = DEVICES[0]  # where single-device kernel checks run
 DTYPES = [
     (torch.float32, 2e-5, 2e-5),
     (torch.float16, 2e-3, 2e-3),
@@ -144,6 +147,11 @@ def test_paged_decode(device, dtype, atol, rtol, hq, hkv):
         assert_close(lse, ref_lse, 1e-4, 1e-4)
     # no lse requested, allocated output
     assert_close(paged_decode_attention(q, kc, vc, bt, ctx_t, scale), ref, atol, rtol)
+    # out as a row slice of a larger buffer: the rows around it stay untouched
+    big = torch.full((len(ctx) + 2, hq, d), float("nan"), dtype=dtype, device=device)
+    paged_decode_attention(q, kc, vc, bt, ctx_t, scale, out=big[1:-1], num_splits=2)
+    assert torch.isnan(big[0]).all() and torch.isnan(big[-1]).all()
+    assert_close(big[1:-1], ref, atol, rtol)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -202,6 +210,11 @@ def test_paged_extend(device, dtype, atol, rtol, hq, hkv):
     got = paged_extend_attention(q, kc, vc, bt, cu, ctx_t, max(qlens), scale, out=out)
     assert got.data_ptr() == out.data_ptr() and not torch.isnan(out).any()
     assert_close(out, ref, atol, rtol)
+    # decode rows first, then this extend batch, in one output buffer (as the attention backend does)
+    big = torch.full((sum(qlens) + 3, hq, d), float("nan"), dtype=dtype, device=device)
+    paged_extend_attention(q, kc, vc, bt, cu, ctx_t, max(qlens), scale, out=big[3:])
+    assert torch.isnan(big[:3]).all()
+    assert_close(big[3:], ref, atol, rtol)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -332,10 +345,12 @@ def test_plan_shared_prefix_groups_on_forks():
             assert int(ctx_o[r]) > int(plens[g])
     # and the planned cascade equals plain decode
     d = 16
-    kc, vc = make_cache(128, 1, d, torch.float32, "cpu", gen)
-    q = torch.randn(len(ctx), 2, d, generator=gen)
+    kc, vc = make_cache(128, 1, d, torch.float32, KDEV, gen)
+    q = torch.randn(len(ctx), 2, d, generator=gen).to(KDEV)
+    bt_o, ctx_o = bt_o.to(KDEV), ctx_o.to(KDEV)
     ref = paged_decode_attention_ref(q, kc, vc, bt_o, ctx_o, 0.25)
-    assert_close(cascade_decode_attention(q, kc, vc, bt_o, ctx_o, indptr, plens, 0.25), ref, 2e-5, 2e-5)
+    got = cascade_decode_attention(q, kc, vc, bt_o, ctx_o, indptr.to(KDEV), plens.to(KDEV), 0.25)
+    assert_close(got, ref, 2e-5, 2e-5)
     # not worth it -> None
     assert plan_shared_prefix_groups(bt, ctx_t, BS, min_prefix_tokens=10 * BS, min_group_size=3) is None
     assert plan_shared_prefix_groups(bt, ctx_t, BS, min_prefix_tokens=BS, min_group_size=6) is None

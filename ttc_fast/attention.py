@@ -52,9 +52,19 @@ def resolve_backend(name: str, device: torch.device) -> str:
 class AttentionBackend:
     """Stores K/V into the paged pool and attends over each sequence's paged context."""
 
-    def __init__(self, name: str, device: torch.device, use_cascade: bool = True):
+    def __init__(
+        self,
+        name: str,
+        device: torch.device,
+        use_cascade: bool = True,
+        cascade_min_prefix_tokens: int = CASCADE_MIN_PREFIX_TOKENS,
+        cascade_min_group_size: int = CASCADE_MIN_GROUP_SIZE,
+    ):
         self.name = resolve_backend(name, device)
+        # The torch path has no cascade kernel: its reference is plain decode attention.
         self.use_cascade = use_cascade and self.name == "triton"
+        self.cascade_min_prefix_tokens = cascade_min_prefix_tokens
+        self.cascade_min_group_size = cascade_min_group_size
         triton = self.name == "triton"
         self.store_kv = K.store_kv if triton else K.store_kv_ref
         self.copy_blocks = K.copy_blocks if triton else K.copy_blocks_ref
@@ -63,12 +73,13 @@ class AttentionBackend:
         self.sample = K.sample if triton else K.sample_ref
 
     def plan_decode_groups(self, block_tables, context_lens, block_size: int):
-        """Order and groups of decode rows for the cascade path, or None for the plain path."""
-        if not self.use_cascade or len(context_lens) < CASCADE_MIN_GROUP_SIZE:
+        """Order and groups of decode rows for the cascade path, or None for the plain path.
+        block_tables, context_lens: host tensors of the decode rows."""
+        if not self.use_cascade or len(context_lens) < self.cascade_min_group_size:
             return None
         return K.plan_shared_prefix_groups(
             block_tables, context_lens, block_size,
-            min_prefix_tokens=CASCADE_MIN_PREFIX_TOKENS, min_group_size=CASCADE_MIN_GROUP_SIZE,
+            min_prefix_tokens=self.cascade_min_prefix_tokens, min_group_size=self.cascade_min_group_size,
         )
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:

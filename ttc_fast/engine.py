@@ -86,7 +86,7 @@ class Engine:
         prm=None,
         kv_cache_bytes: int | None = None,
         block_size: int = 16,
-        backend: str = "auto",
+        backend="auto",  # "auto" | "torch" | "triton", or an AttentionBackend
         enable_prefix_cache: bool = True,
         max_batch_tokens: int | None = None,
         num_blocks: int | None = None,

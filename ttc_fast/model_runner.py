@@ -31,7 +31,7 @@ class ModelRunner:
         model: LoadedModel,
         kv_cache_bytes: int | None = None,
         block_size: int = 16,
-        backend: str = "auto",
+        backend: str | AttentionBackend = "auto",
         enable_prefix_cache: bool = True,
         num_blocks: int | None = None,
         gpu_memory_fraction: float = 0.9,
@@ -42,7 +42,7 @@ class ModelRunner:
         self.config = model.config
         self.device = model.device
         self.block_size = block_size
-        self.attention = AttentionBackend(backend, self.device)
+        self.attention = backend if isinstance(backend, AttentionBackend) else AttentionBackend(backend, self.device)
         if num_blocks is None:
             num_blocks = plan_num_blocks(self.config, block_size, model.dtype, self.device, kv_cache_bytes, gpu_memory_fraction)
         self.pool = KVPool(self.config, num_blocks, block_size, model.dtype, self.device)
@@ -105,9 +105,11 @@ class ModelRunner:
         num_decode = int((counts == 1).sum())
 
         group_indptr = prefix_lens = None
-        plan = self.attention.plan_decode_groups(tables[:num_decode], ctx[:num_decode], self.block_size) if num_decode else None
+        plan = None
+        if num_decode:
+            plan = self.attention.plan_decode_groups(torch.from_numpy(tables[:num_decode]), torch.from_numpy(ctx[:num_decode]), self.block_size)
         if plan is not None:
-            perm, group_indptr, prefix_lens = (np.asarray(x) for x in plan)
+            perm, group_indptr, prefix_lens = (x.numpy() for x in plan)
             # Decode rows carry one token each, so the same permutation reorders tokens and slots.
             order[:num_decode] = order[:num_decode][perm]
             tables[:num_decode], ctx[:num_decode] = tables[:num_decode][perm], ctx[:num_decode][perm]
