@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -263,18 +264,19 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, 
         start = torch.zeros_like(ctx) if kv_start is None else kv_start.long().clamp_min(0)
         L = max(int(ctx.max()), 1)
         for i, j in _chunks(B, max(L, 1) * Hkv * D):
-            k = gather_paged_kv(k_cache, block_tables[i:j], L).float()  # [b, L, Hkv, D]
-            v = gather_paged_kv(v_cache, block_tables[i:j], L).float()
-            qq = q[i:j].float().view(j - i, Hkv, group, D)
-            s = torch.einsum("bhgd,blhd->bhgl", qq, k) * scale
+            k = gather_paged_kv(k_cache, block_tables[i:j], L).float().transpose(1, 2)  # [b, Hkv, L, D]
+            v = gather_paged_kv(v_cache, block_tables[i:j], L).float().transpose(1, 2)
             pos = torch.arange(L, device=q.device)
             valid = (pos[None, :] >= start[i:j, None]) & (pos[None, :] < ctx[i:j, None])  # [b, L]
-            s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
-            m = s.amax(-1, keepdim=True)
-            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-            p = torch.exp(s - m)
-            denom = p.sum(-1, keepdim=True)
-            o = torch.einsum("bhgl,blhd->bhgd", p, v) / denom.clamp_min(1e-30)
-            out[i:j] = o.reshape(j - i, Hq, D).to(out.dtype)
-            lse[i:j] = (m + torch.log(denom)).reshape(j - i, Hq)
+            empty = ~valid.any(-1)  # rows with an empty KV range: out 0, lse -inf
+            # SDPA (fused on the CPU) for the output; an all-masked row would give NaN, so give it
+            # one dummy key and zero its output afterwards.
+            mask = (valid | empty[:, None])[:, None, None, :]
+            qq = q[i:j].float()[:, :, None, :]  # [b, Hq, 1, D]
+            o = F.scaled_dot_product_attention(qq, k, v, attn_mask=mask, scale=scale, enable_gqa=True)[:, :, 0]
+            out[i:j] = o.masked_fill(empty[:, None, None], 0.0).to(out.dtype)
+            if return_lse:
+                s = torch.matmul(qq.view(j - i, Hkv, group, D), k.transpose(-1, -2)) * scale  # [b, Hkv, g, L]
+                s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+                lse[i:j] = torch.logsumexp(s, dim=-1).reshape(j - i, Hq)
     return (out, lse) if return_lse else out
