@@ -50,6 +50,17 @@ class RequestOutput:
 
 
 @dataclass
+class Branch:
+    """A live sequence of the policy: its handle in the cache, its whole context, and the tokens at
+    its end not yet fed to the model (at least one: continuing needs the last token's logits).
+    Search strategies hold branches; `Engine.expand` consumes them and returns their children."""
+
+    seq: int
+    token_ids: list[int]
+    pending: list[int]
+
+
+@dataclass
 class _Request:
     index: int
     prompt: str | None
@@ -57,6 +68,7 @@ class _Request:
     params: SamplingParams
     seed: int
     samples: list["_Sample"] = field(default_factory=list)
+    keep_sequences: bool = False  # expand(): finished samples stay in the cache as branches
 
 
 @dataclass
@@ -116,14 +128,67 @@ class Engine:
         self._run([r.samples[0] for r in requests])
         return [self._output(r) for r in requests]
 
+    def start(self, prompt) -> Branch:
+        """A branch holding `prompt` (text or token ids), for `expand`. Blocks a cached prompt
+        shares are attached now; the rest is computed by the first expansion."""
+        text, ids = self._encode(0, prompt)
+        self._check_prompt(0, ids)
+        seq, cached = self.runner.new_sequence(ids)
+        self.stats["cached_prompt_tokens"] += cached
+        return Branch(seq, ids, ids[cached:])
+
+    def fork(self, branch: Branch, n: int) -> list[Branch]:
+        """n new branches sharing every block of `branch` (which stays valid)."""
+        return [Branch(seq, list(branch.token_ids), list(branch.pending)) for seq in self.runner.fork(branch.seq, n)]
+
+    def release(self, branch: Branch) -> None:
+        self.runner.free(branch.seq)
+
+    def expand(self, branches: list[Branch], counts: list[int], sampling: SamplingParams, seeds: list[int] | None = None):
+        """Continue each branch `counts[i]` times (fork + sample until a stop), all branches of
+        all problems decoding together. Consumes the branches; returns, per branch, a list of
+        (child branch, CompletionOutput) whose child stays in the cache for the next step.
+        `seeds[i]` seeds branch i's children (default: from sampling.seed)."""
+        if len(counts) != len(branches) or any(c < 1 for c in counts):
+            raise ValueError("expand needs one count >= 1 per branch")
+        base_seed = fresh_seed() if sampling.seed is None else sampling.seed
+        requests = []
+        for i, (branch, count) in enumerate(zip(branches, counts)):
+            if not branch.pending:
+                raise ValueError(f"branch {i} has no pending token: its last token's logits are gone")
+            seed = seeds[i] if seeds is not None else sample_seed(base_seed, i)
+            request = _Request(i, None, branch.token_ids, sampling, seed, keep_sequences=True)
+            request.samples = [_Sample(request, j, sample_seed(seed, j)) for j in range(count)]
+            first = request.samples[0]
+            first.seq, first.pending, first.forks_pending = branch.seq, list(branch.pending), count - 1
+            requests.append(request)
+        self._run([r.samples[0] for r in requests])
+        results = []
+        for request in requests:
+            out = self._output(request)
+            results.append([
+                (Branch(s.seq, request.prompt_ids + s.generated, [s.generated[-1]]), o)
+                for s, o in zip(request.samples, out.outputs)
+            ])
+        return results
+
     # --- requests ------------------------------------------------------------------------------
-    def _make_request(self, index: int, prompt, params: SamplingParams, base_seed: int) -> _Request:
+    def _encode(self, index: int, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError(f"prompt {index} is text but {self.model.path} has no tokenizer; pass token ids")
-            text, ids = prompt, list(self.tokenizer(prompt)["input_ids"])
-        else:
-            text, ids = None, [int(t) for t in prompt]
+            return prompt, list(self.tokenizer(prompt)["input_ids"])
+        return None, [int(t) for t in prompt]
+
+    def _make_request(self, index: int, prompt, params: SamplingParams, base_seed: int) -> _Request:
+        text, ids = self._encode(index, prompt)
+        self._check_prompt(index, ids)
+        request = _Request(index, text, ids, params, sample_seed(base_seed, index))
+        request.samples = [_Sample(request, i, sample_seed(request.seed, i)) for i in range(params.n)]
+        request.samples[0].forks_pending = params.n - 1
+        return request
+
+    def _check_prompt(self, index: int, ids: list[int]) -> None:
         if not ids:
             raise ValueError(f"prompt {index} is empty")
         vocab = self.model.config.vocab_size
@@ -138,10 +203,6 @@ class Engine:
                 f"prompt {index} has {len(ids)} tokens and needs {need} KV blocks, but the pool holds only "
                 f"{self.runner.num_blocks}; raise kv_cache_bytes"
             )
-        request = _Request(index, text, ids, params, sample_seed(base_seed, index))
-        request.samples = [_Sample(request, i, sample_seed(request.seed, i)) for i in range(params.n)]
-        request.samples[0].forks_pending = params.n - 1
-        return request
 
     def _output(self, request: _Request) -> RequestOutput:
         outs = [
@@ -229,8 +290,9 @@ class Engine:
             s.pending = [token]
             if self._check_stop(s, token):
                 running.remove(s)
-                self.runner.free(s.seq)
-                s.seq, s.pending = None, []
+                if not s.request.keep_sequences:
+                    self.runner.free(s.seq)
+                    s.seq, s.pending = None, []
 
     def _fork(self, s: _Sample) -> list[_Sample]:
         """After the prompt's logits arrive, sample 0 is forked into the request's other samples."""

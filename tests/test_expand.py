@@ -1,0 +1,66 @@
+"""Engine.start / expand / fork / release: step-wise continuation of branches in the cache."""
+import pytest
+
+import ttc_fast as tf
+from ttc_fast.testing import build_tiny_model
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    path = build_tiny_model(tmp_path_factory.mktemp("llama"), "llama", seed=3)
+    return tf.Engine(tf.load_model(path, device="cpu"), num_blocks=256, block_size=4)
+
+
+def greedy(max_tokens, **kw):
+    return tf.SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
+
+
+def test_chained_expansions_continue_exactly_like_one_generation(engine):
+    prompt = "Step 1: add 3 and 4 to get 7."
+    whole = engine.generate([prompt], greedy(24))[0].token_ids
+    branch = engine.start(prompt)
+    got = []
+    for size in (5, 1, 11, 7):
+        [[(branch, out)]] = engine.expand([branch], [1], greedy(size))
+        assert out.finish_reason == "length" and len(out.token_ids) == size
+        got += out.token_ids
+    assert got == whole
+    assert branch.token_ids[-len(whole):] == whole and branch.pending == [whole[-1]]
+    engine.release(branch)
+    assert engine.runner.blocks.num_used_blocks == 0
+
+
+def test_children_share_the_parent_and_stop_at_the_delimiter(engine):
+    roots = [engine.start("How many clips did Natalia sell"), engine.start([5, 6, 7, 8, 9])]
+    sampling = tf.SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True, stop=["e"], seed=1)
+    results = engine.expand(roots, [4, 3], sampling)
+    assert [len(r) for r in results] == [4, 3]
+    children = [child for r in results for child, _ in r]
+    assert len({c.seq for c in children}) == 7
+    for r in results:
+        for child, out in r:
+            assert out.finish_reason in ("stop", "length")
+            if out.finish_reason == "stop":
+                assert out.stop_reason == "e" and "e" not in out.text
+    # the prompt was computed once per root, not once per child
+    used_before = engine.runner.blocks.num_used_blocks
+    assert engine.runner.blocks.num_shared_blocks > 0
+    for child in children:
+        engine.release(child)
+    assert used_before > 0 and engine.runner.blocks.num_used_blocks == 0
+    engine.runner.blocks.check_invariants()
+
+
+def test_expansion_is_seeded_per_branch(engine):
+    sampling = tf.SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True)
+    outs = []
+    for _ in range(2):
+        a, b = engine.start([9, 8, 7]), engine.start([1, 2, 3, 4])
+        res = engine.expand([a, b], [2, 2], sampling, seeds=[11, 12])
+        outs.append([[o.token_ids for _, o in r] for r in res])
+        for r in res:
+            for child, _ in r:
+                engine.release(child)
+    assert outs[0] == outs[1]
+    with pytest.raises(ValueError, match="one count >= 1 per branch"):
+        engine.expand([engine.start([1, 2])], [0], sampling)
