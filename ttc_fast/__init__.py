@@ -7,14 +7,25 @@
 """
 from .block_manager import BlockManager, OutOfBlocks
 from .config import ModelConfig
-from .engine import CompletionOutput, Engine, RequestOutput
+from .engine import Branch, CompletionOutput, Engine, RequestOutput
 from .loader import LoadedModel, load_model
 from .model_runner import ModelRunner
 from .sampling import SamplingParams
+from .search import Completion, SearchResult
+from .strategies import DVTS, BeamSearch, BestOfN, MajorityVote, ParticleFiltering, WeightedBestOfN
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BeamSearch",
+    "BestOfN",
+    "Branch",
+    "Completion",
+    "DVTS",
+    "MajorityVote",
+    "ParticleFiltering",
+    "SearchResult",
+    "WeightedBestOfN",
     "BlockManager",
     "CompletionOutput",
     "Engine",

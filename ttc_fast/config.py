@@ -19,6 +19,12 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
 }
 SUPPORTED_MODEL_TYPES = tuple(sorted(set(SUPPORTED_ARCHITECTURES.values())))
+# Process reward models whose decoder is one of the families above plus a head of their own;
+# accepted only when loading a PRM (`ttc_fast.prm.load_prm`), which also reads the head.
+PRM_ARCHITECTURES = {
+    "Qwen2ForProcessRewardModel": "qwen2",  # Qwen2.5-Math-PRM: score = Linear -> ReLU -> Linear(h, 2)
+    "Qwen2ForPrmModel": "qwen2",  # Skywork-o1-Open-PRM: v_head.summary = Linear(h, 1)
+}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -63,8 +69,8 @@ class ModelConfig:
         return self.max_position_embeddings
 
     @staticmethod
-    def from_dict(raw: dict, source: str = "config.json") -> "ModelConfig":
-        model_type = _model_type(raw, source)
+    def from_dict(raw: dict, source: str = "config.json", allow_prm: bool = False) -> "ModelConfig":
+        model_type = _model_type(raw, source, allow_prm)
         hidden = int(raw["hidden_size"])
         num_heads = int(raw["num_attention_heads"])
         head_dim = raw.get("head_dim") or hidden // num_heads
@@ -112,11 +118,15 @@ class ModelConfig:
         return ModelConfig.from_dict(raw, str(path))
 
 
-def _model_type(raw: dict, source: str) -> str:
+def _model_type(raw: dict, source: str, allow_prm: bool = False) -> str:
     archs = raw.get("architectures") or []
     for arch in archs:
         if arch in SUPPORTED_ARCHITECTURES:
             return SUPPORTED_ARCHITECTURES[arch]
+        if arch in PRM_ARCHITECTURES:
+            if allow_prm:
+                return PRM_ARCHITECTURES[arch]
+            raise ValueError(f"{source}: {arch} is a process reward model; load it with ttc_fast.prm.load_prm")
     model_type = raw.get("model_type")
     if not archs and model_type in SUPPORTED_MODEL_TYPES:
         return model_type

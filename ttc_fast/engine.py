@@ -114,7 +114,7 @@ class Engine:
         )
         self.max_batch_tokens = max_batch_tokens or (8192 if model.device.type == "cuda" else 1024)
         self._token_text: dict[int, str] = {}
-        self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "cached_prompt_tokens": 0, "preemptions": 0, "steps": 0}
+        self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "cached_prompt_tokens": 0, "preemptions": 0, "steps": 0, "peak_used_blocks": 0}
 
     # --- public API ----------------------------------------------------------------------------
     def generate(self, prompts, sampling: SamplingParams | None = None) -> list[RequestOutput]:
@@ -127,6 +127,20 @@ class Engine:
         requests = [self._make_request(i, p, sampling, base_seed) for i, p in enumerate(prompts)]
         self._run([r.samples[0] for r in requests])
         return [self._output(r) for r in requests]
+
+    def search(self, problems, strategy, sampling: SamplingParams | None = None, prm=None, **options):
+        """Run a search strategy over problems (`ttc_fast.data.Problem`s, or question strings);
+        returns one `SearchResult` per problem, in input order. `prm` defaults to the engine's."""
+        from .data import Problem
+        from .search import TreeSearch
+
+        problems = [p if isinstance(p, Problem) else Problem(f"q{i}", str(p), "", "math", {}) for i, p in enumerate(problems)]
+        search = TreeSearch(self, prm if prm is not None else self.prm, strategy, sampling, **options)
+        by_id = {id(p): i for i, p in enumerate(problems)}
+        results = [None] * len(problems)
+        for result, problem in search.run_with_problems(problems):
+            results[by_id[id(problem)]] = result
+        return results
 
     def start(self, prompt) -> Branch:
         """A branch holding `prompt` (text or token ids), for `expand`. Blocks a cached prompt
@@ -144,20 +158,24 @@ class Engine:
     def release(self, branch: Branch) -> None:
         self.runner.free(branch.seq)
 
-    def expand(self, branches: list[Branch], counts: list[int], sampling: SamplingParams, seeds: list[int] | None = None):
+    def expand(self, branches: list[Branch], counts: list[int], sampling, seeds: list[int] | None = None):
         """Continue each branch `counts[i]` times (fork + sample until a stop), all branches of
         all problems decoding together. Consumes the branches; returns, per branch, a list of
         (child branch, CompletionOutput) whose child stays in the cache for the next step.
-        `seeds[i]` seeds branch i's children (default: from sampling.seed)."""
+        `sampling`: one SamplingParams, or one per branch. `seeds[i]` seeds branch i's children
+        (default: derived from the sampling seed)."""
         if len(counts) != len(branches) or any(c < 1 for c in counts):
             raise ValueError("expand needs one count >= 1 per branch")
-        base_seed = fresh_seed() if sampling.seed is None else sampling.seed
+        per_branch = sampling if isinstance(sampling, (list, tuple)) else [sampling] * len(branches)
+        if len(per_branch) != len(branches):
+            raise ValueError("expand needs one SamplingParams per branch (or a single one)")
+        base_seed = fresh_seed() if per_branch and per_branch[0].seed is None else (per_branch[0].seed if per_branch else 0)
         requests = []
-        for i, (branch, count) in enumerate(zip(branches, counts)):
+        for i, (branch, count, params) in enumerate(zip(branches, counts, per_branch)):
             if not branch.pending:
                 raise ValueError(f"branch {i} has no pending token: its last token's logits are gone")
             seed = seeds[i] if seeds is not None else sample_seed(base_seed, i)
-            request = _Request(i, None, branch.token_ids, sampling, seed, keep_sequences=True)
+            request = _Request(i, None, branch.token_ids, params, seed, keep_sequences=True)
             request.samples = [_Sample(request, j, sample_seed(seed, j)) for j in range(count)]
             first = request.samples[0]
             first.seq, first.pending, first.forks_pending = branch.seq, list(branch.pending), count - 1
@@ -223,6 +241,7 @@ class Engine:
                     out = self._forward(batch)
                 except OutOfBlocks:
                     batch = self._preempt(batch, waiting, running)
+            self.stats["peak_used_blocks"] = max(self.stats["peak_used_blocks"], self.runner.blocks.num_used_blocks)
             self._postprocess(batch, out, waiting, running)
 
     def _schedule(self, waiting: deque, running: list) -> list[tuple[_Sample, list[int]]]:

@@ -118,13 +118,22 @@ def read_state_dict(path: Path, device: torch.device, dtype: torch.dtype) -> dic
     return tensors
 
 
-def build_module(config: ModelConfig, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype, source: Path) -> CausalLM:
+def build_module(
+    config: ModelConfig, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype, source: Path,
+    require_lm_head: bool = True,
+) -> CausalLM:
+    """Our module from checkpoint tensors. With require_lm_head=False (PRMs with a score or value
+    head, e.g. Qwen2.5-Math-PRM, which ship no lm_head) a missing untied lm_head is allowed and the
+    module's `lm_head` is None: such a module serves hidden states only (want_logits=False)."""
     with torch.device("meta"):
         module = CausalLM(config)
     expected = set(module.state_dict().keys())
     if config.tie_word_embeddings:
         expected.discard("lm_head.weight")
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    headless = not require_lm_head and "lm_head.weight" in expected and "lm_head.weight" not in state
+    if headless:
+        expected.discard("lm_head.weight")
     missing = sorted(name for key in expected for name in _checkpoint_names(key) if name not in state)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -137,6 +146,8 @@ def build_module(config: ModelConfig, state: dict[str, torch.Tensor], device: to
         if tuple(tensor.shape) != want:
             raise ValueError(f"{source}: weight {key} has shape {tuple(tensor.shape)}, config.json implies {want}")
     module.load_state_dict(ours, strict=False, assign=True)
+    if headless:
+        module.lm_head = None
     # Buffers are not in the checkpoint: rebuild the rotary frequencies on the real device.
     module.inv_freq = rope_inv_freq(config.rope, config.head_dim).to(device)
     module.tie_weights()

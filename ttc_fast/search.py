@@ -1,0 +1,385 @@
+"""The search loop: expand (fork + sample one step), score (PRM on the new step), prune.
+
+All problems in flight advance together: one `Engine.expand` call decodes the live beams of every
+problem, one `score_steps` call scores every new step in the PRM's own prefix-shared cache, and
+one segmented top-k keeps the best candidates of every problem (beam search) or subtree (DVTS).
+How many problems are in flight is bounded by the KV pool: a new problem starts only while the
+pool keeps enough free blocks for the problems already running.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from . import kernels as K
+from .data import Problem
+from .engine import Branch, Engine
+from .grading import extract_answer, grade, picks_at_n
+from .sampling import SamplingParams, fresh_seed, sample_seed
+from .strategies import DVTS, SEARCH_SAMPLING, BeamSearch, MajorityVote, ParticleFiltering, Strategy
+
+DEFAULT_SYSTEM_PROMPT = (
+    "Solve the math problem step by step. Separate the steps with a blank line and give the final "
+    "answer as $\\boxed{answer}$."
+)
+
+
+def aggregate(step_scores: list[float], how: str) -> float:
+    """One score for a path from its step scores: last, min, prod or mean."""
+    if not step_scores:
+        return 0.0
+    if how == "last":
+        return step_scores[-1]
+    if how == "min":
+        return min(step_scores)
+    if how == "prod":
+        out = 1.0
+        for s in step_scores:
+            out *= s
+        return out
+    if how == "mean":
+        return sum(step_scores) / len(step_scores)
+    raise ValueError(f"unknown aggregation {how!r}: last, min, prod or mean")
+
+
+@dataclass
+class Completion:
+    text: str
+    steps: list[str]
+    step_scores: list[float]
+    score: float  # aggregated
+    answer: str | None
+    finish_reason: str
+    policy_tokens: int  # tokens of this path
+
+
+@dataclass
+class SearchResult:
+    problem_id: str
+    question: str
+    gold: str
+    strategy: str
+    completions: list[Completion]
+    picks: dict[int, dict[str, str | None]]  # n -> {"maj", "naive", "weighted"} -> answer
+    correct: dict[int, dict[str, bool]]
+    policy_tokens: int  # every token the policy generated for this problem, pruned paths included
+    prm_tokens: int  # every token the PRM processed for this problem
+    seconds: float
+
+
+@dataclass
+class _Node:
+    branch: Branch | None
+    prm: object | None
+    steps: list[str]
+    scores: list[float]
+    tokens: int
+    group: int  # pruning group inside the problem (DVTS subtree; 0 for beam search)
+    finish_reason: str = "stop"
+
+
+@dataclass
+class _Problem:
+    index: int
+    problem: Problem
+    root: Branch | None  # consumed by the first expansion
+    prm_root: object | None
+    started: float
+    frontier: list[tuple[_Node, int]] = field(default_factory=list)  # (node, times to expand it)
+    completed: list[_Node] = field(default_factory=list)
+    iteration: int = 0
+    policy_tokens: int = 0
+    prm_tokens: int = 0
+
+
+def format_prompt(question: str, tokenizer, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> str:
+    """Chat-formatted prompt when the tokenizer has a chat template, else the question and a blank line."""
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": question}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return question + "\n\n"
+
+
+def split_steps(text: str, delimiter: str) -> list[str]:
+    return [s for s in text.split(delimiter) if s.strip()] or [text]
+
+
+class TreeSearch:
+    """Runs one strategy over many problems on one engine and one PRM (None: no scoring)."""
+
+    def __init__(self, engine: Engine, prm, strategy: Strategy, sampling: SamplingParams | None = None,
+                 system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, max_problems_in_flight: int | None = None):
+        if prm is None and not isinstance(strategy, MajorityVote):
+            raise ValueError(f"{strategy.name} needs a PRM (load_prm) or a verifier callable; MajorityVote runs without one")
+        self.engine, self.prm, self.strategy = engine, prm, strategy
+        self.sampling = sampling or SEARCH_SAMPLING
+        self.system_prompt = system_prompt
+        self.max_in_flight = max_problems_in_flight
+        self.seed = fresh_seed() if self.sampling.seed is None else self.sampling.seed
+        self.step_sampling = replace(self.sampling, stop=(strategy.delimiter,), n=1)
+        self.final_sampling = replace(self.sampling, stop=(), n=1)
+
+    # --- driver --------------------------------------------------------------------------------
+    def run(self, problems: list[Problem]):
+        """Yields a SearchResult per problem as soon as it finishes (not in input order)."""
+        for result, _ in self.run_with_problems(problems):
+            yield result
+
+    def run_with_problems(self, problems: list[Problem]):
+        """Like `run`, yielding (SearchResult, the Problem it answers)."""
+        queue = deque(enumerate(problems))
+        flight: list[_Problem] = []
+        while queue or flight:
+            while queue and self._room_for_another(flight):
+                flight.append(self._start(*queue.popleft()))
+            self._iterate(flight)
+            for st in [st for st in flight if not st.frontier]:
+                flight.remove(st)
+                yield self._result(st), st.problem
+
+    def _room_for_another(self, flight: list[_Problem]) -> bool:
+        if not flight:
+            return True
+        if self.max_in_flight is not None and len(flight) >= self.max_in_flight:
+            return False
+        blocks = self.engine.runner.blocks
+        # Keep half the pool for the problems already running: their beams grow every step.
+        return blocks.num_available_blocks > blocks.num_blocks // 2
+
+    def _start(self, index: int, problem: Problem) -> _Problem:
+        prompt = format_prompt(problem.question, self.engine.tokenizer, self.system_prompt)
+        root = self.engine.start(prompt)
+        prm_root = self.prm.start(problem.question) if self.prm is not None else None
+        return _Problem(index, problem, root, prm_root, time.perf_counter())
+
+    # --- one iteration: expand, score, prune ---------------------------------------------------
+    def _iterate(self, flight: list[_Problem]) -> None:
+        branches, counts, samplings, owners = [], [], [], []
+        for st in flight:
+            if st.iteration == 0:
+                # The first expansion samples n children of the prompt (shared, prefilled once);
+                # it consumes the root branch.
+                items = [(None, self.strategy.n)]
+                branches.append(st.root)
+                st.root = None
+            else:
+                items = st.frontier
+                branches += [node.branch for node, _ in items]
+            counts += [count for _, count in items]
+            owners += [(st, node) for node, _ in items]
+            final = self._is_final_iteration(st)
+            samplings += [self.final_sampling if final else self.step_sampling] * len(items)
+        seeds = [sample_seed(self.seed, st.index, st.iteration, k) for k, (st, _) in enumerate(owners)]
+        results = self.engine.expand(branches, counts, samplings, seeds)
+
+        children: list[tuple[_Problem, _Node]] = []
+        for (st, parent), res in zip(owners, results):
+            prm_parent = st.prm_root if parent is None else parent.prm
+            prm_children = self.prm.fork(prm_parent, len(res)) if self.prm is not None else [None] * len(res)
+            if parent is not None and self.prm is not None:
+                self.prm.free(parent.prm)
+            for j, ((branch, out), prm_handle) in enumerate(zip(res, prm_children)):
+                st.policy_tokens += len(out.token_ids)
+                group = self._group_of_first_child(j) if parent is None else parent.group
+                base = parent or _Node(None, None, [], [], 0, 0)
+                node = _Node(branch, prm_handle, base.steps + [out.text], base.scores, base.tokens + len(out.token_ids), group, out.finish_reason)
+                children.append((st, node))
+        for st in flight:
+            st.frontier = []
+            st.iteration += 1
+        self._score(children)
+        if getattr(self.strategy, "lookahead", 0):
+            self._lookahead([(st, node) for st, node in children if not self._is_done(st, node)])
+        self._prune(flight, children)
+
+    def _group_of_first_child(self, j: int) -> int:
+        # DVTS: the n first children form n/width subtrees; beam search prunes the problem as one group.
+        return j // self.strategy.width if isinstance(self.strategy, DVTS) else 0
+
+    def _stepwise(self) -> bool:
+        return isinstance(self.strategy, (BeamSearch, ParticleFiltering))
+
+    def _is_final_iteration(self, st: _Problem) -> bool:
+        """Whether the expansion about to run is the last one (it then runs to EOS)."""
+        return not self._stepwise() or st.iteration >= self.strategy.iterations - 1
+
+    def _is_done(self, st: _Problem, node: _Node) -> bool:
+        # Called after st.iteration advanced: a path ends at EOS / max tokens, or with the last expansion.
+        return node.finish_reason != "stop" or not self._stepwise() or st.iteration >= self.strategy.iterations
+
+    # --- score ---------------------------------------------------------------------------------
+    def _score(self, children: list[tuple[_Problem, _Node]]) -> None:
+        if self.prm is None or not children:
+            for _, node in children:
+                node.scores = node.scores + [0.0]
+            return
+        if self._stepwise():
+            new_scores = self._score_batch([(st, node.prm, node.steps[-1]) for st, node in children])
+            for (_, node), score in zip(children, new_scores):
+                node.scores = node.scores + [score]
+            return
+        # Best-of-N: whole solutions; their steps are scored one step index at a time, each index
+        # in one batch over every solution of every problem.
+        texts = [node.steps[-1] for _, node in children]
+        steps = [split_steps(text, self.strategy.delimiter) for text in texts]
+        for _, node in children:
+            node.steps, node.scores = [], []
+        for k in range(max(len(s) for s in steps)):
+            live = [(c, s[k]) for c, s in zip(children, steps) if k < len(s)]
+            scores = self._score_batch([(st, node.prm, step) for (st, node), step in live])
+            for ((_, node), step), score in zip(live, scores):
+                node.steps.append(step)
+                node.scores.append(score)
+
+    def _score_batch(self, items: list[tuple[_Problem, object, str]]) -> list[float]:
+        """One batched PRM call; its tokens are attributed to problems in proportion to their items."""
+        before = self.prm.tokens_processed
+        scores = self.prm.score_steps([handle for _, handle, _ in items], [step for _, _, step in items])
+        per_item = (self.prm.tokens_processed - before) / max(1, len(items))
+        for st, _, _ in items:
+            st.prm_tokens += per_item
+        return [float(s) for s in scores]
+
+    def _lookahead(self, children: list[tuple[_Problem, _Node]]) -> None:
+        """Roll each live candidate out `lookahead` greedy steps on forks of its policy and PRM
+        sequences; its step score becomes the PRM score at the end of the rollout."""
+        greedy = replace(self.step_sampling, temperature=0.0)
+        rollouts = [(st, node, self.engine.fork(node.branch, 1)[0], self.prm.fork(node.prm, 1)[0]) for st, node in children]
+        for _ in range(self.strategy.lookahead):
+            if not rollouts:
+                break
+            results = self.engine.expand([r[2] for r in rollouts], [1] * len(rollouts), greedy)
+            scores = self._score_batch([(st, prm_handle, res[0][1].text) for (st, _, _, prm_handle), res in zip(rollouts, results)])
+            still = []
+            for (st, node, _, prm_handle), res, score in zip(rollouts, results, scores):
+                (branch, out), = res
+                st.policy_tokens += len(out.token_ids)
+                node.scores = node.scores[:-1] + [score]
+                if out.finish_reason == "stop":
+                    still.append((st, node, branch, prm_handle))
+                else:
+                    self.engine.release(branch)
+                    self.prm.free(prm_handle)
+            rollouts = still
+        for _, _, branch, prm_handle in rollouts:
+            self.engine.release(branch)
+            self.prm.free(prm_handle)
+
+    # --- prune ---------------------------------------------------------------------------------
+    def _prune(self, flight: list[_Problem], children: list[tuple[_Problem, _Node]]) -> None:
+        """Finished paths leave the frontier; the rest compete in their group."""
+        live: dict[int, list[_Node]] = {id(st): [] for st in flight}
+        for st, node in children:
+            if self._is_done(st, node):
+                st.completed.append(node)
+                self._drop(node)
+            else:
+                live[id(st)].append(node)
+        for st in flight:
+            if len(st.completed) >= self.strategy.n:  # enough finished paths: stop this problem
+                for node in live[id(st)]:
+                    self._drop(node)
+                live[id(st)] = []
+        if isinstance(self.strategy, ParticleFiltering):
+            for st in flight:
+                st.frontier = self._resample(st, live[id(st)])
+            return
+        self._keep_top(flight, live)
+
+    def _keep_top(self, flight: list[_Problem], live: dict[int, list[_Node]]) -> None:
+        """Beam search / DVTS: one segmented top-k over the groups of every problem in flight."""
+        candidates, seg_ptr, owners = [], [0], []
+        for st in flight:
+            groups: dict[int, list[_Node]] = {}
+            for node in live[id(st)]:
+                groups.setdefault(node.group, []).append(node)
+            for g in sorted(groups):
+                candidates += groups[g]
+                seg_ptr.append(len(candidates))
+                owners.append(st)
+        if not candidates:
+            return
+        scores = torch.tensor([aggregate(n.scores, self.strategy.aggregation) for n in candidates], dtype=torch.float32)
+        seg = torch.tensor(seg_ptr, dtype=torch.int32)
+        if self.engine.runner.attention.name == "triton":
+            dev = self.engine.model.device
+            _, kept, _ = K.segmented_topk(scores.to(dev), seg.to(dev), self.strategy.keep)
+        else:
+            _, kept, _ = K.segmented_topk_ref(scores, seg, self.strategy.keep)
+        kept_ids = {int(i) for i in kept.flatten().tolist() if i >= 0}
+        for i, node in enumerate(candidates):
+            if i not in kept_ids:
+                self._drop(node)
+        for (start, end), st in zip(zip(seg_ptr[:-1], seg_ptr[1:]), owners):
+            st.frontier += [(candidates[i], self.strategy.width) for i in range(start, end) if i in kept_ids]
+
+    def _resample(self, st: _Problem, nodes: list[_Node]) -> list[tuple[_Node, int]]:
+        """Particle filtering: draw len(nodes) particles with replacement, p ~ softmax(score / T);
+        a particle drawn k times is expanded k times (its copies share its blocks)."""
+        if not nodes:
+            return []
+        scores = torch.tensor([aggregate(n.scores, self.strategy.aggregation) for n in nodes], dtype=torch.float64)
+        probs = torch.softmax(scores / self.strategy.temperature, dim=0)
+        g = torch.Generator().manual_seed(sample_seed(self.seed, st.index, st.iteration, 1 << 20))
+        draws = torch.multinomial(probs, len(nodes), replacement=True, generator=g)
+        counts = torch.bincount(draws, minlength=len(nodes)).tolist()
+        frontier = []
+        for node, count in zip(nodes, counts):
+            if count:
+                frontier.append((node, count))
+            else:
+                self._drop(node)
+        return frontier
+
+    def _drop(self, node: _Node) -> None:
+        if node.branch is not None:
+            self.engine.release(node.branch)
+            node.branch = None
+        if node.prm is not None and self.prm is not None:
+            self.prm.free(node.prm)
+            node.prm = None
+
+    # --- results -------------------------------------------------------------------------------
+    def _result(self, st: _Problem) -> SearchResult:
+        if st.prm_root is not None:
+            self.prm.free(st.prm_root)
+            st.prm_root = None
+        agg = self.strategy.aggregation
+        n = self.strategy.n
+        # Exactly n completions, as search-and-learn: the n best by aggregated score; if fewer
+        # finished (every path ended early), the finished ones are repeated in order.
+        done = sorted(st.completed, key=lambda node: aggregate(node.scores, agg), reverse=True)[:n]
+        if done and len(done) < n:
+            done = [node for node in done for _ in range(-(-n // len(done)))][:n]
+        completions = [
+            Completion(
+                text=self.strategy.delimiter.join(node.steps), steps=node.steps, step_scores=node.scores,
+                score=aggregate(node.scores, agg), answer=extract_answer(self.strategy.delimiter.join(node.steps)),
+                finish_reason=node.finish_reason, policy_tokens=node.tokens,
+            )
+            for node in done
+        ]
+        answers = [c.answer for c in completions]
+        scores = [c.score for c in completions]
+        ns = [n for n in _powers_of_two(len(completions))]
+        picks = picks_at_n(answers, scores, ns) if completions else {}
+        kind = st.problem.kind
+        correct = {n: {k: (a is not None and grade(a, st.problem.answer, kind)) for k, a in p.items()} for n, p in picks.items()}
+        return SearchResult(
+            problem_id=st.problem.id, question=st.problem.question, gold=st.problem.answer, strategy=self.strategy.name,
+            completions=completions, picks=picks, correct=correct, policy_tokens=st.policy_tokens,
+            prm_tokens=int(round(st.prm_tokens)), seconds=time.perf_counter() - st.started,
+        )
+
+
+def _powers_of_two(n: int) -> list[int]:
+    out, k = [], 1
+    while k <= n:
+        out.append(k)
+        k *= 2
+    if out and out[-1] != n:
+        out.append(n)
+    return out
