@@ -194,9 +194,11 @@ def _check_groups(B, group_indptr, prefix_lens):
 
 
 def cascade_decode_attention(q, k_cache, v_cache, block_tables, context_lens, group_indptr, prefix_lens, scale,
-                             out=None):
+                             out=None, max_group_rows=None, max_prefix_len=None, max_suffix_len=None):
     """Decode attention of q [B, Hq, D] where the rows of each group share a prefix of KV blocks.
-    Mathematically equal to paged_decode_attention; returns out [B, Hq, D]."""
+    Mathematically equal to paged_decode_attention; returns out [B, Hq, D].
+    max_group_rows / max_prefix_len / max_suffix_len: host-side bounds the caller already knows
+    (largest group, longest prefix, longest suffix); with them no value is read back from the GPU."""
     _check_decode_args(q, k_cache, v_cache, block_tables, context_lens, out, None)
     check_launchable("cascade_decode_attention", q, k_cache, v_cache, block_tables, context_lens, group_indptr,
                      prefix_lens, *([] if out is None else [out]))
@@ -213,7 +215,9 @@ def cascade_decode_attention(q, k_cache, v_cache, block_tables, context_lens, gr
     # Step 1: the shared prefixes, one pass per group.
     bm, bn = (PREFIX_BLOCK_M_INTERP, PREFIX_BLOCK_N_INTERP) if interpreting() else (PREFIX_BLOCK_M, PREFIX_BLOCK_N)
     bm = max(bm, triton.next_power_of_2(group))
-    if group_indptr.device.type == "cpu":  # exact tile count for free; on the GPU avoid a host sync
+    if max_group_rows is not None and max_prefix_len is not None:
+        max_rows, max_plen = max_group_rows, max_prefix_len
+    elif group_indptr.device.type == "cpu":  # exact tile count for free; on the GPU avoid a host sync
         max_rows = int((group_indptr[1:] - group_indptr[:-1]).max()) if G > 0 else 0
         max_plen = int(prefix_lens.max()) if G > 0 else 0
     else:
@@ -247,7 +251,7 @@ def cascade_decode_attention(q, k_cache, v_cache, block_tables, context_lens, gr
     counts = (group_indptr[1:] - group_indptr[:-1]).long()
     row_start = torch.repeat_interleave(prefix_lens, counts, output_size=B)
     row_start = row_start.to(torch.int32)
-    max_suffix = int((context_lens - row_start).max())  # picks the suffix split count
+    max_suffix = max_suffix_len if max_suffix_len is not None else int((context_lens - row_start).max())
     out_s, lse_s = paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale,
                                           kv_start=row_start, return_lse=True, max_context_len=max(max_suffix, 1))
     # Step 3: merge.
@@ -256,7 +260,7 @@ def cascade_decode_attention(q, k_cache, v_cache, block_tables, context_lens, gr
 
 
 def cascade_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, group_indptr, prefix_lens, scale,
-                                 out=None):
+                                 out=None, max_group_rows=None, max_prefix_len=None, max_suffix_len=None):
     """Reference: the cascade is mathematically plain decode attention over each row's context."""
     _check_decode_args(q, k_cache, v_cache, block_tables, context_lens, out, None)
     _check_groups(q.shape[0], group_indptr, prefix_lens)

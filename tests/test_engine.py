@@ -84,3 +84,64 @@ def test_bad_inputs_raise_clear_errors(model):
         tf.SamplingParams(temperature=-1)
     with pytest.raises(ValueError, match="unknown backend"):
         tf.Engine(model, num_blocks=8, backend="cuda-magic")
+
+
+def test_prompts_sharing_a_prefix_in_one_call_compute_it_once(model):
+    engine = tf.Engine(model, num_blocks=256, block_size=4)
+    shared = list(range(1, 65))
+    prompts = [shared + [100 + i, 101 + i] for i in range(8)]
+    greedy = tf.SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    outs = engine.generate(prompts, greedy)
+    assert engine.stats["cached_prompt_tokens"] >= 7 * 64
+    assert engine.stats["prefill_tokens"] <= 64 + 8 * 2 + 8 * 4
+    alone = tf.Engine(model, num_blocks=256, block_size=4)
+    assert [o.token_ids for o in outs] == [alone.generate([p], greedy)[0].token_ids for p in prompts]
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_preemption_of_a_partly_prefilled_prompt(model, n):
+    """A tight pool while long prompts are prefilled in chunks: the chunked prompt's blocks are
+    freed and recomputed, and every output equals the one from a roomy pool."""
+    prompts = [list(range(1 + 30 * i, 24 + 30 * i)) for i in range(3)]
+    params = tf.SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, n=n)
+    roomy = tf.Engine(model, num_blocks=256, block_size=4).generate(prompts, params)
+    tight_engine = tf.Engine(model, num_blocks=10, block_size=4, max_batch_tokens=64)
+    tight = tight_engine.generate(prompts, params)
+    assert tight_engine.stats["preemptions"] > 0
+    assert [[o.token_ids for o in r.outputs] for r in tight] == [[o.token_ids for o in r.outputs] for r in roomy]
+
+
+def test_a_rejected_forward_changes_nothing(model):
+    runner = tf.ModelRunner(model, num_blocks=16, block_size=4)
+    seq, _ = runner.new_sequence()
+    with pytest.raises(ValueError, match="output offset 99"):
+        runner.forward([seq], [list(range(1, 13))], output_offsets=[[99]])
+    assert runner.seq_len(seq) == 0 and runner.blocks.num_used_blocks == 0
+    fresh, cached = runner.new_sequence(list(range(1, 13)))
+    assert cached == 0  # nothing unwritten entered the prefix cache
+
+
+def test_stop_strings_with_a_sentencepiece_style_tokenizer(tmp_path):
+    """Metaspace tokenizers drop the leading space when one token is decoded alone; stop strings
+    must be matched on properly decoded text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["hello", "world", "one", "two", "three", "four", "five", "six", "seven", "eight"]
+    vocab = {"<unk>": 0}
+    for w in words:
+        vocab["\u2581" + w] = len(vocab)
+        vocab[w] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    path = build_tiny_model(tmp_path, "llama2", seed=6, with_tokenizer=False, vocab_size=len(vocab))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(str(path))
+    engine = tf.Engine(tf.load_model(path, device="cpu"), num_blocks=64, block_size=4)
+    free = engine.generate(["hello world"], tf.SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))[0]
+    assert " " in free.text.strip()
+    stop = " " + free.text.strip().split(" ")[2][:3]  # a space-led piece from the middle of the text
+    out = engine.generate(["hello world"], tf.SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, stop=[stop]))[0]
+    assert out.finish_reason == "stop" and out.outputs[0].stop_reason == stop
+    assert free.text.startswith(out.text) and stop not in out.text
+    assert (free.text[: len(out.text) + len(stop)]).endswith(stop)

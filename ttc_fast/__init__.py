@@ -10,6 +10,7 @@ from .config import ModelConfig
 from .engine import Branch, CompletionOutput, Engine, RequestOutput
 from .loader import LoadedModel, load_model
 from .model_runner import ModelRunner
+from .prm import load_prm
 from .sampling import SamplingParams
 from .search import Completion, SearchResult
 from .strategies import DVTS, BeamSearch, BestOfN, MajorityVote, ParticleFiltering, WeightedBestOfN
@@ -36,4 +37,5 @@ __all__ = [
     "RequestOutput",
     "SamplingParams",
     "load_model",
+    "load_prm",
 ]

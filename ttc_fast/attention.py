@@ -34,6 +34,11 @@ class AttentionMetadata:
     # Shared-prefix groups over the decode rows, when the cascade path is taken:
     group_indptr: torch.Tensor | None = None  # [num_groups + 1] int32
     prefix_lens: torch.Tensor | None = None  # [num_groups] int32
+    # Host-side bounds of the decode rows, so kernels size their grids without a device sync.
+    max_decode_context_len: int = 0
+    max_group_rows: int = 0
+    max_prefix_len: int = 0
+    max_suffix_len: int = 0
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
@@ -90,9 +95,12 @@ class AttentionBackend:
         if nd > 0:
             tables, lens = meta.block_tables[:nd], meta.context_lens[:nd]
             if meta.group_indptr is not None:
-                K.cascade_decode_attention(q[:nd], k_cache, v_cache, tables, lens, meta.group_indptr, meta.prefix_lens, scale, out=out[:nd])
+                K.cascade_decode_attention(
+                    q[:nd], k_cache, v_cache, tables, lens, meta.group_indptr, meta.prefix_lens, scale, out=out[:nd],
+                    max_group_rows=meta.max_group_rows, max_prefix_len=meta.max_prefix_len, max_suffix_len=meta.max_suffix_len,
+                )
             else:
-                self.decode(q[:nd], k_cache, v_cache, tables, lens, scale, out=out[:nd])
+                self.decode(q[:nd], k_cache, v_cache, tables, lens, scale, out=out[:nd], max_context_len=meta.max_decode_context_len)
         if nd < meta.context_lens.shape[0]:
             cu = meta.cu_q_lens[nd:] - nd
             self.extend(

@@ -83,7 +83,6 @@ class _Sample:
     seq: int | None = None  # handle in the block manager; None while waiting
     pending: list[int] = field(default_factory=list)  # tokens to feed in the coming forwards
     forks_pending: int = 0
-    tail: str = ""  # recent text, for stop strings
     finish_reason: str | None = None
     stop_reason: str | int | None = None
 
@@ -113,7 +112,6 @@ class Engine:
             enable_prefix_cache=enable_prefix_cache, num_blocks=num_blocks,
         )
         self.max_batch_tokens = max_batch_tokens or (8192 if model.device.type == "cuda" else 1024)
-        self._token_text: dict[int, str] = {}
         self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "cached_prompt_tokens": 0, "preemptions": 0, "steps": 0, "peak_used_blocks": 0}
 
     # --- public API ----------------------------------------------------------------------------
@@ -121,8 +119,9 @@ class Engine:
         """Generate for each prompt (a string, or a list of token ids); one output per prompt,
         each with `sampling.n` completions."""
         sampling = sampling or SamplingParams()
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
             prompts = [prompts]
+        self._check_sampling(sampling)
         base_seed = fresh_seed() if sampling.seed is None else sampling.seed
         requests = [self._make_request(i, p, sampling, base_seed) for i, p in enumerate(prompts)]
         self._run([r.samples[0] for r in requests])
@@ -169,6 +168,8 @@ class Engine:
         per_branch = sampling if isinstance(sampling, (list, tuple)) else [sampling] * len(branches)
         if len(per_branch) != len(branches):
             raise ValueError("expand needs one SamplingParams per branch (or a single one)")
+        for params in per_branch:
+            self._check_sampling(params)
         base_seed = fresh_seed() if per_branch and per_branch[0].seed is None else (per_branch[0].seed if per_branch else 0)
         requests = []
         for i, (branch, count, params) in enumerate(zip(branches, counts, per_branch)):
@@ -205,6 +206,10 @@ class Engine:
         request.samples = [_Sample(request, i, sample_seed(request.seed, i)) for i in range(params.n)]
         request.samples[0].forks_pending = params.n - 1
         return request
+
+    def _check_sampling(self, params: SamplingParams) -> None:
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"stop strings need a tokenizer, and {self.model.path} has none; use stop_token_ids")
 
     def _check_prompt(self, index: int, ids: list[int]) -> None:
         if not ids:
@@ -249,6 +254,8 @@ class Engine:
         batch = [(s, s.pending) for s in running]
         budget = self.max_batch_tokens - len(batch)
         runner = self.runner
+        bs = runner.block_size
+        first_blocks = set()  # first full blocks of the prompts starting in this step
         while waiting and budget > 0:
             s = waiting[0]
             if s.seq is None:
@@ -256,6 +263,12 @@ class Engine:
                 reserve = len(running) // 4 + 1  # headroom so running samples can keep decoding
                 if runner.blocks.num_available_blocks < runner.blocks_for(len(context) + 1) + reserve and batch:
                     break
+                head = tuple(context[:bs]) if len(context) > bs else None
+                if head is not None and head in first_blocks:
+                    # Same first block as a prompt computed in this step: start next step, when
+                    # the prefix cache holds that prompt's blocks, instead of computing them twice.
+                    break
+                first_blocks.add(head)
                 s.seq, cached = runner.new_sequence(context)
                 s.pending = context[cached:]
                 self.stats["cached_prompt_tokens"] += cached
@@ -275,18 +288,23 @@ class Engine:
         return self.runner.forward([s.seq for s, _ in batch], [chunk for _, chunk in batch], offsets)
 
     def _preempt(self, batch, waiting: deque, running: list):
-        """Free the most recently started sample and retry without it."""
-        victim = running.pop() if running else None
-        if victim is None or (len(batch) == 1 and batch[0][0] is victim):
+        """Free blocks and retry without the victim: first a waiting sample that holds blocks (a
+        partly prefilled prompt, a branch not yet expanded; latest first), else the most
+        recently started running sample. Victims are recomputed from their tokens later."""
+        victim = next((s for s in reversed(waiting) if s.seq is not None), None)
+        if victim is None and running:
+            victim = running.pop()
+            waiting.appendleft(victim)
+        rest = [(s, chunk) for s, chunk in batch if s is not victim]
+        if victim is None or not rest:
             raise ValueError(
                 "the KV pool cannot hold a single sequence of this request "
                 f"({self.runner.num_blocks} blocks of {self.runner.block_size} tokens); raise kv_cache_bytes"
             )
         self.runner.free(victim.seq)
         victim.seq, victim.pending = None, []
-        waiting.appendleft(victim)
         self.stats["preemptions"] += 1
-        return [(s, chunk) for s, chunk in batch if s is not victim]
+        return rest
 
     def _postprocess(self, batch, out, waiting: deque, running: list) -> None:
         self.stats["steps"] += 1
@@ -341,20 +359,21 @@ class Engine:
             s.finish_reason, s.stop_reason = "stop", token
         elif not p.ignore_eos and token in self.model.eos_token_ids:
             s.finish_reason, s.stop_reason = "eos", token
-        elif p.stop and self.tokenizer is not None and self._hits_stop_string(s, token):
+        elif p.stop and self._hits_stop_string(s):
             s.finish_reason = "stop"
         elif len(s.generated) >= p.max_tokens or len(s.request.prompt_ids) + len(s.generated) >= self.model.config.max_context:
             s.finish_reason = "length"
         return s.finish_reason is not None
 
-    def _hits_stop_string(self, s: _Sample, token: int) -> bool:
-        piece = self._token_text.get(token)
-        if piece is None:
-            piece = self._token_text[token] = self.tokenizer.decode([token])
-        longest = max(len(t) for t in s.request.params.stop)
-        s.tail = (s.tail + piece)[-(longest + len(piece)) :]
-        for stop in s.request.params.stop:
-            if stop in s.tail:
+    def _hits_stop_string(self, s: _Sample) -> bool:
+        # Decode a window of the latest tokens rather than token by token: single-token decodes
+        # lose SentencePiece's leading spaces and split multi-byte characters. The window holds
+        # enough tokens for the longest stop string even at one byte per token.
+        stops = s.request.params.stop
+        window = 4 * max(len(t) for t in stops) + 4
+        text = self.tokenizer.decode(s.generated[-window:], skip_special_tokens=True)
+        for stop in stops:
+            if stop in text:
                 s.stop_reason = stop
                 return True
         return False

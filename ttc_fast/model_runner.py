@@ -90,6 +90,13 @@ class ModelRunner:
             raise ValueError("every sequence in a forward needs at least one new token")
         if output_offsets is None:
             output_offsets = [[int(c) - 1] for c in counts]
+        # Validate everything before reserving slots: a reserved slot joins the prefix cache.
+        if len(output_offsets) != len(seqs):
+            raise ValueError(f"{len(seqs)} sequences but {len(output_offsets)} output offset lists")
+        for i, offsets in enumerate(output_offsets):
+            for off in offsets:
+                if not 0 <= off < counts[i]:
+                    raise ValueError(f"output offset {off} is outside the {counts[i]} new tokens of request {i}")
         limit = self.config.max_context
         for seq, n in zip(seqs, counts):
             if self.blocks.seq_len(seq) + n > limit:
@@ -127,13 +134,15 @@ class ModelRunner:
         where[order] = cu[:-1]
         rows, row_starts = [], [0]
         for i, offsets in enumerate(output_offsets):
-            for off in offsets:
-                if not 0 <= off < counts[i]:
-                    raise ValueError(f"output offset {off} is outside the {counts[i]} new tokens of request {i}")
-                rows.append(where[i] + off)
+            rows += [where[i] + off for off in offsets]
             row_starts.append(len(rows))
 
         dev = self.device
+        bounds = {"max_decode_context_len": int(ctx[:num_decode].max()) if num_decode else 0}
+        if group_indptr is not None:
+            row_prefix = np.repeat(prefix_lens, np.diff(group_indptr))
+            bounds.update(max_group_rows=int(np.diff(group_indptr).max()), max_prefix_len=int(prefix_lens.max()),
+                          max_suffix_len=max(1, int((ctx[:num_decode] - row_prefix).max())))
         meta = AttentionMetadata(
             slot_mapping=torch.as_tensor(slots, dtype=torch.int32).to(dev),
             block_tables=torch.as_tensor(tables, dtype=torch.int32).to(dev),
@@ -144,6 +153,7 @@ class ModelRunner:
             num_decode_seqs=num_decode,
             group_indptr=None if group_indptr is None else torch.as_tensor(group_indptr, dtype=torch.int32).to(dev),
             prefix_lens=None if prefix_lens is None else torch.as_tensor(prefix_lens, dtype=torch.int32).to(dev),
+            **bounds,
         )
         logits, hidden = self.model.module(
             torch.as_tensor(input_ids).to(dev),

@@ -18,6 +18,7 @@ from . import kernels as K
 from .data import Problem
 from .engine import Branch, Engine
 from .grading import extract_answer, grade, picks_at_n
+from .prm import aggregate
 from .sampling import SamplingParams, fresh_seed, sample_seed
 from .strategies import DVTS, SEARCH_SAMPLING, BeamSearch, MajorityVote, ParticleFiltering, Strategy
 
@@ -25,24 +26,6 @@ DEFAULT_SYSTEM_PROMPT = (
     "Solve the math problem step by step. Separate the steps with a blank line and give the final "
     "answer as $\\boxed{answer}$."
 )
-
-
-def aggregate(step_scores: list[float], how: str) -> float:
-    """One score for a path from its step scores: last, min, prod or mean."""
-    if not step_scores:
-        return 0.0
-    if how == "last":
-        return step_scores[-1]
-    if how == "min":
-        return min(step_scores)
-    if how == "prod":
-        out = 1.0
-        for s in step_scores:
-            out *= s
-        return out
-    if how == "mean":
-        return sum(step_scores) / len(step_scores)
-    raise ValueError(f"unknown aggregation {how!r}: last, min, prod or mean")
 
 
 @dataclass

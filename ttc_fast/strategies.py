@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .prm import AGGREGATIONS
 from .sampling import SamplingParams
 
-AGGREGATIONS = ("last", "min", "prod", "mean")
 SEARCH_SAMPLING = SamplingParams(temperature=0.8, top_p=1.0, max_tokens=2048)
 STEP_DELIMITER = "\n\n"
 

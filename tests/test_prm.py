@@ -1,0 +1,235 @@
+"""PRM scorer: cached incremental scores == uncached score_full == transformers on the same ids,
+the real formats' tokenization, token accounting, callables, outcome mode, aggregation, errors."""
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ttc_fast import OutOfBlocks
+from ttc_fast.prm import KINDS, PRMOutOfBlocks, aggregate, load_prm
+from ttc_fast.testing_prm import PRM_BUILDERS, prm_model_classes
+
+ATOL = 1e-4
+QUESTIONS = ["What is 2 + 3?", "Natalia sold 48 clips in April and half as many in May. How many in all?"]
+# STEPS[problem][beam][iteration]
+STEPS = [
+    [["Step 1: add 2 and 3.", "So 2 + 3 = 5.", "The answer is \\boxed{5}."],
+     ["Step 1: 2 + 3 = 6.", "Step 2: check:\n6 - 3 = 3.", "The answer is 6."],
+     ["Let x = 2 + 3.", "Then x = 5.", "Therefore, the final answer is 5."]],
+    [["In May she sold 48 / 2 = 24.", "Altogether 48 + 24 = 72.", "The answer is \\boxed{72}."],
+     ["In May she sold 96.", "Total 144.", "The answer is 144."],
+     ["Half of 48 is 24.", "  48 + 24 = 72  ", "So 72."]],
+]
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def prm_case(request, tmp_path_factory):
+    kind = request.param
+    path = PRM_BUILDERS[kind](tmp_path_factory.mktemp(kind), seed=3)
+    prm = load_prm(path, kind=kind, device="cpu", dtype="float32", num_blocks=512, block_size=4)
+    return kind, path, prm
+
+
+def test_incremental_matches_full(prm_case):
+    kind, _, prm = prm_case
+    before = dict(prm.stats)
+    roots = prm.start_many(QUESTIONS)
+    beams = [prm.fork(r, 3) for r in roots]
+    for r in roots:
+        prm.free(r)
+    handles = [h for bs in beams for h in bs]
+    history = {id(h): [] for h in handles}
+    for it in range(3):
+        steps = [STEPS[p][b][it] for p in range(2) for b in range(3)]
+        new_tokens = sum(len(prm.fmt.step_ids(s.strip(), it)[0]) for s in steps)
+        fw, st = prm.stats["forwards"], prm.stats["step_tokens"]
+        if it == 2:
+            prm.max_batch_tokens = 16  # chunked: several forwards, same scores
+        got = prm.score_steps(handles, steps)
+        prm.max_batch_tokens = 8192
+        # Only the new step tokens were run; one forward for all handles of both problems.
+        assert prm.stats["step_tokens"] - st == new_tokens
+        if it < 2:
+            assert prm.stats["forwards"] - fw == 1
+        else:
+            assert prm.stats["forwards"] - fw > 1
+        for h, s, g in zip(handles, steps, got):
+            history[id(h)].append(g)
+            assert h.num_steps == it + 1
+            ids, _ = prm.full_ids(h.question, h.steps)
+            assert prm.runner.seq_len(h.seq) == len(ids)  # the cached sequence holds exactly the full ids
+    for p, bs in enumerate(beams):
+        for b, h in enumerate(bs):
+            full = prm.score_full(QUESTIONS[p], STEPS[p][b])
+            torch.testing.assert_close(torch.tensor(history[id(h)]), torch.tensor(full), atol=ATOL, rtol=0)
+    prefix_tokens = sum(len(prm.fmt.prefix_ids(q)) for q in QUESTIONS)
+    assert prm.stats["prefix_tokens"] - before["prefix_tokens"] + prm.stats["prefix_tokens_cached"] - before["prefix_tokens_cached"] == prefix_tokens
+    for h in handles:
+        prm.free(h)
+    assert prm.runner.blocks.num_sequences == 0
+
+
+def test_prefix_cache_reused_across_starts(prm_case):
+    _, _, prm = prm_case
+    a = prm.start(QUESTIONS[1])
+    cached = prm.stats["prefix_tokens_cached"]
+    b = prm.start(QUESTIONS[1])
+    assert prm.stats["prefix_tokens_cached"] > cached
+    sa, sb = prm.score_steps([a, b], ["Half of 48 is 24.", "Half of 48 is 24."])
+    assert abs(sa - sb) < ATOL
+    prm.free(a), prm.free(b)
+
+
+def _reference_scores(kind, path, prm, ids, positions):
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        if kind in ("rlhflow", "math-shepherd"):
+            ref = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+            logits = ref(x).logits[0, positions][:, [prm.fmt.good, prm.fmt.bad]]
+            return logits.softmax(-1)[:, 0]
+        ref = prm_model_classes()[kind].from_pretrained(str(path), dtype=torch.float32).eval()
+        out = ref(x)[0, positions]
+        return out.softmax(-1)[:, 1] if kind == "qwen-prm" else torch.sigmoid(out)
+
+
+def test_full_matches_transformers(prm_case):
+    kind, path, prm = prm_case
+    steps = STEPS[1][2] + STEPS[0][1]
+    ids, positions = prm.full_ids(QUESTIONS[1], steps)
+    expected = _reference_scores(kind, path, prm, ids, positions)
+    got = torch.tensor(prm.score_full(QUESTIONS[1], steps))
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+def test_tokens_match_reference_format(prm_case):
+    """Our segment-wise ids are the ids the real models' reference code builds from the text."""
+    kind, path, prm = prm_case
+    tok = AutoTokenizer.from_pretrained(str(path))
+    q, steps = QUESTIONS[0], ["Step 1: add 2 and 3.", "So 2 + 3 = 5.", "The answer is 5."]
+    ids, positions = prm.full_ids(q, steps)
+    if kind == "rlhflow":
+        conv = []
+        for k, s in enumerate(steps):
+            conv += [{"role": "user", "content": f"{q} {s}" if k == 0 else s}, {"role": "assistant", "content": "+"}]
+        ref = tok.encode(tok.apply_chat_template(conv, tokenize=False), add_special_tokens=False)
+        plus = tok.encode("+", add_special_tokens=False)[-1]
+        assert ids == ref
+        assert all(ref[p + 1] == plus for p in positions)  # read where the assistant's "+" label is generated
+        assert positions[-1] == len(ref) - 3  # the reference code's logits[:, -3]
+    elif kind == "math-shepherd":
+        text = f"{q} " + "\n".join(f"{s} ки" for s in steps)
+        ref = tok.encode(text)
+        tag = tok.encode("ки", add_special_tokens=False)[-1]
+        assert ids == ref and positions == [i for i, t in enumerate(ref) if t == tag]
+    elif kind == "qwen-prm":
+        msgs = [{"role": "system", "content": "Please reason step by step, and put your final answer within \\boxed{}."},
+                {"role": "user", "content": q}, {"role": "assistant", "content": "<extra_0>".join(steps) + "<extra_0>"}]
+        ref = tok.encode(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)
+        tag = tok.convert_tokens_to_ids("<extra_0>")
+        assert ref[: len(ids)] == ids and positions == [i for i, t in enumerate(ref) if t == tag]
+    else:  # Skywork's prepare_input
+        ref = tok.encode(tok.bos_token + q + "\n")
+        flags = []
+        for s in "\n".join(steps).split("\n"):
+            ref += tok.encode(s) + [tok.encode("\n")[-1]]
+            flags.append(len(ref) - 1)
+        assert ids == ref and positions == flags
+
+
+def test_outcome_mode(prm_case):
+    kind, path, prm = prm_case
+    out = load_prm(path, kind=f"outcome:{kind}", device="cpu", dtype="float32", num_blocks=512, block_size=4)
+    assert out.outcome and out.default_aggregation == "last"
+    steps = STEPS[0][0]
+    per_step = prm.score_full(QUESTIONS[0], steps)
+    whole = out.score_full(QUESTIONS[0], steps)
+    assert len(whole) == 1 and abs(whole[0] - per_step[-1]) < ATOL
+    h = out.start(QUESTIONS[0])
+    inc = [out.score_steps([h], [s])[0] for s in steps]
+    assert abs(inc[-1] - whole[0]) < ATOL
+    out.free(h)
+
+
+def test_pool_full_raises_and_changes_nothing(prm_case):
+    kind, path, _ = prm_case
+    prm = load_prm(path, kind=kind, device="cpu", dtype="float32", num_blocks=40, block_size=4)
+    h = prm.start(QUESTIONS[0])
+    beams = prm.fork(h, 4)
+    n = prm.runner.seq_len(beams[0].seq)
+    with pytest.raises(PRMOutOfBlocks, match="free handles") as e:
+        prm.score_steps(beams, ["a long step " * 20] * 4)
+    assert isinstance(e.value, OutOfBlocks)
+    assert all(prm.runner.seq_len(b.seq) == n and b.num_steps == 0 and b.alive for b in beams)
+    for b in beams[1:]:
+        prm.free(b)
+    prm.score_steps(beams[:1], ["a short step"])  # works once pruned beams are freed
+
+
+def test_callable_verifier():
+    calls = []
+
+    def verifier(question, steps):
+        calls.append((question, list(steps)))
+        return [1.0 if "5" in s else 0.25 for s in steps]
+
+    prm = load_prm(verifier)
+    h = prm.start(QUESTIONS[0])
+    a, b = prm.fork(h, 2)
+    assert prm.score_steps([a, b], ["2 + 3 = 5", "2 + 3 = 6"]) == [1.0, 0.25]
+    assert prm.score_steps([a, b], ["so 5", "hmm"]) == [1.0, 0.25]
+    assert calls[-1] == (QUESTIONS[0], ["2 + 3 = 6", "hmm"])
+    assert prm.score_full(QUESTIONS[0], ["x", "5"]) == [0.25, 1.0]
+    assert prm.tokens_processed == 0
+    scalar = load_prm(lambda q, steps: float(len(steps)))
+    assert scalar.score_full("q", ["a", "b", "c"]) == [1.0, 2.0, 3.0]
+    def judge(question, steps):
+        assert len(steps) == 1  # outcome mode: one joined text
+        return float(len(steps[0]))
+
+    outcome = load_prm(judge, kind="outcome")
+    assert outcome.score_full("q", ["ab", "c"]) == [5.0]  # "ab\n\nc": one text, scored once
+    oh = outcome.start("q")
+    assert outcome.score_steps([oh], ["ab"]) == [2.0] and outcome.score_steps([oh], ["c"]) == [5.0]
+
+
+def test_aggregate():
+    s = [0.5, 0.8, 0.25]
+    assert aggregate(s, "last") == 0.25
+    assert aggregate(s, "min") == 0.25
+    assert aggregate(s, "prod") == pytest.approx(0.1)
+    assert aggregate(s, "mean") == pytest.approx(1.55 / 3)
+    with pytest.raises(ValueError, match="last, min, prod, mean"):
+        aggregate(s, "max")
+    with pytest.raises(ValueError, match="no step scores"):
+        aggregate([], "min")
+
+
+def test_clear_errors(tmp_path):
+    qwen = PRM_BUILDERS["qwen-prm"](tmp_path / "qwen", seed=1)
+    rlhf = PRM_BUILDERS["rlhflow"](tmp_path / "rlhf", seed=1)
+    with pytest.raises(ValueError, match="rlhflow, math-shepherd, qwen-prm, skywork"):
+        load_prm(qwen, kind="orm")
+    # the checkpoint lacks the head its kind reads
+    with pytest.raises(ValueError, match="no skywork head: missing v_head.summary.weight"):
+        load_prm(qwen, kind="skywork", device="cpu")
+    # a Qwen2.5-Math-PRM ships no lm_head: the logit kinds cannot run it
+    with pytest.raises(ValueError, match="no lm_head"):
+        load_prm(qwen, kind="math-shepherd", device="cpu")
+    # token strings missing from the tokenizer
+    with pytest.raises(ValueError, match="'ки'.*not a token"):
+        load_prm(rlhf, kind="math-shepherd", device="cpu")
+    broken = tmp_path / "qwen-no-extra"
+    shutil.copytree(qwen, broken)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tmp_path / "rlhf" / f, broken / f)
+    with pytest.raises(ValueError, match="<extra_0>"):
+        load_prm(broken, kind="qwen-prm", device="cpu")
+    # kind inferred from the architecture; plain causal LMs need an explicit kind
+    assert load_prm(qwen, device="cpu", num_blocks=64).kind == "qwen-prm"
+    with pytest.raises(ValueError, match="cannot infer the PRM kind"):
+        load_prm(rlhf, device="cpu")
+    # the causal-LM loader refuses a PRM architecture with a pointer to load_prm
+    import ttc_fast as tf
+    with pytest.raises(ValueError, match="load_prm"):
+        tf.load_model(qwen, device="cpu")

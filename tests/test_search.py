@@ -1,0 +1,111 @@
+"""Search strategies on a tiny random policy with a hard-coded verifier as the PRM.
+
+The random policy never writes "\\n\\n", so the step delimiter here is a frequent character ("e"):
+steps then end often, which is all the tree logic needs.
+"""
+import pytest
+
+import ttc_fast as tf
+from ttc_fast.data import Problem
+from ttc_fast.testing import build_tiny_model
+
+DELIM = "e"
+SAMPLING = tf.SamplingParams(temperature=1.0, max_tokens=10, seed=0)
+PATTERN = "a"
+
+
+def step_has_pattern(question: str, steps: list[str]) -> float:
+    """Verifier: rewards a step that contains PATTERN."""
+    return 1.0 if PATTERN in steps[-1] else 0.0
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    path = build_tiny_model(tmp_path_factory.mktemp("llama"), "llama", seed=5)
+    return tf.Engine(tf.load_model(path, device="cpu"), num_blocks=1024, block_size=4)
+
+
+@pytest.fixture(scope="module")
+def verifier():
+    return tf.load_prm(step_has_pattern)
+
+
+def problems(k: int) -> list[Problem]:
+    return [Problem(f"p{i}", f"What is {i} plus {i + 2}?", str(2 * i + 2), "math", {}) for i in range(k)]
+
+
+def record_expansions(engine, monkeypatch) -> list[list[int]]:
+    calls = []
+    real = engine.expand
+
+    def spy(branches, counts, sampling, seeds=None):
+        calls.append(list(counts))
+        return real(branches, counts, sampling, seeds)
+
+    monkeypatch.setattr(engine, "expand", spy)
+    return calls
+
+
+@pytest.mark.parametrize("strategy", [
+    tf.BestOfN(n=8), tf.MajorityVote(n=4), tf.WeightedBestOfN(n=8),
+    tf.BeamSearch(n=8, width=4, iterations=4, delimiter=DELIM), tf.DVTS(n=8, width=2, iterations=4, delimiter=DELIM),
+    tf.BeamSearch(n=8, width=4, iterations=3, delimiter=DELIM, lookahead=1),
+    tf.ParticleFiltering(n=8, iterations=4, delimiter=DELIM),
+], ids=lambda s: f"{s.name}")
+def test_each_strategy_returns_n_completions_with_its_tree_shape(engine, verifier, strategy, monkeypatch):
+    calls = record_expansions(engine, monkeypatch)
+    results = engine.search(problems(3), strategy, SAMPLING, prm=verifier if not isinstance(strategy, tf.MajorityVote) else None)
+    assert [r.problem_id for r in results] == ["p0", "p1", "p2"]
+    for r in results:
+        assert len(r.completions) == strategy.n
+        assert all(c.steps and len(c.step_scores) == len(c.steps) for c in r.completions)
+        assert sorted(r.picks) == [n for n in (1, 2, 4, 8) if n <= strategy.n]
+        assert r.policy_tokens >= max(c.policy_tokens for c in r.completions)
+    # First expansion: n children of each problem's prompt.
+    assert calls[0] == [strategy.n] * 3
+    for counts in calls[1:]:
+        if isinstance(strategy, tf.DVTS):
+            assert set(counts) == {strategy.width} and len(counts) <= 3 * strategy.n // strategy.width
+        elif isinstance(strategy, tf.BeamSearch):
+            if strategy.lookahead and set(counts) == {1}:
+                continue  # a greedy rollout of every live candidate
+            assert set(counts) == {strategy.width} and len(counts) <= 3 * strategy.keep
+        elif isinstance(strategy, tf.ParticleFiltering):
+            assert sum(counts) <= 3 * strategy.n
+    if isinstance(strategy, tf.BestOfN):
+        assert len(calls) == 1  # whole solutions in one expansion
+    assert engine.runner.blocks.num_used_blocks == 0
+    assert verifier.tokens_processed >= 0
+
+
+def test_beam_search_finds_the_rewarded_pattern_far_more_often_than_best_of_n(engine, verifier):
+    n, qs = 8, problems(6)
+    beam = engine.search(qs, tf.BeamSearch(n=n, width=2, iterations=3, delimiter=DELIM), SAMPLING, prm=verifier)
+    best = engine.search(qs, tf.BestOfN(n=n, delimiter=DELIM), SAMPLING, prm=verifier)
+
+    def rate(results):
+        # share of completions whose every step has the pattern
+        paths = [c for r in results for c in r.completions if len(c.steps) >= 2]
+        return sum(all(PATTERN in s for s in c.steps) for c in paths) / max(1, len(paths))
+
+    assert rate(beam) >= 2 * rate(best) + 0.2, (rate(beam), rate(best))
+
+
+def test_blocks_in_use_stay_within_the_beam_bound(engine, verifier):
+    bs, n = engine.runner.block_size, 8
+    engine.stats["peak_used_blocks"] = 0
+    strategy = tf.BeamSearch(n=n, width=4, iterations=4, delimiter=DELIM)
+    [result] = engine.search(problems(1), strategy, SAMPLING, prm=verifier)
+    prompt_tokens = len(engine.tokenizer(tf.search.format_prompt(result.question, engine.tokenizer))["input_ids"])
+    longest_suffix = max(c.policy_tokens for c in result.completions)
+    bound = -(-prompt_tokens // bs) + n * (-(-longest_suffix // bs) + 1)
+    assert 0 < engine.stats["peak_used_blocks"] <= bound
+
+
+def test_strategy_arguments_are_checked():
+    with pytest.raises(ValueError, match="multiple of width"):
+        tf.BeamSearch(n=6, width=4)
+    with pytest.raises(ValueError, match="aggregation"):
+        tf.BestOfN(n=4, aggregation="max")
+    with pytest.raises(ValueError, match="needs a PRM"):
+        tf.search.TreeSearch(None, None, tf.BeamSearch(n=4, width=2))

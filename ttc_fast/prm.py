@@ -1,0 +1,591 @@
+"""Process reward models (PRMs): step scores for search, with a prefix-shared paged KV cache.
+
+    prm = load_prm("path/to/Qwen2.5-Math-PRM-7B", kind="qwen-prm")
+    h = prm.start(question)                 # question + format prefix, encoded once
+    beams = prm.fork(h, 4); prm.free(h)
+    scores = prm.score_steps(beams, steps)  # one new step per handle, ONE batched forward
+    ...
+    prm.free(b) for b in beams
+
+A PRM owns its own `ModelRunner` (KV pool + block manager), separate from the policy's. A handle
+is one partial solution: its sequence holds the token ids of the prefix segment and of every step
+segment scored so far. `score_steps` appends to each handle only the new step's segment, for all
+handles (of all problems) in one ragged forward (split into chunks of at most `max_batch_tokens`
+tokens), and reads the score at that step's boundary position.
+
+Tokenization is defined per segment, and `score_full` uses exactly the same segments, so the
+cached and uncached paths see the same token ids:
+
+    ids(question, steps) = prefix_ids(question) + step_ids(steps[0], 0) + step_ids(steps[1], 1) + ...
+
+Each segment is tokenized on its own by the PRM's tokenizer (no merges across a segment
+boundary; a SentencePiece tokenizer's dummy prefix "▁" is not re-added at each segment: segments
+after the first are tokenized as a continuation). Step texts are stripped of surrounding
+whitespace first. Formats (text of each segment; `|` marks the scored token):
+
+* "rlhflow" (RLHFlow/Llama3.1-8B-PRM-*): the checkpoint's chat template rendered over the
+  conversation [user: question + " " + step0, assistant: "+", user: step1, assistant: "+", ...].
+  prefix = template text up to and including the question; step k = (k == 0: " " | else: the
+  user header) + step + end-of-turn + assistant header (its last token, "\n\n" for Llama 3, is
+  scored) followed by the label segment "+" + end-of-turn (tokenized separately). Score =
+  softmax(logits[[id("+"), id("-")]])[0] at the token before the "+" label, i.e. where the label
+  would be generated ("logits[:, -3]" in the reference code); earlier steps are followed by "+".
+* "math-shepherd" (peiyi9979/math-shepherd-mistral-7b-prm): text = question + " " + step0 + " ки"
+  + "\n" + step1 + " ки" + ... (the model card's format). prefix = question (with the tokenizer's
+  BOS); step k = (k == 0: " " | else "\n") + step, then " ки" tokenized separately and scored at
+  its last token (the tag). Score = softmax(logits[[id("+"), id("-")]])[0] at the tag position.
+  (search-and-learn joins steps with "\n\n" instead of "\n": pass step_separator="\n\n".)
+* "qwen-prm" (Qwen/Qwen2.5-Math-PRM-7B/72B): chat template over [system: QWEN_PRM_SYSTEM, user:
+  question, assistant: step0 + "<extra_0>" + step1 + "<extra_0>" + ...]. prefix = template text
+  up to the assistant content; step k = step + "<extra_0>" (scored). Score =
+  softmax(score(h))[1] with score = Linear(h,h) -> ReLU -> Linear(h,2) on the final-norm hidden
+  state h. The closing "<|im_end|>\n" follows the last tag and cannot change any score.
+* "skywork" (Skywork/Skywork-o1-Open-PRM-Qwen-2.5-*): prefix = bos_token + question + "\n"
+  (tokenized with the tokenizer's special tokens, as the reference code does); step k = each
+  non-empty line of the step tokenized separately, each followed by the id of "\n"; scored at the
+  final "\n". Score = sigmoid(v_head.summary(h)).
+
+Outcome mode (kind="outcome" or "outcome:<kind>"): the partial solution is judged as a whole.
+For a model kind the token sequence and the incremental path are the same (so the cost is the
+same), and the score of the latest step's end is returned as the solution's score: `score_steps`
+returns the same number, `score_full` returns a one-element list [score at the last step] and
+`default_aggregation` is "last". For a callable it is called as fn(question, [joined]) with the
+steps joined by `step_separator` ("\n\n"). kind="outcome" alone means a callable, or a checkpoint
+whose architecture names its kind (Qwen2ForProcessRewardModel, Qwen2ForPrmModel).
+
+A callable verifier: fn(question, steps) -> float (the latest step's score) or list[float] (one
+per step; the last is taken in score_steps). No tokens, no KV cache.
+
+Pool full: `score_steps` checks the blocks all its appends need before changing anything and
+raises `PRMOutOfBlocks` (a subclass of `OutOfBlocks`) with nothing appended; it never frees a
+handle. The caller frees handles (e.g. pruned beams) and retries, or builds the PRM with a larger
+`kv_cache_bytes`.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .block_manager import OutOfBlocks
+
+KINDS = ("rlhflow", "math-shepherd", "qwen-prm", "skywork")
+ALL_KINDS = KINDS + ("outcome", "outcome:<kind>", "<callable>")
+AGGREGATIONS = ("last", "min", "prod", "mean")
+QWEN_PRM_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+_ARCH_KIND = {"Qwen2ForProcessRewardModel": "qwen-prm", "Qwen2ForPrmModel": "skywork"}
+_SENTINEL_Q, _SENTINEL_S, _SENTINEL_L = "QSENTINEL7Q", "SSENTINEL7S", "LSENTINEL7L"
+
+
+class PRMOutOfBlocks(OutOfBlocks):
+    """The PRM's KV pool cannot hold a call's new tokens; nothing was appended or freed."""
+
+
+def aggregate(step_scores: list[float], how: str = "last") -> float:
+    """One number for a partial solution from its step scores: the last, the minimum, the
+    product or the mean."""
+    if how not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {how!r}: one of {', '.join(AGGREGATIONS)}")
+    if not step_scores:
+        raise ValueError("aggregate: no step scores")
+    if how == "last":
+        return float(step_scores[-1])
+    if how == "min":
+        return float(min(step_scores))
+    if how == "prod":
+        return float(math.prod(step_scores))
+    return float(sum(step_scores) / len(step_scores))
+
+
+@dataclass(eq=False)
+class PRMHandle:
+    """One partial solution being scored: its question, the steps scored so far and (model PRMs)
+    its sequence in the PRM's own KV cache."""
+
+    question: str
+    steps: list[str] = field(default_factory=list)
+    seq: int | None = None
+    alive: bool = True
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.steps)
+
+
+# --- tokenization ----------------------------------------------------------------------------------
+class _Segmenter:
+    """Tokenizes segments; with a SentencePiece-style tokenizer (dummy prefix "▁"), continuation
+    segments are tokenized after an anchor "\\n" whose tokens are then dropped, so no spurious "▁"
+    appears at each segment start."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        first = tok.convert_ids_to_tokens(tok.encode("a", add_special_tokens=False))
+        self.anchor = None
+        if first and str(first[0]).startswith("\u2581"):
+            self.anchor = tok.encode("\n", add_special_tokens=False)
+
+    def encode(self, text: str, first: bool = False, special: bool = False) -> list[int]:
+        if first or self.anchor is None or not text:
+            return list(self.tok.encode(text, add_special_tokens=special)) if text or special else []
+        ids = list(self.tok.encode("\n" + text, add_special_tokens=False))
+        n = len(self.anchor)
+        if ids[:n] == self.anchor:
+            return ids[n:]
+        return list(self.tok.encode(text, add_special_tokens=False))
+
+    def single_id(self, text: str, what: str, source) -> int:
+        ids = self.tok.encode(text, add_special_tokens=False)
+        if not ids:
+            raise ValueError(f"{source}: the tokenizer has no token for {text!r} ({what})")
+        tid = ids[-1]
+        unk = getattr(self.tok, "unk_token_id", None)
+        decoded = self.tok.decode([tid])
+        if (unk is not None and tid == unk) or decoded.lstrip(" \u2581") != text.lstrip(" "):
+            raise ValueError(f"{source}: {text!r} ({what}) is not a token of this tokenizer (it encodes as "
+                             f"{self.tok.convert_ids_to_tokens(ids)}); is this checkpoint of the kind asked for?")
+        return tid
+
+
+class _Format:
+    """prefix_ids(question) and step_ids(step, k) -> (ids, score offset within ids)."""
+
+    kind = ""
+    needs = "logits"  # or "hidden"
+
+    def prefix_ids(self, question: str) -> list[int]:
+        raise NotImplementedError
+
+    def step_ids(self, step: str, index: int) -> tuple[list[int], int]:
+        raise NotImplementedError
+
+
+def _render(tok, messages, source) -> str:
+    if not getattr(tok, "chat_template", None):
+        raise ValueError(f"{source}: the tokenizer has no chat template; this PRM kind needs the checkpoint's template")
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+
+
+class _RLHFlowFormat(_Format):
+    kind = "rlhflow"
+
+    def __init__(self, tok, seg: _Segmenter, source):
+        self.tok, self.seg, self.source = tok, seg, source
+        self.good = seg.single_id("+", 'good label "+"', source)
+        self.bad = seg.single_id("-", 'bad label "-"', source)
+        one = [{"role": "user", "content": f"{_SENTINEL_Q} {_SENTINEL_S}"}, {"role": "assistant", "content": _SENTINEL_L}]
+        two = one + [{"role": "user", "content": _SENTINEL_S}, {"role": "assistant", "content": _SENTINEL_L}]
+        t1, t2 = _render(tok, one, source), _render(tok, two, source)
+        if not t2.startswith(t1):
+            raise ValueError(f"{source}: the chat template does not render conversations append-only; cannot cache per step")
+        # t1 = head + Q + " " + S + after_step + L + after_label
+        tail = t1[t1.index(_SENTINEL_Q) + len(_SENTINEL_Q):]
+        if not tail.startswith(" " + _SENTINEL_S):
+            raise ValueError(f"{source}: the chat template changes the user content; unsupported for rlhflow")
+        tail = tail[len(_SENTINEL_S) + 1:]
+        self.after_step, self.after_label = tail.split(_SENTINEL_L)
+        more = t2[len(t1):]
+        self.before_step = more[: more.index(_SENTINEL_S)]
+        more = more[more.index(_SENTINEL_S) + len(_SENTINEL_S):]
+        if more != self.after_step + _SENTINEL_L + self.after_label:
+            raise ValueError(f"{source}: the chat template renders later turns differently; unsupported for rlhflow")
+
+    def prefix_ids(self, question):
+        conv = [{"role": "user", "content": f"{question} {_SENTINEL_S}"}, {"role": "assistant", "content": _SENTINEL_L}]
+        text = _render(self.tok, conv, self.source)
+        return self.seg.encode(text[: text.index(" " + _SENTINEL_S)], first=True)
+
+    def step_ids(self, step, index):
+        head = " " if index == 0 else self.before_step
+        body = self.seg.encode(head + step + self.after_step)
+        label = self.seg.encode("+" + self.after_label)
+        return body + label, len(body) - 1
+
+
+class _MathShepherdFormat(_Format):
+    kind = "math-shepherd"
+
+    def __init__(self, tok, seg: _Segmenter, source, step_separator: str = "\n"):
+        self.seg, self.sep = seg, step_separator
+        self.good = seg.single_id("+", 'good label "+"', source)
+        self.bad = seg.single_id("-", 'bad label "-"', source)
+        self.tag = seg.single_id("ки", 'step tag "ки"', source)
+        self.tag_ids = seg.encode(" ки")
+        if not self.tag_ids or self.tag_ids[-1] != self.tag:
+            raise ValueError(f"{source}: ' ки' does not end with the step tag token 'ки' in this tokenizer")
+
+    def prefix_ids(self, question):
+        return self.seg.encode(question, first=True, special=True)
+
+    def step_ids(self, step, index):
+        body = self.seg.encode((" " if index == 0 else self.sep) + step)
+        return body + self.tag_ids, len(body) + len(self.tag_ids) - 1
+
+
+class _QwenPRMFormat(_Format):
+    kind = "qwen-prm"
+    needs = "hidden"
+
+    def __init__(self, tok, seg: _Segmenter, source, system_prompt: str = QWEN_PRM_SYSTEM):
+        self.tok, self.seg, self.source, self.system = tok, seg, source, system_prompt
+        ids = tok.encode("<extra_0>", add_special_tokens=False)
+        if len(ids) != 1:
+            raise ValueError(f"{source}: the tokenizer has no single token '<extra_0>' (Qwen2.5-Math-PRM's step separator)")
+        self.tag = ids[0]
+
+    def prefix_ids(self, question):
+        msgs = [{"role": "system", "content": self.system}, {"role": "user", "content": question},
+                {"role": "assistant", "content": _SENTINEL_L}]
+        text = _render(self.tok, msgs, self.source)
+        return self.seg.encode(text[: text.index(_SENTINEL_L)], first=True)
+
+    def step_ids(self, step, index):
+        ids = self.seg.encode(step) + [self.tag]
+        return ids, len(ids) - 1
+
+
+class _SkyworkFormat(_Format):
+    kind = "skywork"
+    needs = "hidden"
+
+    def __init__(self, tok, seg: _Segmenter, source):
+        self.seg = seg
+        self.bos = tok.bos_token or ""
+        self.newline = seg.single_id("\n", 'step token "\\n"', source)
+
+    def prefix_ids(self, question):
+        return self.seg.encode(self.bos + question + "\n", first=True, special=True)
+
+    def step_ids(self, step, index):
+        ids = []
+        for line in step.split("\n"):
+            if line.strip():
+                ids += self.seg.encode(line) + [self.newline]
+        if not ids:
+            ids = [self.newline]
+        return ids, len(ids) - 1
+
+
+# --- the scorer --------------------------------------------------------------------------------
+class PRM:
+    """Common interface; see the module docstring. `tokens_processed` counts every token this PRM
+    ran through its model (prefix + steps + score_full); `stats` splits it."""
+
+    kind: str
+    outcome: bool = False
+
+    @property
+    def default_aggregation(self) -> str:
+        return "last" if self.outcome else "min"
+
+    def start(self, question: str) -> PRMHandle:
+        return self.start_many([question])[0]
+
+    def start_many(self, questions: list[str]) -> list[PRMHandle]:
+        raise NotImplementedError
+
+    def fork(self, handle: PRMHandle, n: int) -> list[PRMHandle]:
+        raise NotImplementedError
+
+    def free(self, handle: PRMHandle) -> None:
+        raise NotImplementedError
+
+    def score_steps(self, handles: list[PRMHandle], steps: list[str]) -> list[float]:
+        raise NotImplementedError
+
+    def score_full(self, question: str, steps: list[str]) -> list[float]:
+        raise NotImplementedError
+
+    def score(self, question: str, steps: list[str], how: str | None = None) -> float:
+        """One number for a (partial) solution scored without the cache."""
+        return aggregate(self.score_full(question, steps), how or self.default_aggregation)
+
+    @staticmethod
+    def _check(handles, steps):
+        if len(handles) != len(steps):
+            raise ValueError(f"score_steps: {len(handles)} handles but {len(steps)} steps")
+        for h in handles:
+            if not h.alive:
+                raise ValueError("score_steps: a handle was already freed")
+        if len({id(h) for h in handles}) != len(handles):
+            raise ValueError("score_steps: the same handle appears twice in one call")
+
+
+class CallablePRM(PRM):
+    """A hard-coded verifier fn(question, steps) -> float | list[float]."""
+
+    def __init__(self, fn: Callable, outcome: bool = False, step_separator: str = "\n\n"):
+        self.fn, self.outcome, self.sep = fn, outcome, step_separator
+        self.kind = "outcome:callable" if outcome else "callable"
+        self.tokens_processed = 0
+        self.stats = {"tokens_processed": 0, "calls": 0}
+
+    def _call(self, question, steps) -> float:
+        self.stats["calls"] += 1
+        if self.outcome:
+            steps = [self.sep.join(steps)]
+        out = self.fn(question, list(steps))
+        if isinstance(out, (list, tuple)):
+            if not out:
+                raise ValueError("the verifier returned an empty list")
+            out = out[-1]
+        return float(out)
+
+    def start_many(self, questions):
+        return [PRMHandle(q) for q in questions]
+
+    def fork(self, handle, n):
+        return [PRMHandle(handle.question, list(handle.steps)) for _ in range(n)]
+
+    def free(self, handle):
+        handle.alive = False
+
+    def score_steps(self, handles, steps):
+        self._check(handles, steps)
+        out = []
+        for h, s in zip(handles, steps):
+            h.steps.append(s)
+            out.append(self._call(h.question, h.steps))
+        return out
+
+    def score_full(self, question, steps):
+        if self.outcome:
+            return [self._call(question, steps)]
+        return [self._call(question, steps[: k + 1]) for k in range(len(steps))]
+
+
+class ModelPRM(PRM):
+    """A PRM run by ttc_fast's own decoder in its own paged KV cache."""
+
+    def __init__(self, loaded, fmt: _Format, head: dict | None, outcome: bool = False, kv_cache_bytes=None,
+                 block_size: int = 16, backend="auto", num_blocks: int | None = None, max_batch_tokens: int = 8192):
+        from .model_runner import ModelRunner
+
+        self.model, self.fmt, self.head, self.outcome = loaded, fmt, head, outcome
+        self.kind = ("outcome:" if outcome else "") + fmt.kind
+        self.tokenizer = loaded.tokenizer
+        self.max_batch_tokens = max_batch_tokens
+        self.runner = ModelRunner(loaded, kv_cache_bytes=kv_cache_bytes, block_size=block_size, backend=backend,
+                                  enable_prefix_cache=True, num_blocks=num_blocks)
+        self.stats = {"prefix_tokens": 0, "prefix_tokens_cached": 0, "step_tokens": 0, "full_tokens": 0, "forwards": 0}
+
+    @property
+    def tokens_processed(self) -> int:
+        s = self.stats
+        return s["prefix_tokens"] + s["step_tokens"] + s["full_tokens"]
+
+    # --- scoring rows ------------------------------------------------------------------------------
+    def _forward(self, seqs, tokens, offsets) -> torch.Tensor:
+        want_hidden = self.fmt.needs == "hidden"
+        out = self.runner.forward(seqs, tokens, offsets, want_logits=not want_hidden, want_hidden=want_hidden)
+        self.stats["forwards"] += 1
+        return self._scores(out.hidden if want_hidden else out.logits)
+
+    def _scores(self, rows: torch.Tensor) -> torch.Tensor:
+        kind = self.fmt.kind
+        if kind in ("rlhflow", "math-shepherd"):
+            pair = rows[:, [self.fmt.good, self.fmt.bad]].float()
+            return pair.softmax(-1)[:, 0]
+        h = rows.float()
+        if kind == "qwen-prm":
+            x = torch.relu(h @ self.head["score.0.weight"].T + self.head["score.0.bias"])
+            return (x @ self.head["score.2.weight"].T + self.head["score.2.bias"]).softmax(-1)[:, 1]
+        v = h @ self.head["v_head.summary.weight"].T + self.head["v_head.summary.bias"]
+        return torch.sigmoid(v[:, 0])
+
+    # --- handles -----------------------------------------------------------------------------------
+    def start_many(self, questions):
+        """Encode each question's prefix segment (prefix-cache hits are reused) in one forward."""
+        handles, seqs, feeds = [], [], []
+        try:
+            for q in questions:
+                ids = self.fmt.prefix_ids(q)
+                seq, cached = self.runner.new_sequence(ids)
+                handles.append(PRMHandle(q, seq=seq))
+                seqs.append(seq)
+                feeds.append(ids[cached:])
+                self.stats["prefix_tokens_cached"] += cached
+            if seqs:
+                self._check_room(seqs, feeds)
+                self.runner.forward(seqs, feeds, None, want_logits=False, want_hidden=False)
+        except BaseException:
+            for seq in seqs:
+                self.runner.free(seq)
+            raise
+        self.stats["prefix_tokens"] += sum(len(f) for f in feeds)
+        self.stats["forwards"] += bool(seqs)
+        return handles
+
+    def fork(self, handle, n):
+        if not handle.alive:
+            raise ValueError("fork: the handle was already freed")
+        return [PRMHandle(handle.question, list(handle.steps), seq=s) for s in self.runner.fork(handle.seq, n)]
+
+    def free(self, handle):
+        if handle.alive:
+            self.runner.free(handle.seq)
+            handle.alive = False
+
+    def _check_room(self, seqs, feeds):
+        blocks = self.runner.blocks
+        need = sum(blocks.blocks_needed(s, len(f)) for s, f in zip(seqs, feeds))
+        have = blocks.num_available_blocks
+        if need > have:
+            raise PRMOutOfBlocks(
+                f"the PRM's KV pool needs {need} blocks for {sum(map(len, feeds))} new tokens but has {have} "
+                f"available; nothing was appended: free handles (pruned beams) and retry, or raise kv_cache_bytes"
+            )
+
+    # --- scoring ----------------------------------------------------------------------------------
+    def score_steps(self, handles, steps):
+        """Append each handle's new step segment (only those tokens) and return its score; all
+        handles go through one ragged forward (chunked by max_batch_tokens)."""
+        self._check(handles, steps)
+        if not handles:
+            return []
+        segs = [self.fmt.step_ids(s.strip(), h.num_steps) for h, s in zip(handles, steps)]
+        seqs = [h.seq for h in handles]
+        feeds = [ids for ids, _ in segs]
+        self._check_room(seqs, feeds)  # all-or-nothing: no chunk starts unless all fit
+        scores = [0.0] * len(handles)
+        start = 0
+        while start < len(handles):
+            end, total = start, 0
+            while end < len(handles) and (end == start or total + len(feeds[end]) <= self.max_batch_tokens):
+                total += len(feeds[end])
+                end += 1
+            vals = self._forward(seqs[start:end], feeds[start:end], [[off] for _, off in segs[start:end]])
+            for i, v in zip(range(start, end), vals.tolist()):
+                scores[i] = v
+                handles[i].steps.append(steps[i])
+            self.stats["step_tokens"] += total
+            start = end
+        return scores
+
+    def full_ids(self, question: str, steps: list[str]) -> tuple[list[int], list[int]]:
+        """The whole token sequence of (question, steps) and the positions of the step scores."""
+        ids = self.fmt.prefix_ids(question)
+        positions = []
+        for k, s in enumerate(steps):
+            seg, off = self.fmt.step_ids(s.strip(), k)
+            positions.append(len(ids) + off)
+            ids = ids + seg
+        return ids, positions
+
+    def score_full(self, question, steps):
+        """Scores of every step (outcome mode: [score at the last step]) from one uncached
+        forward over the whole text."""
+        if not steps:
+            raise ValueError("score_full: no steps")
+        ids, positions = self.full_ids(question, steps)
+        if self.outcome:
+            positions = positions[-1:]
+        seq, _ = self.runner.new_sequence()
+        try:
+            self._check_room([seq], [ids])
+            vals = self._forward([seq], [ids], [positions])
+        finally:
+            self.runner.free(seq)
+        self.stats["full_tokens"] += len(ids)
+        return vals.tolist()
+
+
+# --- loading -----------------------------------------------------------------------------------
+def _parse_kind(kind, path_or_callable) -> tuple[str | None, bool]:
+    if kind is None:
+        return None, False
+    if not isinstance(kind, str):
+        raise ValueError(f"kind must be a string, got {type(kind).__name__}")
+    outcome = False
+    if kind == "outcome":
+        return None, True
+    if kind.startswith("outcome:"):
+        kind, outcome = kind[len("outcome:"):], True
+    if kind not in KINDS and not (kind == "callable" and callable(path_or_callable)):
+        raise ValueError(f"unknown PRM kind {kind!r}: one of {', '.join(KINDS)}, 'outcome', 'outcome:<kind>', or a callable verifier")
+    return kind, outcome
+
+
+def _load_base(path, device, dtype):
+    """Our decoder for a PRM checkpoint (PRM architectures accepted, lm_head optional) and the
+    checkpoint tensors that are not ours (the heads)."""
+    from .config import ModelConfig
+    from .loader import (LoadedModel, build_module, eos_ids, load_tokenizer, read_state_dict, resolve_device,
+                         resolve_dtype)
+
+    raw = json.loads((path / "config.json").read_text())
+    config = ModelConfig.from_dict(raw, str(path / "config.json"), allow_prm=True)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device, raw.get("dtype") or raw.get("torch_dtype"))
+    state = read_state_dict(path, device, dtype)
+    extra = {k: v for k, v in state.items() if not k.startswith("model.") and k != "lm_head.weight"}
+    module = build_module(config, state, device, dtype, path, require_lm_head=False)
+    tokenizer = load_tokenizer(path)
+    return LoadedModel(module, config, tokenizer, path, device, dtype, eos_ids(path, config, tokenizer)), raw, extra
+
+
+_HEAD_KEYS = {
+    "qwen-prm": {"score.0.weight": ("h", "h"), "score.0.bias": ("h",), "score.2.weight": (2, "h"), "score.2.bias": (2,)},
+    "skywork": {"v_head.summary.weight": (1, "h"), "v_head.summary.bias": (1,)},
+}
+
+
+def load_prm(path_or_callable, kind: str | None = None, device=None, dtype=None, kv_cache_bytes: int | None = None,
+             block_size: int = 16, backend="auto", num_blocks: int | None = None, max_batch_tokens: int = 8192,
+             step_separator: str | None = None, system_prompt: str = QWEN_PRM_SYSTEM) -> PRM:
+    """A PRM from a local checkpoint directory (or a callable verifier).
+
+    kind: "rlhflow" | "math-shepherd" | "qwen-prm" | "skywork" | "outcome" | "outcome:<kind>";
+    None infers it from a callable or from the architecture (Qwen2ForProcessRewardModel ->
+    qwen-prm, Qwen2ForPrmModel -> skywork). step_separator: math-shepherd's separator between a
+    step tag and the next step ("\\n"), or the joiner of a callable's outcome text ("\\n\\n")."""
+    base, outcome = _parse_kind(kind, path_or_callable)
+    if callable(path_or_callable):
+        if base not in (None, "callable"):
+            raise ValueError(f"kind {kind!r} needs a checkpoint path, not a callable")
+        return CallablePRM(path_or_callable, outcome=outcome, step_separator=step_separator or "\n\n")
+    from .loader import resolve_path
+
+    path = resolve_path(path_or_callable)
+    if base is None:
+        archs = json.loads((path / "config.json").read_text()).get("architectures") or []
+        found = [_ARCH_KIND[a] for a in archs if a in _ARCH_KIND]
+        if not found:
+            raise ValueError(f"{path}: cannot infer the PRM kind from architectures {archs}; pass kind= one of {', '.join(KINDS)}"
+                             + (" (or 'outcome:<kind>')" if outcome else ""))
+        base = found[0]
+    if base == "callable":
+        raise ValueError("kind 'callable' needs a callable verifier")
+    loaded, raw, extra = _load_base(path, device, dtype)
+    tok = loaded.tokenizer
+    if tok is None:
+        raise ValueError(f"{path}: no tokenizer files; a PRM needs its own tokenizer")
+    head = None
+    if base in _HEAD_KEYS:
+        hsize = loaded.config.hidden_size
+        missing = [k for k in _HEAD_KEYS[base] if k not in extra]
+        if missing:
+            raise ValueError(f"{path}: checkpoint has no {base} head: missing {', '.join(missing)} "
+                             f"(is this a {base} checkpoint? its architectures are {raw.get('architectures')})")
+        head = {}
+        for k, shape in _HEAD_KEYS[base].items():
+            want = tuple(hsize if d == "h" else d for d in shape)
+            if tuple(extra[k].shape) != want:
+                raise ValueError(f"{path}: head weight {k} has shape {tuple(extra[k].shape)}, expected {want}")
+            head[k] = extra[k].float()
+    elif loaded.module.lm_head is None:
+        raise ValueError(f"{path}: checkpoint has no lm_head; kind {base!r} reads the label tokens' logits")
+    seg = _Segmenter(tok)
+    if base == "rlhflow":
+        fmt = _RLHFlowFormat(tok, seg, path)
+    elif base == "math-shepherd":
+        fmt = _MathShepherdFormat(tok, seg, path, step_separator or "\n")
+    elif base == "qwen-prm":
+        fmt = _QwenPRMFormat(tok, seg, path, system_prompt)
+    else:
+        fmt = _SkyworkFormat(tok, seg, path)
+    return ModelPRM(loaded, fmt, head, outcome=outcome, kv_cache_bytes=kv_cache_bytes, block_size=block_size,
+                    backend=backend, num_blocks=num_blocks, max_batch_tokens=max_batch_tokens)
