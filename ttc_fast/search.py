@@ -94,7 +94,11 @@ class TreeSearch:
     """Runs one strategy over many problems on one engine and one PRM (None: no scoring)."""
 
     def __init__(self, engine: Engine, prm, strategy: Strategy, sampling: SamplingParams | None = None,
-                 system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, max_problems_in_flight: int | None = None):
+                 system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, max_problems_in_flight: int | None = None,
+                 step_lengths=None):
+        """step_lengths: for benchmarks with random-weight models, which never write a delimiter:
+        a callable (problem index, iteration, branch index) -> int; a step then ends after that
+        many tokens (EOS ignored) instead of at the delimiter."""
         if prm is None and not isinstance(strategy, MajorityVote):
             raise ValueError(f"{strategy.name} needs a PRM (load_prm) or a verifier callable; MajorityVote runs without one")
         self.engine, self.prm, self.strategy = engine, prm, strategy
@@ -104,6 +108,7 @@ class TreeSearch:
         self.seed = fresh_seed() if self.sampling.seed is None else self.sampling.seed
         self.step_sampling = replace(self.sampling, stop=(strategy.delimiter,), n=1)
         self.final_sampling = replace(self.sampling, stop=(), n=1)
+        self.step_lengths = step_lengths
 
     # --- driver --------------------------------------------------------------------------------
     def run(self, problems: list[Problem]):
@@ -154,7 +159,11 @@ class TreeSearch:
             counts += [count for _, count in items]
             owners += [(st, node) for node, _ in items]
             final = self._is_final_iteration(st)
-            samplings += [self.final_sampling if final else self.step_sampling] * len(items)
+            if self.step_lengths is None:
+                samplings += [self.final_sampling if final else self.step_sampling] * len(items)
+            else:
+                samplings += [replace(self.final_sampling, max_tokens=self.step_lengths(st.index, st.iteration, k), ignore_eos=True)
+                              for k in range(len(items))]
         seeds = [sample_seed(self.seed, st.index, st.iteration, k) for k, (st, _) in enumerate(owners)]
         results = self.engine.expand(branches, counts, samplings, seeds)
 
@@ -168,7 +177,11 @@ class TreeSearch:
                 st.policy_tokens += len(out.token_ids)
                 group = self._group_of_first_child(j) if parent is None else parent.group
                 base = parent or _Node(None, None, [], [], 0, 0)
-                node = _Node(branch, prm_handle, base.steps + [out.text], base.scores, base.tokens + len(out.token_ids), group, out.finish_reason)
+                finish = out.finish_reason
+                if self.step_lengths is not None and finish == "length":
+                    finish = "stop"  # an emulated step end
+                text = out.text if out.text is not None else " ".join(map(str, out.token_ids))
+                node = _Node(branch, prm_handle, base.steps + [text], base.scores, base.tokens + len(out.token_ids), group, finish)
                 children.append((st, node))
         for st in flight:
             st.frontier = []
