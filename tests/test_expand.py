@@ -64,3 +64,25 @@ def test_expansion_is_seeded_per_branch(engine):
     assert outs[0] == outs[1]
     with pytest.raises(ValueError, match="one count >= 1 per branch"):
         engine.expand([engine.start([1, 2])], [0], sampling)
+
+
+def test_finished_children_are_evicted_under_pressure_and_recomputed(engine):
+    """A pool too small to hold every child of one expansion: finished children are evicted
+    (seq None) and transparently recomputed by the next expansion, with identical results."""
+    small = tf.Engine(engine.model, num_blocks=24, block_size=4)
+    prompts = [[3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]]
+    sampling = tf.SamplingParams(temperature=1.0, max_tokens=9, ignore_eos=True)
+
+    def two_rounds(eng):
+        first = eng.expand([eng.start(p) for p in prompts], [4, 4], sampling, seeds=[1, 2])
+        children = [child for r in first for child, _ in r]
+        second = eng.expand(children, [1] * len(children), sampling, seeds=list(range(10, 18)))
+        outs = [[o.token_ids for _, o in r] for r in first + second]
+        for r in second:
+            for child, _ in r:
+                eng.release(child)
+        return outs
+
+    assert two_rounds(small) == two_rounds(engine)
+    assert small.stats["evictions"] > 0
+    assert small.runner.blocks.num_used_blocks == 0

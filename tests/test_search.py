@@ -78,17 +78,47 @@ def test_each_strategy_returns_n_completions_with_its_tree_shape(engine, verifie
     assert verifier.tokens_processed >= 0
 
 
-def test_beam_search_finds_the_rewarded_pattern_far_more_often_than_best_of_n(engine, verifier):
-    n, qs = 8, problems(6)
-    beam = engine.search(qs, tf.BeamSearch(n=n, width=2, iterations=3, delimiter=DELIM), SAMPLING, prm=verifier)
-    best = engine.search(qs, tf.BestOfN(n=n, delimiter=DELIM), SAMPLING, prm=verifier)
+@pytest.fixture(scope="module")
+def word_engine(tmp_path_factory):
+    """A policy that writes random words: its weights make every input give the same uniform
+    distribution over the one-character tokens " ", "a", "b", "c", "d" (all layers output zero,
+    every embedding is one vector u, lm_head rows are 0 for those tokens and -30 u/|u|^2 else)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
 
-    def rate(results):
-        # share of completions whose every step has the pattern
-        paths = [c for r in results for c in r.completions if len(c.steps) >= 2]
-        return sum(all(PATTERN in s for s in c.steps) for c in paths) / max(1, len(paths))
+    path = build_tiny_model(tmp_path_factory.mktemp("words"), "llama2", seed=0)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    allowed = [tok.convert_tokens_to_ids(t) for t in ("\u0120", "a", "b", "c", "d")]
+    state = load_file(str(path / "model.safetensors"))
+    hidden = state["model.embed_tokens.weight"].shape[1]
+    u = torch.ones(hidden)
+    state["model.embed_tokens.weight"][:] = u
+    for key in state:
+        if key.endswith(("o_proj.weight", "down_proj.weight")):
+            state[key].zero_()
+    state["model.norm.weight"].fill_(1.0)
+    head = (-30.0 * u / u.dot(u)).repeat(state["lm_head.weight"].shape[0], 1)
+    head[allowed] = 0.0
+    state["lm_head.weight"] = head.contiguous()
+    save_file(state, str(path / "model.safetensors"))
+    return tf.Engine(tf.load_model(path, device="cpu"), num_blocks=2048, block_size=4)
 
-    assert rate(beam) >= 2 * rate(best) + 0.2, (rate(beam), rate(best))
+
+def test_beam_search_finds_the_rewarded_pattern_far_more_often_than_best_of_n(word_engine, verifier):
+    """Steps are words; score = min over steps of "the word holds PATTERN", so a path scores 1
+    only if every word does. Beam search prunes towards such paths word by word; best-of-N must
+    be lucky in every word of one of its n solutions."""
+    n, qs = 8, problems(12)
+    sampling = tf.SamplingParams(temperature=1.0, max_tokens=80, seed=0)  # ~13 words per solution
+    beam = word_engine.search(qs, tf.BeamSearch(n=n, width=2, iterations=6, delimiter=" ", aggregation="min"), sampling, prm=verifier)
+    best = word_engine.search(qs, tf.BestOfN(n=n, delimiter=" ", aggregation="min"), sampling, prm=verifier)
+
+    def found(results):
+        # share of problems whose best completion has the pattern in each of its (>= 2) steps
+        return sum(max((c.score for c in r.completions if len(c.steps) >= 2), default=0.0) == 1.0 for r in results) / len(results)
+
+    assert found(beam) >= found(best) + 0.5, (found(beam), found(best))
 
 
 def test_blocks_in_use_stay_within_the_beam_bound(engine, verifier):

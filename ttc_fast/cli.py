@@ -2,6 +2,8 @@
 
     ttc-fast demo                      build a tiny random model, load it, generate, report speed
     ttc-fast generate --model DIR ...  generate from a local checkpoint
+    ttc-fast run --policy DIR --prm R --strategy beam --data F.jsonl --out OUT.jsonl
+                                       search a problem file, one JSON line per problem (resumable)
 """
 from __future__ import annotations
 
@@ -70,6 +72,54 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    """Search a problem file with a policy and a verifier; see `ttc_fast.run` for the output."""
+    from .run import RunError, make_strategy, needs_prm, resolve_prm, run_search, summarize
+
+    if args.policy is None:
+        raise RunError("no --policy given; the built-in toy task is not available yet "
+                       "(pass --policy DIR --data F.jsonl --out OUT.jsonl)")
+    for flag in ("data", "out"):
+        if getattr(args, flag) is None:
+            raise RunError(f"--{flag} is required with --policy")
+    strategy = make_strategy(args.strategy, args.n, args.width, args.iterations, args.aggregation)
+    if needs_prm(strategy) and args.prm is None:
+        raise RunError(f"strategy {args.strategy!r} ranks paths with a verifier: pass --prm CHECKPOINT (with --prm-kind) "
+                       f"or --prm python:MODULE:FUNCTION, or use --strategy majority, which needs none")
+    import ttc_fast as tf
+    from .data import load_problems
+
+    problems = load_problems(args.data)
+    if args.limit is not None:
+        if args.limit < 1:
+            raise RunError(f"--limit must be >= 1, got {args.limit}")
+        problems = problems[: args.limit]
+    if not problems:
+        raise RunError(f"{args.data} holds no problems")
+    from pathlib import Path
+
+    out = Path(args.out)
+    if out.exists() and out.stat().st_size > 0 and not args.resume and not args.overwrite:
+        raise RunError(f"{out} already exists and is not empty: pass --resume to continue it or --overwrite to start over")
+    if args.resume and args.overwrite:
+        raise RunError("--resume and --overwrite exclude each other: --resume continues OUT, --overwrite starts it over")
+    sampling = tf.SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
+    if not Path(args.policy).exists() and not str(args.policy).startswith("builtin:"):
+        raise RunError(f"policy checkpoint not found: {args.policy} (pass a Hugging Face checkpoint directory)")
+    # majority needs no verifier, but one given still scores its paths (naive / weighted picks)
+    prm = resolve_prm(args.prm, kind=args.prm_kind, device=args.device, dtype=args.dtype) if args.prm is not None else None
+    model = tf.load_model(args.policy, device=args.device, dtype=args.dtype)
+    engine = tf.Engine(model, kv_cache_bytes=args.kv_cache_bytes, block_size=args.block_size, backend=args.backend)
+    records = run_search(engine, prm, strategy, sampling, problems, out, resume=args.resume, overwrite=args.overwrite,
+                         progress=not args.no_progress, max_problems_in_flight=args.max_in_flight)
+    ids = {p.id for p in problems}
+    mine = [r for r in records if r["id"] in ids]
+    new_tokens = sum(r["policy_tokens"] for r in records[len(records) - run_search.last_new_records:]) if run_search.last_new_records else 0
+    print(summarize(mine, wall_seconds=run_search.last_wall_seconds, new_policy_tokens=new_tokens))
+    print(f"results: {out} ({run_search.last_new_records} new, {len(mine)} of {len(problems)} problems)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ttc-fast", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +142,32 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=None)
     gen.set_defaults(func=cmd_generate)
+
+    run = sub.add_parser("run", help="search a problem file (best-of-N, beam, DVTS...) and stream results to JSONL",
+                         description="Search every problem of --data with --policy and the verifier --prm; each finished "
+                                     "problem is one JSON line of --out, written as soon as it finishes. Without --policy: "
+                                     "the built-in toy task (not available yet).")
+    run.add_argument("--policy", default=None, help="policy checkpoint directory (Hugging Face format)")
+    run.add_argument("--prm", default=None, help="verifier: PRM checkpoint directory, or python:MODULE:FUNCTION")
+    run.add_argument("--prm-kind", default=None, help="PRM format: rlhflow, math-shepherd, qwen-prm, skywork, outcome")
+    run.add_argument("--strategy", default="beam", help="best-of-n, majority, weighted-best-of-n, beam, dvts (case-insensitive)")
+    run.add_argument("--n", type=int, default=4, help="completions per problem (default 4)")
+    run.add_argument("--width", type=int, default=None, help="beam/DVTS: children per kept beam (default: the strategy's, 4)")
+    run.add_argument("--iterations", type=int, default=None, help="beam/DVTS: search steps (default: the strategy's, 40)")
+    run.add_argument("--aggregation", default="last", choices=["last", "min", "prod", "mean"], help="step scores -> path score")
+    run.add_argument("--data", default=None, help="problems: MATH-500 or GSM8K JSONL")
+    run.add_argument("--out", default=None, help="results JSONL (one line per problem)")
+    run.add_argument("--resume", action="store_true", help="continue OUT: skip the problems already in it")
+    run.add_argument("--overwrite", action="store_true", help="start OUT over")
+    run.add_argument("--limit", type=int, default=None, help="only the first K problems")
+    _engine_args(run)
+    run.add_argument("--temperature", type=float, default=0.8)
+    run.add_argument("--top-p", type=float, default=1.0)
+    run.add_argument("--max-tokens", type=int, default=2048)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--max-in-flight", type=int, default=None, help="most problems searched at once (default: as the KV pool allows)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    run.set_defaults(func=cmd_run)
     return parser
 
 
@@ -102,6 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"ttc-fast: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if getattr(args, "command", None) == "run" and getattr(args, "out", None):
+            print(f"\nttc-fast: interrupted; every finished problem is in {args.out}: rerun with --resume to continue",
+                  file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

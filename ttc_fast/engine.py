@@ -55,7 +55,7 @@ class Branch:
     its end not yet fed to the model (at least one: continuing needs the last token's logits).
     Search strategies hold branches; `Engine.expand` consumes them and returns their children."""
 
-    seq: int
+    seq: int | None  # None: evicted from the cache under pool pressure; recomputed when expanded
     token_ids: list[int]
     pending: list[int]
 
@@ -112,7 +112,7 @@ class Engine:
             enable_prefix_cache=enable_prefix_cache, num_blocks=num_blocks,
         )
         self.max_batch_tokens = max_batch_tokens or (8192 if model.device.type == "cuda" else 1024)
-        self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "cached_prompt_tokens": 0, "preemptions": 0, "steps": 0, "peak_used_blocks": 0}
+        self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "cached_prompt_tokens": 0, "preemptions": 0, "steps": 0, "peak_used_blocks": 0, "evictions": 0}
 
     # --- public API ----------------------------------------------------------------------------
     def generate(self, prompts, sampling: SamplingParams | None = None) -> list[RequestOutput]:
@@ -152,10 +152,14 @@ class Engine:
 
     def fork(self, branch: Branch, n: int) -> list[Branch]:
         """n new branches sharing every block of `branch` (which stays valid)."""
+        if branch.seq is None:  # evicted: the copies are recomputed (sharing via the prefix cache)
+            return [Branch(None, list(branch.token_ids), list(branch.token_ids)) for _ in range(n)]
         return [Branch(seq, list(branch.token_ids), list(branch.pending)) for seq in self.runner.fork(branch.seq, n)]
 
     def release(self, branch: Branch) -> None:
-        self.runner.free(branch.seq)
+        if branch.seq is not None:
+            self.runner.free(branch.seq)
+            branch.seq = None
 
     def expand(self, branches: list[Branch], counts: list[int], sampling, seeds: list[int] | None = None):
         """Continue each branch `counts[i]` times (fork + sample until a stop), all branches of
@@ -173,12 +177,13 @@ class Engine:
         base_seed = fresh_seed() if per_branch and per_branch[0].seed is None else (per_branch[0].seed if per_branch else 0)
         requests = []
         for i, (branch, count, params) in enumerate(zip(branches, counts, per_branch)):
-            if not branch.pending:
+            if branch.seq is not None and not branch.pending:
                 raise ValueError(f"branch {i} has no pending token: its last token's logits are gone")
             seed = seeds[i] if seeds is not None else sample_seed(base_seed, i)
             request = _Request(i, None, branch.token_ids, params, seed, keep_sequences=True)
             request.samples = [_Sample(request, j, sample_seed(seed, j)) for j in range(count)]
             first = request.samples[0]
+            # An evicted branch (seq None) is recomputed from its tokens like a preempted sample.
             first.seq, first.pending, first.forks_pending = branch.seq, list(branch.pending), count - 1
             requests.append(request)
         self._run([r.samples[0] for r in requests])
@@ -186,7 +191,7 @@ class Engine:
         for request in requests:
             out = self._output(request)
             results.append([
-                (Branch(s.seq, request.prompt_ids + s.generated, [s.generated[-1]]), o)
+                (Branch(s.seq, request.prompt_ids + s.generated, [s.generated[-1]] if s.seq is not None else []), o)
                 for s, o in zip(request.samples, out.outputs)
             ])
         return results
@@ -238,6 +243,7 @@ class Engine:
     def _run(self, samples: list[_Sample]) -> None:
         waiting: deque[_Sample] = deque(samples)
         running: list[_Sample] = []
+        self._kept: list[_Sample] = []  # finished samples whose blocks stay (expand); evictable
         while waiting or running:
             batch = self._schedule(waiting, running)
             out = None
@@ -292,6 +298,13 @@ class Engine:
         partly prefilled prompt, a branch not yet expanded; latest first), else the most
         recently started running sample. Victims are recomputed from their tokens later."""
         victim = next((s for s in reversed(waiting) if s.seq is not None), None)
+        if victim is None and self._kept:
+            # A finished branch of expand(): evict it; it is recomputed when next expanded.
+            victim = self._kept.pop()
+            self.runner.free(victim.seq)
+            victim.seq, victim.pending = None, []
+            self.stats["evictions"] += 1
+            return batch
         if victim is None and running:
             victim = running.pop()
             waiting.appendleft(victim)
@@ -327,7 +340,9 @@ class Engine:
             s.pending = [token]
             if self._check_stop(s, token):
                 running.remove(s)
-                if not s.request.keep_sequences:
+                if s.request.keep_sequences:
+                    self._kept.append(s)
+                else:
                     self.runner.free(s.seq)
                     s.seq, s.pending = None, []
 

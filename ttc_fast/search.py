@@ -116,9 +116,13 @@ class TreeSearch:
         for result, _ in self.run_with_problems(problems):
             yield result
 
-    def run_with_problems(self, problems: list[Problem]):
-        """Like `run`, yielding (SearchResult, the Problem it answers)."""
-        queue = deque(enumerate(problems))
+    def run_with_problems(self, problems: list[Problem], indices: list[int] | None = None):
+        """Like `run`, yielding (SearchResult, the Problem it answers). `indices[i]` is problem
+        i's position in its data set (default: i); it keys the problem's random streams, so a
+        problem draws the same samples whatever subset of the data set is run."""
+        if indices is not None and len(indices) != len(problems):
+            raise ValueError(f"{len(problems)} problems but {len(indices)} indices")
+        queue = deque(zip(indices if indices is not None else range(len(problems)), problems))
         flight: list[_Problem] = []
         while queue or flight:
             while queue and self._room_for_another(flight):
@@ -134,8 +138,11 @@ class TreeSearch:
         if self.max_in_flight is not None and len(flight) >= self.max_in_flight:
             return False
         blocks = self.engine.runner.blocks
-        # Keep half the pool for the problems already running: their beams grow every step.
-        return blocks.num_available_blocks > blocks.num_blocks // 2
+        # Keep half the pool for the problems already running (their beams grow every step), and
+        # two blocks per beam of every problem in flight, this one included. Past this, the
+        # engine evicts and recomputes branches rather than fail, but thrashing costs time.
+        headroom = 2 * self.strategy.n * (len(flight) + 1)
+        return blocks.num_available_blocks > max(blocks.num_blocks // 2, headroom)
 
     def _start(self, index: int, problem: Problem) -> _Problem:
         prompt = format_prompt(problem.question, self.engine.tokenizer, self.system_prompt)
@@ -164,7 +171,13 @@ class TreeSearch:
             else:
                 samplings += [replace(self.final_sampling, max_tokens=self.step_lengths(st.index, st.iteration, k), ignore_eos=True)
                               for k in range(len(items))]
-        seeds = [sample_seed(self.seed, st.index, st.iteration, k) for k, (st, _) in enumerate(owners)]
+        # Seeds depend only on (problem, iteration, branch within the problem): a problem's samples
+        # do not change with the other problems in flight (so a resumed run repeats itself).
+        seeds, within = [], {}
+        for st, _ in owners:
+            k = within.get(id(st), 0)
+            within[id(st)] = k + 1
+            seeds.append(sample_seed(self.seed, st.index, st.iteration, k))
         results = self.engine.expand(branches, counts, samplings, seeds)
 
         children: list[tuple[_Problem, _Node]] = []

@@ -1,0 +1,319 @@
+"""`ttc-fast run`: end to end on a tiny random policy with a Python verifier, resume after a kill,
+and the errors (malformed JSONL, unknown strategy, existing OUT, no policy, no verifier)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+
+from ttc_fast.cli import main
+from ttc_fast.run import VOLATILE_FIELDS, canonical, read_results, run_search, summarize
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+LINE_KEYS = {"id", "question", "gold", "strategy", "n", "width", "iterations", "aggregation", "config", "completions",
+             "picks", "correct", "policy_tokens", "prm_tokens", "seconds"}
+COMPLETION_KEYS = {"text", "steps", "step_scores", "score", "answer", "finish_reason", "policy_tokens"}
+
+
+class HashVerifier:
+    """A deterministic verifier with the interface TreeSearch needs: each path's score is a hash
+    of its question and steps, in [0, 1); tokens are counted as words."""
+
+    def __init__(self):
+        self.tokens_processed = 0
+        self._next = 0
+        self._paths: dict[int, str] = {}
+
+    def start(self, question):
+        self._next += 1
+        self._paths[self._next] = question
+        return self._next
+
+    def fork(self, handle, n):
+        out = []
+        for _ in range(n):
+            self._next += 1
+            self._paths[self._next] = self._paths[handle]
+            out.append(self._next)
+        return out
+
+    def free(self, handle):
+        self._paths.pop(handle, None)
+
+    def score_steps(self, handles, steps):
+        scores = []
+        for h, step in zip(handles, steps):
+            self._paths[h] = self._paths[h] + "\n\n" + step
+            self.tokens_processed += len(step.split()) + 1
+            scores.append((zlib.crc32(self._paths[h].encode("utf-8")) % 1000) / 1000)
+        return scores
+
+
+def hash_score(question, steps):
+    """A plain callable verifier, fn(question, steps) -> the latest step's score (for load_prm)."""
+    return (zlib.crc32((question + "\n\n" + "\n\n".join(steps)).encode("utf-8")) % 1000) / 1000
+
+
+VERIFIER = "python:test_run_cli:HashVerifier"
+N_PROBLEMS = 5
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from ttc_fast.testing import build_tiny_model
+
+    root = tmp_path_factory.mktemp("run_cli")
+    policy = build_tiny_model(root / "policy", "llama", seed=0)
+    data = root / "data.jsonl"
+    with open(data, "w") as f:
+        for i in range(N_PROBLEMS):
+            f.write(json.dumps({"problem": f"What is {i} + {i + 3}?", "answer": str(2 * i + 3), "unique_id": f"p{i}"}) + "\n")
+    return root, policy, data
+
+
+def _args(policy, data, out, *extra):
+    return ["run", "--policy", str(policy), "--prm", VERIFIER, "--strategy", "beam", "--n", "4", "--width", "2",
+            "--iterations", "2", "--max-tokens", "12", "--data", str(data), "--out", str(out), "--device", "cpu",
+            "--no-progress", *extra]
+
+
+@pytest.fixture(scope="module")
+def full_run(setup):
+    """One uninterrupted CLI run over every problem (batched: all in flight together)."""
+    root, policy, data = setup
+    out = root / "full.jsonl"
+    assert main(_args(policy, data, out)) == 0
+    return out
+
+
+def _check_same(a_path, b_path):
+    a, b = canonical(read_results(a_path)), canonical(read_results(b_path))
+    assert [r["id"] for r in a] == [r["id"] for r in b] == [f"p{i}" for i in range(N_PROBLEMS)]
+    for x, y in zip(a, b):
+        assert x == y, f"problem {x['id']} differs between the uninterrupted and the resumed run"
+    # and the raw lines, volatile fields aside, parse back to the same dicts (no duplicates)
+    assert len(b_path.read_text().splitlines()) == N_PROBLEMS
+
+
+# (a) ------------------------------------------------------------------------------------------------
+def test_cli_end_to_end_writes_one_line_per_problem(setup, full_run, capsys):
+    lines = full_run.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == N_PROBLEMS
+    records = [json.loads(line) for line in lines]
+    assert sorted(r["id"] for r in records) == [f"p{i}" for i in range(N_PROBLEMS)]
+    for r in records:
+        assert set(r) == LINE_KEYS
+        assert (r["strategy"], r["n"], r["width"], r["iterations"], r["aggregation"]) == ("BeamSearch", 4, 2, 2, "last")
+        assert r["config"] == {"temperature": 0.8, "top_p": 1.0, "max_tokens": 12, "seed": 0}
+        assert len(r["completions"]) == 4
+        for c in r["completions"]:
+            assert set(c) == COMPLETION_KEYS
+            assert len(c["steps"]) == len(c["step_scores"]) >= 1
+            assert c["score"] == c["step_scores"][-1]  # aggregation "last"
+            assert all(0 <= s < 1 for s in c["step_scores"])
+        assert set(r["picks"]) == set(r["correct"]) == {"1", "2", "4"}
+        for k in ("1", "2", "4"):
+            assert set(r["picks"][k]) == set(r["correct"][k]) == {"maj", "naive", "weighted"}
+        assert r["policy_tokens"] >= sum(c["policy_tokens"] for c in r["completions"][:1]) > 0
+        assert r["prm_tokens"] > 0 and r["seconds"] > 0
+    table = summarize(records)
+    assert "maj" in table and "weighted" in table and "policy tokens" in table
+    # the same settings again: identical content (seeded)
+    root, policy, data = setup
+    again = root / "again.jsonl"
+    assert main(_args(policy, data, again)) == 0
+    assert "wall time" in capsys.readouterr().out
+    _check_same(full_run, again)
+
+
+# (b) ------------------------------------------------------------------------------------------------
+def test_resume_after_truncated_last_line_matches_uninterrupted(setup, full_run):
+    """A run cut off mid-line: two complete lines and half of the third; --resume drops the
+    half line, repairs the file and runs only the missing problems."""
+    root, policy, data = setup
+    raw = full_run.read_bytes()
+    lines = raw.split(b"\n")
+    partial = root / "partial.jsonl"
+    partial.write_bytes(lines[0] + b"\n" + lines[1] + b"\n" + lines[2][: len(lines[2]) // 2])
+    assert main(_args(policy, data, partial, "--resume")) == 0
+    _check_same(full_run, partial)
+    # the two finished problems were kept byte for byte, not recomputed
+    assert partial.read_bytes().split(b"\n")[:2] == lines[:2]
+
+
+def test_resume_after_killed_process_matches_uninterrupted(setup, full_run):
+    """A real `python -m ttc_fast.cli run` killed (SIGKILL) once its first line is on disk."""
+    root, policy, data = setup
+    out = root / "killed.jsonl"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-m", "ttc_fast.cli", *_args(policy, data, out, "--max-in-flight", "1")],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out.exists() and out.stat().st_size > 0:
+                break
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=30)
+    assert out.exists() and out.stat().st_size > 0, err.decode(errors="replace")[-2000:]
+    before = read_results(out)
+    assert 1 <= len(before) <= N_PROBLEMS
+    assert main(_args(policy, data, out, "--resume", "--max-in-flight", "1")) == 0
+    _check_same(full_run, out)
+
+
+def test_resume_of_a_complete_file_runs_nothing(setup, full_run, tmp_path):
+    root, policy, data = setup
+    out = tmp_path / "done.jsonl"
+    out.write_bytes(full_run.read_bytes())
+    assert main(_args(policy, data, out, "--resume")) == 0
+    assert out.read_bytes() == full_run.read_bytes()
+
+
+def test_resume_with_other_settings_is_an_error(setup, full_run, tmp_path, capsys):
+    root, policy, data = setup
+    out = tmp_path / "other.jsonl"
+    out.write_bytes(full_run.read_bytes().split(b"\n")[0] + b"\n")
+    args = _args(policy, data, out, "--resume")
+    args[args.index("--n") + 1] = "2"
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "--overwrite" in err
+
+
+def test_run_search_api_matches_cli(setup, full_run, tmp_path):
+    """run_search called directly with a verifier object gives the CLI's records."""
+    import ttc_fast as tf
+    from ttc_fast.data import load_problems
+    from ttc_fast.run import make_strategy
+
+    root, policy, data = setup
+    engine = tf.Engine(tf.load_model(policy, device="cpu"))
+    out = tmp_path / "api.jsonl"
+    records = run_search(engine, HashVerifier(), make_strategy("Beam", 4, 2, 2), 
+                         tf.SamplingParams(temperature=0.8, top_p=1.0, max_tokens=12, seed=0),
+                         load_problems(data), out, progress=False)
+    assert len(records) == N_PROBLEMS
+    assert canonical(records) == canonical(read_results(full_run))
+    assert set(VOLATILE_FIELDS) <= set(records[0])
+
+
+# (c)-(e) and other errors -------------------------------------------------------------------------
+def test_malformed_jsonl_reports_line_number(setup, tmp_path, capsys):
+    root, policy, _ = setup
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"problem": "1+1?", "answer": "2"}\n\n{"problem": "2+2?", "answer": \n')
+    out = tmp_path / "out.jsonl"
+    assert main(_args(policy, bad, out)) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:3" in err and "invalid JSON" in err
+    assert not out.exists()
+
+
+def test_missing_data_file(setup, tmp_path, capsys):
+    root, policy, _ = setup
+    assert main(_args(policy, tmp_path / "nope.jsonl", tmp_path / "out.jsonl")) == 2
+    assert "problem file not found" in capsys.readouterr().err
+
+
+def test_unknown_strategy_lists_the_valid_ones(setup, tmp_path, capsys):
+    root, policy, data = setup
+    args = _args(policy, data, tmp_path / "out.jsonl")
+    args[args.index("--strategy") + 1] = "monte-carlo"
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "unknown strategy 'monte-carlo'" in err
+    for name in ("best-of-n", "majority", "weighted-best-of-n", "beam", "dvts"):
+        assert name in err
+
+
+@pytest.mark.parametrize("name,cls", [("BEST-OF-N", "BestOfN"), ("Majority", "MajorityVote"), ("weighted-best-of-n", "WeightedBestOfN"),
+                                      ("Beam", "BeamSearch"), ("DVTS", "DVTS"), ("beamsearch", "BeamSearch")])
+def test_strategy_names_case_insensitive(name, cls):
+    from ttc_fast.run import make_strategy
+
+    s = make_strategy(name, 4, 2, 3)
+    assert type(s).__name__ == cls and s.n == 4
+    if hasattr(s, "width"):
+        assert (s.width, s.iterations) == (2, 3)
+
+
+def test_existing_out_without_resume_is_an_error(setup, full_run, tmp_path, capsys):
+    root, policy, data = setup
+    out = tmp_path / "exists.jsonl"
+    content = full_run.read_bytes()
+    out.write_bytes(content)
+    assert main(_args(policy, data, out)) == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--resume" in err and "--overwrite" in err
+    assert out.read_bytes() == content  # untouched
+
+
+def test_no_policy_is_the_reserved_toy_task(capsys):
+    assert main(["run"]) == 2
+    assert "no --policy given; the built-in toy task is not available yet" in capsys.readouterr().err
+
+
+def test_search_strategy_without_verifier(setup, tmp_path, capsys):
+    root, policy, data = setup
+    args = _args(policy, data, tmp_path / "out.jsonl")
+    i = args.index("--prm")
+    del args[i:i + 2]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--prm" in err and "majority" in err
+
+
+def test_plain_callable_verifier_through_load_prm(setup, tmp_path):
+    """--prm python:MODULE:FUNCTION naming a plain function goes through ttc_fast.prm.load_prm."""
+    pytest.importorskip("ttc_fast.prm")
+    root, policy, data = setup
+    out = tmp_path / "callable.jsonl"
+    args = _args(policy, data, out, "--limit", "2")
+    args[args.index("--prm") + 1] = "python:test_run_cli:hash_score"
+    assert main(args) == 0
+    records = read_results(out)
+    assert sorted(r["id"] for r in records) == ["p0", "p1"]
+    assert all(0 <= s < 1 for r in records for c in r["completions"] for s in c["step_scores"])
+
+
+def test_missing_prm_checkpoint(setup, tmp_path, capsys):
+    pytest.importorskip("ttc_fast.prm")
+    root, policy, data = setup
+    args = _args(policy, data, tmp_path / "out.jsonl")
+    args[args.index("--prm") + 1] = str(tmp_path / "no-such-prm")
+    assert main(args) == 2
+    assert "no-such-prm" in capsys.readouterr().err
+
+
+def test_bad_verifier_spec(setup, tmp_path, capsys):
+    root, policy, data = setup
+    args = _args(policy, data, tmp_path / "out.jsonl")
+    args[args.index("--prm") + 1] = "python:test_run_cli:NoSuchVerifier"
+    assert main(args) == 2
+    assert "NoSuchVerifier" in capsys.readouterr().err
+
+
+def test_read_results_repairs_only_the_last_line(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c", "x": [1, 2')
+    assert [r["id"] for r in read_results(path, repair=True)] == ["a", "b"]
+    assert path.read_text() == '{"id": "a"}\n{"id": "b"}\n'
+    path.write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
+    with pytest.raises(ValueError, match=r"r.jsonl:2"):
+        read_results(path)
+    path.write_text('{"id": "a"}\n{"id": "a"}\n')
+    with pytest.raises(ValueError, match="twice"):
+        read_results(path)

@@ -1,0 +1,374 @@
+"""The `ttc-fast run` job: a search strategy over a problem file, streamed to a JSONL results file.
+
+Each problem is written as ONE JSON line to OUT as soon as its search finishes (write, flush,
+``os.fsync``), so a crash or Ctrl-C loses no finished problem. Lines therefore appear in
+completion order, not input order.
+
+Line schema (one object per problem)::
+
+    {"id", "question", "gold", "strategy", "n", "width", "iterations", "aggregation",
+     "config": {"temperature", "top_p", "max_tokens", "seed"},
+     "completions": [{"text", "steps", "step_scores", "score", "answer", "finish_reason",
+                      "policy_tokens"}, ...],           # exactly n
+     "picks":   {"1": {"maj", "naive", "weighted"}, "2": {...}, "4": {...}, ..., "N": {...}},
+     "correct": {"1": {"maj": bool, "naive": bool, "weighted": bool}, ...},
+     "policy_tokens",                                     # every token generated, pruned paths too
+     "prm_tokens",                                        # tokens the verifier processed (see below)
+     "seconds"}                                           # wall time of this problem
+
+``width`` / ``iterations`` are null for strategies that have none (best-of-N family).
+
+What "the same file" means for ``--resume``: a resumed run and an uninterrupted run with the same
+data, settings and seed hold the same SET of lines, one per problem id, and the lines of a given
+id are identical except for the fields in `VOLATILE_FIELDS`: ``seconds`` (timing) and
+``prm_tokens`` (a batched verifier call's tokens are attributed to the problems sharing the call,
+so the split depends on which problems were in flight together). Line ORDER is completion order
+and may differ. `canonical(records)` gives the comparable form: records without the volatile
+fields, sorted by id. Sampling is seeded per problem from ``--seed`` and the problem's position in
+the data file, so a problem's search does not depend on which others ran beside it.
+
+`summarize(records)` renders the summary table from records alone (``python -m ttc_fast.run
+OUT.jsonl`` prints it for a results file).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+VOLATILE_FIELDS = ("seconds", "prm_tokens")
+
+# CLI names (case-insensitive) -> class names in ttc_fast.strategies.STRATEGIES. Every class name
+# there (lower-cased, e.g. "beamsearch") is accepted too.
+STRATEGY_ALIASES = {
+    "best-of-n": "BestOfN",
+    "majority": "MajorityVote",
+    "weighted-best-of-n": "WeightedBestOfN",
+    "beam": "BeamSearch",
+    "dvts": "DVTS",
+    "particle-filtering": "ParticleFiltering",
+}
+
+
+class RunError(ValueError):
+    """A problem with the run's inputs; the message names the problem and the fix."""
+
+
+# --- strategies and verifiers ----------------------------------------------------------------------
+def strategy_names() -> list[str]:
+    from .strategies import STRATEGIES
+
+    return [alias for alias, cls in STRATEGY_ALIASES.items() if cls in STRATEGIES]
+
+
+def make_strategy(name: str, n: int, width: int | None = None, iterations: int | None = None, aggregation: str = "last"):
+    """A strategy from its CLI name (case-insensitive); width/iterations go where the class has them."""
+    from .strategies import STRATEGIES
+
+    key = name.strip().lower()
+    by_lower = {cls_name.lower(): cls_name for cls_name in STRATEGIES}
+    cls_name = STRATEGY_ALIASES.get(key) or by_lower.get(key.replace("-", "").replace("_", ""))
+    if cls_name is None or cls_name not in STRATEGIES:
+        raise RunError(f"unknown strategy {name!r}: use one of {', '.join(strategy_names())}")
+    cls = STRATEGIES[cls_name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {"n": n, "aggregation": aggregation}
+    if width is not None and "width" in fields:
+        kwargs["width"] = width
+    if iterations is not None and "iterations" in fields:
+        kwargs["iterations"] = iterations
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise RunError(f"{e} (check --n / --width / --iterations)") from None
+
+
+def needs_prm(strategy) -> bool:
+    from .strategies import MajorityVote
+
+    return not isinstance(strategy, MajorityVote)
+
+
+def _is_verifier(obj) -> bool:
+    return all(hasattr(obj, a) for a in ("start", "fork", "free", "score_steps"))
+
+
+def import_callable(spec: str):
+    """``python:MODULE:NAME`` (or ``MODULE:NAME``) -> the object; ``NAME`` may be dotted."""
+    import importlib
+
+    body = spec[len("python:"):] if spec.startswith("python:") else spec
+    module_name, sep, attr = body.partition(":")
+    if not sep or not module_name or not attr:
+        raise RunError(f"bad verifier {spec!r}: write python:MODULE:FUNCTION")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as e:
+        raise RunError(f"cannot import module {module_name!r} for --prm {spec}: {e}") from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise RunError(f"module {module_name!r} has no attribute {attr!r} (--prm {spec})") from None
+    return obj
+
+
+def resolve_prm(spec, kind: str | None = None, device=None, dtype=None):
+    """A verifier for TreeSearch from a checkpoint path, ``python:MODULE:FUNCTION``, a callable,
+    or an object that already has the verifier interface (start/fork/free/score_steps)."""
+    if spec is None:
+        return None
+    obj = spec
+    if isinstance(spec, str) and spec.startswith("python:"):
+        obj = import_callable(spec)
+        if isinstance(obj, type):  # a class: instantiate it
+            obj = obj()
+    if _is_verifier(obj):
+        return obj
+    try:
+        from .prm import load_prm
+    except ImportError as e:
+        raise RunError(f"loading the verifier {spec!r} needs ttc_fast.prm.load_prm, which is not available ({e})") from None
+    kwargs = {"device": device, "dtype": dtype}
+    if kind is not None:
+        kwargs["kind"] = kind
+    return load_prm(obj, **kwargs)
+
+
+# --- results file ----------------------------------------------------------------------------------
+def result_to_record(result, strategy, sampling) -> dict:
+    """The JSON line for one SearchResult (see the module docstring)."""
+    return {
+        "id": result.problem_id,
+        "question": result.question,
+        "gold": result.gold,
+        "strategy": result.strategy,
+        "n": strategy.n,
+        "width": getattr(strategy, "width", None),
+        "iterations": getattr(strategy, "iterations", None),
+        "aggregation": strategy.aggregation,
+        "config": {"temperature": sampling.temperature, "top_p": sampling.top_p, "max_tokens": sampling.max_tokens, "seed": sampling.seed},
+        "completions": [
+            {
+                "text": c.text, "steps": list(c.steps), "step_scores": [float(s) for s in c.step_scores],
+                "score": float(c.score), "answer": c.answer, "finish_reason": c.finish_reason, "policy_tokens": int(c.policy_tokens),
+            }
+            for c in result.completions
+        ],
+        "picks": {str(k): dict(v) for k, v in sorted(result.picks.items())},
+        "correct": {str(k): {p: bool(b) for p, b in v.items()} for k, v in sorted(result.correct.items())},
+        "policy_tokens": int(result.policy_tokens),
+        "prm_tokens": int(result.prm_tokens),
+        "seconds": round(float(result.seconds), 4),
+    }
+
+
+def _settings(record: dict) -> dict:
+    return {k: record.get(k) for k in ("strategy", "n", "width", "iterations", "aggregation", "config")}
+
+
+def read_results(path, repair: bool = False) -> list[dict]:
+    """Records of a results file. A last line cut short by a killed run (no trailing newline, or
+    not valid JSON) is dropped; with ``repair`` the file is truncated to its last complete line.
+    Any other malformed line, or a repeated id, raises RunError with the line number."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    keep = len(data)
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    records, seen = [], {}
+    offset = 0
+    for i, raw in enumerate(lines, start=1):
+        last = i == len(lines)
+        complete = offset + len(raw) < len(data)  # followed by a newline
+        try:
+            rec = json.loads(raw.decode("utf-8")) if raw.strip() else None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            if last:
+                keep = offset
+                break
+            raise RunError(f"{path}:{i}: not a results line ({e}); the file is damaged: fix or remove it, or use --overwrite") from None
+        if rec is not None and last and not complete:
+            keep = offset  # valid JSON but no newline: treat as cut short (it may be a prefix)
+            break
+        offset += len(raw) + 1
+        if rec is None:
+            continue
+        if not isinstance(rec, dict) or "id" not in rec:
+            raise RunError(f"{path}:{i}: a results line must be an object with an 'id'; use --overwrite to start over")
+        if rec["id"] in seen:
+            raise RunError(f"{path}:{i}: problem id {rec['id']!r} appears twice (first on line {seen[rec['id']]})")
+        seen[rec["id"]] = i
+        records.append(rec)
+    if repair and keep < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+    return records
+
+
+def canonical(records: list[dict]) -> list[dict]:
+    """Records as compared between runs: without `VOLATILE_FIELDS`, sorted by id."""
+    return sorted(({k: v for k, v in r.items() if k not in VOLATILE_FIELDS} for r in records), key=lambda r: str(r["id"]))
+
+
+def _append_line(f, record: dict) -> None:
+    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+# --- progress --------------------------------------------------------------------------------------
+class _Progress:
+    """tqdm on stderr (problems done/total, tokens/s); a plain line per problem without tqdm."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.enabled, self.total, self.done = enabled, total, initial
+        self.start, self.tokens = time.perf_counter(), 0
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                self.bar = tqdm(total=total, initial=initial, unit="problem", file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, tokens: int) -> None:
+        self.done += 1
+        self.tokens += tokens
+        rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{rate:.0f} tok/s", refresh=False)
+            self.bar.update(1)
+        elif self.enabled:
+            print(f"[{self.done}/{self.total}] {rate:.0f} tok/s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# --- the job ---------------------------------------------------------------------------------------
+def _indexed_search(search, indexed):
+    """`TreeSearch.run_with_problems` over (position in the data file, problem) pairs: the position
+    seeds the problem's sampling, so a resumed run (a subset of the problems) draws the same
+    samples for each problem as an uninterrupted one."""
+    yield from search.run_with_problems([p for _, p in indexed], indices=[i for i, _ in indexed])
+
+
+def run_search(engine, prm, strategy, sampling, problems, out_path, resume: bool = False, progress: bool = True,
+               overwrite: bool = False, max_problems_in_flight: int | None = None, system_prompt=None) -> list[dict]:
+    """Search every problem and stream one JSON line per finished problem to `out_path`.
+
+    Without `resume`, an existing non-empty `out_path` is an error (unless `overwrite`). With
+    `resume`, the problems whose ids are already in the file are skipped (a cut-short last line
+    is dropped and the file repaired first). Returns every record of the file (old then new)."""
+    from .search import DEFAULT_SYSTEM_PROMPT, TreeSearch
+
+    out_path = Path(out_path)
+    if resume and overwrite:
+        raise RunError("--resume and --overwrite exclude each other: --resume continues OUT, --overwrite starts it over")
+    exists = out_path.exists() and out_path.stat().st_size > 0
+    if exists and not resume and not overwrite:
+        raise RunError(f"{out_path} already exists and is not empty: pass --resume to continue it or --overwrite to start over")
+    if sampling.seed is None:
+        raise RunError("a run needs a fixed seed (--seed) so that it can be resumed")
+
+    previous = read_results(out_path, repair=True) if resume else []
+    done_ids = {r["id"] for r in previous}
+    if previous:
+        mine = {"strategy": strategy.name, "n": strategy.n, "width": getattr(strategy, "width", None),
+                "iterations": getattr(strategy, "iterations", None), "aggregation": strategy.aggregation,
+                "config": {"temperature": sampling.temperature, "top_p": sampling.top_p, "max_tokens": sampling.max_tokens, "seed": sampling.seed}}
+        theirs = _settings(previous[0])
+        if theirs != mine:
+            diff = ", ".join(f"{k}: {theirs.get(k)!r} in the file, {mine[k]!r} now" for k in mine if theirs.get(k) != mine[k])
+            raise RunError(f"{out_path} was written with other settings ({diff}): resume with the same settings, or use --overwrite")
+
+    todo = [(i, p) for i, p in enumerate(problems) if p.id not in done_ids]
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    records = list(previous)
+    bar = _Progress(len(problems), len(problems) - len(todo), progress)
+    start = time.perf_counter()
+    try:
+        with open(out_path, "a" if resume else "w", encoding="utf-8") as f:
+            if todo:
+                search = TreeSearch(engine, prm, strategy, sampling,
+                                    system_prompt=DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt,
+                                    max_problems_in_flight=max_problems_in_flight)
+                for result, _ in _indexed_search(search, todo):
+                    record = result_to_record(result, strategy, sampling)
+                    _append_line(f, record)
+                    records.append(record)
+                    bar.update(record["policy_tokens"])
+    finally:
+        bar.close()
+    run_search.last_wall_seconds = time.perf_counter() - start
+    run_search.last_new_records = len(records) - len(previous)
+    return records
+
+
+run_search.last_wall_seconds = 0.0
+run_search.last_new_records = 0
+
+
+# --- summary ---------------------------------------------------------------------------------------
+def summarize(records: list[dict], wall_seconds: float | None = None, new_policy_tokens: int | None = None) -> str:
+    """The summary table of a results file's records: accuracy of each pick (maj / naive /
+    weighted) at each n, tokens and time. `wall_seconds` (the run's wall time) and
+    `new_policy_tokens` (tokens generated in that time) give the throughput; without them the
+    sum of per-problem seconds is shown instead (problems overlap, so it exceeds wall time)."""
+    if not records:
+        return "no results"
+    picks = ("maj", "naive", "weighted")
+    ns = sorted({int(k) for r in records for k in r.get("correct", {})})
+    first = records[0]
+    head = f"{len(records)} problems   strategy {first.get('strategy')}  n={first.get('n')}"
+    if first.get("width") is not None:
+        head += f"  width={first.get('width')}"
+    if first.get("iterations") is not None:
+        head += f"  iterations={first.get('iterations')}"
+    lines = [head, f"{'n':>6}  " + "  ".join(f"{p:>9}" for p in picks) + f"  {'problems':>8}"]
+    for n in ns:
+        have = [r for r in records if str(n) in r.get("correct", {})]
+        cells = []
+        for p in picks:
+            acc = sum(bool(r["correct"][str(n)].get(p)) for r in have) / len(have)
+            cells.append(f"{100 * acc:8.1f}%")
+        lines.append(f"{n:>6}  " + "  ".join(cells) + f"  {len(have):>8}")
+    policy = sum(int(r.get("policy_tokens", 0)) for r in records)
+    prm = sum(int(r.get("prm_tokens", 0)) for r in records)
+    lines.append(f"policy tokens: {policy}   PRM tokens: {prm}")
+    if wall_seconds is not None:
+        tokens = policy if new_policy_tokens is None else new_policy_tokens
+        lines.append(f"wall time: {wall_seconds:.2f} s   throughput: {tokens / max(wall_seconds, 1e-9):.1f} policy tokens/s"
+                     + ("" if new_policy_tokens is None else f" ({tokens} tokens generated in this run)"))
+    else:
+        secs = sum(float(r.get("seconds", 0.0)) for r in records)
+        lines.append(f"problem-seconds (summed, overlapping): {secs:.2f} s   {policy / max(secs, 1e-9):.1f} policy tokens per problem-second")
+    return "\n".join(lines)
+
+
+def summarize_file(path) -> str:
+    return summarize(read_results(path))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        print("usage: python -m ttc_fast.run RESULTS.jsonl", file=sys.stderr)
+        sys.exit(2)
+    try:
+        print(summarize_file(sys.argv[1]))
+    except (RunError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
