@@ -137,12 +137,15 @@ class TreeSearch:
             return True
         if self.max_in_flight is not None and len(flight) >= self.max_in_flight:
             return False
-        blocks = self.engine.runner.blocks
-        # Keep half the pool for the problems already running (their beams grow every step), and
-        # two blocks per beam of every problem in flight, this one included. Past this, the
-        # engine evicts and recomputes branches rather than fail, but thrashing costs time.
+        # Keep half of each pool (the policy's and the PRM's) for the problems already running
+        # (their beams grow every step), and two blocks per beam of every problem in flight,
+        # this one included. Past this, the policy's engine evicts and recomputes branches
+        # rather than fail, but thrashing costs time.
         headroom = 2 * self.strategy.n * (len(flight) + 1)
-        return blocks.num_available_blocks > max(blocks.num_blocks // 2, headroom)
+        pools = [self.engine.runner.blocks]
+        if getattr(self.prm, "runner", None) is not None:
+            pools.append(self.prm.runner.blocks)
+        return all(b.num_available_blocks > max(b.num_blocks // 2, headroom) for b in pools)
 
     def _start(self, index: int, problem: Problem) -> _Problem:
         prompt = format_prompt(problem.question, self.engine.tokenizer, self.system_prompt)
