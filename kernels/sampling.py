@@ -42,6 +42,9 @@ I32_MAX = tl.constexpr(2 ** 31 - 1)
 _M32 = 0xFFFFFFFF
 _C1, _C2 = 0x21F0AAAD, 0x735A2D97
 _ROW_SALT, _TOK_SALT = 0x2545F491, 0x5BD1E995
+# Largest gap between a row's best scaled logit and a token that can still win the Gumbel-max:
+# 16.64 (largest noise) + 2.81 (largest negative noise), with a margin for rounding.
+GUMBEL_SPAN = 19.5
 
 
 # ---------------------------------------------------------------- hash, torch side (int64 math)
@@ -64,9 +67,14 @@ def sampling_row_keys(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Ten
 
 def sampling_uniform(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """The uniforms u [B, V] fp32 in (0, 1) that `sample` draws for (seed, position, token id)."""
-    h = sampling_row_keys(seeds, positions)[:, None]
     tok = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)[None, :]
-    x = _mix32(_mix32(h ^ tok) ^ _TOK_SALT)
+    return token_uniform(sampling_row_keys(seeds, positions)[:, None], tok)
+
+
+def token_uniform(row_keys: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The uniform drawn for each (row key, token id) pair (broadcasting); row keys come from
+    `sampling_row_keys`."""
+    x = _mix32(_mix32(row_keys ^ tokens.long()) ^ _TOK_SALT)
     return ((x >> 9).float() + 0.5) * (2.0 ** -23)
 
 
@@ -256,10 +264,16 @@ def sample_ref(logits, temperature, top_k, top_p, seeds, positions, out=None):
         return tok if out is None else out.copy_(tok)
     allowed = sample_allowed_mask_ref(logits, temperature, top_k, top_p)
     t = torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
-    u = sampling_uniform(seeds, positions, V)
-    g = -torch.log(-torch.log(u))
-    score = torch.where(greedy[:, None], x, x * (1.0 / t) + g)
-    score = score.masked_fill(~allowed, float("-inf"))
+    scaled = torch.where(greedy[:, None], x, x * (1.0 / t)).masked_fill(~allowed, float("-inf"))
+    # The noise is bounded: u lies in [2^-24, 1 - 2^-24], so g = -log(-log u) lies in
+    # [-2.81, 16.64]. A token more than 19.45 below its row's best scaled logit can never win,
+    # so noise is only drawn for the others: the same tokens as drawing it for the whole row.
+    best = scaled.amax(dim=-1, keepdim=True)
+    cand = (scaled >= best - GUMBEL_SPAN) & ~greedy[:, None]
+    rows, cols = cand.nonzero(as_tuple=True)
+    u = token_uniform(sampling_row_keys(seeds, positions)[rows], cols)
+    score = scaled.clone()
+    score[rows, cols] += -torch.log(-torch.log(u))
     tok = torch.argmax(score, dim=-1)
     if out is None:
         return tok

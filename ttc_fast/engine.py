@@ -60,7 +60,7 @@ class Branch:
     pending: list[int]
 
 
-@dataclass
+@dataclass(eq=False)  # identity comparison: compared in hot loops
 class _Request:
     index: int
     prompt: str | None
@@ -71,7 +71,7 @@ class _Request:
     keep_sequences: bool = False  # expand(): finished samples stay in the cache as branches
 
 
-@dataclass
+@dataclass(eq=False)
 class _Sample:
     """One continuation of a request. Before its prompt is prefilled, a request is represented by
     its sample 0 alone (`forks_pending` > 0), which is forked when the prompt's logits arrive."""
@@ -335,16 +335,20 @@ class Engine:
         if not targets:
             return
         tokens = self._sample(out.logits[rows], targets)
+        finished = []
         for s, token in zip(targets, tokens):
             s.generated.append(token)
             s.pending = [token]
             if self._check_stop(s, token):
-                running.remove(s)
+                finished.append(s)
                 if s.request.keep_sequences:
                     self._kept.append(s)
                 else:
                     self.runner.free(s.seq)
                     s.seq, s.pending = None, []
+        if finished:
+            done = set(map(id, finished))
+            running[:] = [s for s in running if id(s) not in done]
 
     def _fork(self, s: _Sample) -> list[_Sample]:
         """After the prompt's logits arrive, sample 0 is forked into the request's other samples."""
