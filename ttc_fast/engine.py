@@ -112,6 +112,7 @@ class Engine:
             enable_prefix_cache=enable_prefix_cache, num_blocks=num_blocks,
         )
         self.max_batch_tokens = max_batch_tokens or (8192 if model.device.type == "cuda" else 1024)
+        self._piece: dict[int, str] = {}  # token id -> its text decoded alone (stop pre-filter)
         self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "cached_prompt_tokens": 0, "preemptions": 0, "steps": 0, "peak_used_blocks": 0, "evictions": 0}
 
     # --- public API ----------------------------------------------------------------------------
@@ -384,11 +385,25 @@ class Engine:
             s.finish_reason = "length"
         return s.finish_reason is not None
 
+    def _may_end_a_stop(self, token: int, stops: tuple[str, ...]) -> bool:
+        """Cheap pre-filter: can `token` be the one that completes a stop string? Its own text
+        must hold the stop's last character, unless that text is unreliable alone (empty, a
+        split multi-byte character) or the stop ends in a space (SentencePiece moves spaces
+        onto the next token)."""
+        piece = self._piece.get(token)
+        if piece is None:
+            piece = self._piece[token] = self.tokenizer.decode([token], skip_special_tokens=True)
+        if not piece or "\ufffd" in piece:
+            return True
+        return any(stop[-1] in piece or stop[-1] == " " for stop in stops)
+
     def _hits_stop_string(self, s: _Sample) -> bool:
         # Decode a window of the latest tokens rather than token by token: single-token decodes
         # lose SentencePiece's leading spaces and split multi-byte characters. The window holds
         # enough tokens for the longest stop string even at one byte per token.
         stops = s.request.params.stop
+        if not self._may_end_a_stop(s.generated[-1], stops):
+            return False
         window = 4 * max(len(t) for t in stops) + 4
         text = self.tokenizer.decode(s.generated[-window:], skip_special_tokens=True)
         for stop in stops:
