@@ -97,8 +97,9 @@ class TreeSearch:
                  system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, max_problems_in_flight: int | None = None,
                  step_lengths=None):
         """step_lengths: for benchmarks with random-weight models, which never write a delimiter:
-        a callable (problem index, iteration, branch index) -> int; a step then ends after that
-        many tokens (EOS ignored) instead of at the delimiter."""
+        a callable (problem index, iteration, k) -> int, k numbering the branches the problem
+        expands in that iteration (all children of one branch share the length); a step then
+        ends after that many tokens (EOS ignored) instead of at the delimiter."""
         if prm is None and not isinstance(strategy, MajorityVote):
             raise ValueError(f"{strategy.name} needs a PRM (load_prm) or a verifier callable; MajorityVote runs without one")
         self.engine, self.prm, self.strategy = engine, prm, strategy
@@ -150,8 +151,12 @@ class TreeSearch:
     def _start(self, index: int, problem: Problem) -> _Problem:
         prompt = format_prompt(problem.question, self.engine.tokenizer, self.system_prompt)
         root = self.engine.start(prompt)
-        prm_root = self.prm.start(problem.question) if self.prm is not None else None
-        return _Problem(index, problem, root, prm_root, time.perf_counter())
+        st = _Problem(index, problem, root, None, time.perf_counter())
+        if self.prm is not None:
+            before = self.prm.tokens_processed
+            st.prm_root = self.prm.start(problem.question)
+            st.prm_tokens += self.prm.tokens_processed - before  # the question, encoded once
+        return st
 
     # --- one iteration: expand, score, prune ---------------------------------------------------
     def _iterate(self, flight: list[_Problem]) -> None:
