@@ -8,6 +8,7 @@ from .block_copy import copy_blocks, copy_blocks_ref
 from .cascade_decode import (
     cascade_decode_attention,
     cascade_decode_attention_ref,
+    cascade_decode_attention_torch,
     merge_attention_states,
     merge_attention_states_ref,
     plan_shared_prefix_groups,
@@ -21,6 +22,7 @@ __all__ = [
     "auto_num_splits",
     "cascade_decode_attention",
     "cascade_decode_attention_ref",
+    "cascade_decode_attention_torch",
     "copy_blocks",
     "copy_blocks_ref",
     "logsoftmax_topk",

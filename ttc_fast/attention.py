@@ -17,9 +17,9 @@ import torch
 from . import kernels as K
 
 BACKENDS = ("auto", "torch", "triton")
-# The shared-prefix (cascade) decode path pays off only when a prefix is read by enough beams.
-CASCADE_MIN_PREFIX_TOKENS = 256
-CASCADE_MIN_GROUP_SIZE = 4
+# The shared-prefix (cascade) decode path pays off only when a prefix is read by enough beams:
+# (min prefix tokens, min group size) per backend. On the CPU the gain is the gather not repeated.
+CASCADE_THRESHOLDS = {"triton": (256, 4), "torch": (64, 2)}
 
 
 @dataclass
@@ -62,18 +62,21 @@ class AttentionBackend:
         name: str,
         device: torch.device,
         use_cascade: bool = True,
-        cascade_min_prefix_tokens: int = CASCADE_MIN_PREFIX_TOKENS,
-        cascade_min_group_size: int = CASCADE_MIN_GROUP_SIZE,
+        cascade_min_prefix_tokens: int | None = None,
+        cascade_min_group_size: int | None = None,
     ):
         self.name = resolve_backend(name, device)
-        # The torch path has no cascade kernel: its reference is plain decode attention.
-        self.use_cascade = use_cascade and self.name == "triton"
-        self.cascade_min_prefix_tokens = cascade_min_prefix_tokens
-        self.cascade_min_group_size = cascade_min_group_size
+        self.use_cascade = use_cascade
+        min_prefix, min_group = CASCADE_THRESHOLDS[self.name]
+        self.cascade_min_prefix_tokens = min_prefix if cascade_min_prefix_tokens is None else cascade_min_prefix_tokens
+        self.cascade_min_group_size = min_group if cascade_min_group_size is None else cascade_min_group_size
         triton = self.name == "triton"
         self.store_kv = K.store_kv if triton else K.store_kv_ref
         self.copy_blocks = K.copy_blocks if triton else K.copy_blocks_ref
         self.decode = K.paged_decode_attention if triton else K.paged_decode_attention_ref
+        # The torch path's cascade is the same algorithm in plain torch (its reference, plain
+        # decode, would re-read the shared prefix for every beam).
+        self.cascade = K.cascade_decode_attention if triton else K.cascade_decode_attention_torch
         self.extend = K.paged_extend_attention if triton else K.paged_extend_attention_ref
         self.sample = K.sample if triton else K.sample_ref
 
@@ -95,7 +98,7 @@ class AttentionBackend:
         if nd > 0:
             tables, lens = meta.block_tables[:nd], meta.context_lens[:nd]
             if meta.group_indptr is not None:
-                K.cascade_decode_attention(
+                self.cascade(
                     q[:nd], k_cache, v_cache, tables, lens, meta.group_indptr, meta.prefix_lens, scale, out=out[:nd],
                     max_group_rows=meta.max_group_rows, max_prefix_len=meta.max_prefix_len, max_suffix_len=meta.max_suffix_len,
                 )
