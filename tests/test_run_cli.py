@@ -261,9 +261,9 @@ def test_existing_out_without_resume_is_an_error(setup, full_run, tmp_path, caps
     assert out.read_bytes() == content  # untouched
 
 
-def test_no_policy_is_the_reserved_toy_task(capsys):
-    assert main(["run"]) == 2
-    assert "no --policy given; the built-in toy task is not available yet" in capsys.readouterr().err
+def test_data_without_policy_is_refused(capsys):
+    assert main(["run", "--data", "x.jsonl"]) == 2
+    assert "need --policy" in capsys.readouterr().err
 
 
 def test_search_strategy_without_verifier(setup, tmp_path, capsys):

@@ -77,8 +77,13 @@ def cmd_run(args) -> int:
     from .run import RunError, make_strategy, needs_prm, resolve_prm, run_search, summarize
 
     if args.policy is None:
-        raise RunError("no --policy given; the built-in toy task is not available yet "
-                       "(pass --policy DIR --data F.jsonl --out OUT.jsonl)")
+        if args.data is not None or args.prm is not None:
+            raise RunError("--data/--prm need --policy; without --policy, `ttc-fast run` runs the built-in toy task")
+        from .toy.evaluate import run_toy
+
+        run_toy(out_dir=args.out_dir, limit=args.limit, resume=args.resume, progress=not args.no_progress,
+                seed=args.seed, device=args.device, backend=args.backend)
+        return 0
     for flag in ("data", "out"):
         if getattr(args, flag) is None:
             raise RunError(f"--{flag} is required with --policy")
@@ -146,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="search a problem file (best-of-N, beam, DVTS...) and stream results to JSONL",
                          description="Search every problem of --data with --policy and the verifier --prm; each finished "
                                      "problem is one JSON line of --out, written as soon as it finishes. Without --policy: "
-                                     "the built-in toy task (not available yet).")
+                                     "the built-in toy task: policy S with the toy PRM under every strategy at N in {1, 4, 16, 64}, against greedy "
+                                     "S and the larger L (results, table and accuracy.png in --out-dir).")
     run.add_argument("--policy", default=None, help="policy checkpoint directory (Hugging Face format)")
     run.add_argument("--prm", default=None, help="verifier: PRM checkpoint directory, or python:MODULE:FUNCTION")
     run.add_argument("--prm-kind", default=None, help="PRM format: rlhflow, math-shepherd, qwen-prm, skywork, outcome")
@@ -157,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--aggregation", default="last", choices=["last", "min", "prod", "mean"], help="step scores -> path score")
     run.add_argument("--data", default=None, help="problems: MATH-500 or GSM8K JSONL")
     run.add_argument("--out", default=None, help="results JSONL (one line per problem)")
+    run.add_argument("--out-dir", default="runs/toy", help="toy task (no --policy): folder for its results and plot")
     run.add_argument("--resume", action="store_true", help="continue OUT: skip the problems already in it")
     run.add_argument("--overwrite", action="store_true", help="start OUT over")
     run.add_argument("--limit", type=int, default=None, help="only the first K problems")
