@@ -151,19 +151,48 @@ def test_outcome_mode(prm_case):
     out.free(h)
 
 
-def test_pool_full_raises_and_changes_nothing(prm_case):
-    kind, path, _ = prm_case
-    prm = load_prm(path, kind=kind, device="cpu", dtype="float32", num_blocks=40, block_size=4)
+def test_pool_short_evicts_and_rescores_exactly(prm_case):
+    """A pool too small for a call's rows: other handles are evicted and the rows are scored in
+    chunks; evicted handles are re-encoded on their next step. Every score equals a full re-encode."""
+    kind, path, prm_big = prm_case
+    first = [f"step {i} " + "with quite a few words in it " * 2 for i in range(4)]
+    prefix = len(prm_big.fmt.prefix_ids(QUESTIONS[0]))
+    row = max(len(prm_big.fmt.step_ids(f, 0)[0]) for f in first)
+    # Room for the prefix and about two of the four rows: the call must evict and chunk.
+    prm = load_prm(path, kind=kind, device="cpu", dtype="float32", num_blocks=-(-prefix // 4) + 2 * -(-row // 4) + 6,
+                   block_size=4)
     h = prm.start(QUESTIONS[0])
+    idle = prm.fork(h, 2)  # held, never scored in this test: evicted first
     beams = prm.fork(h, 4)
-    n = prm.runner.seq_len(beams[0].seq)
-    with pytest.raises(PRMOutOfBlocks, match="free handles") as e:
-        prm.score_steps(beams, ["a long step " * 20] * 4)
-    assert isinstance(e.value, OutOfBlocks)
-    assert all(prm.runner.seq_len(b.seq) == n and b.num_steps == 0 and b.alive for b in beams)
-    for b in beams[1:]:
+    prm.free(h)
+    got = prm.score_steps(beams, first)
+    assert prm.stats["evictions"] > 0
+    assert all(b.seq is None for b in idle)
+    for b, step, g in zip(beams, first, got):
+        assert abs(g - prm_big.score_full(QUESTIONS[0], [step])[-1]) < ATOL
+    second = [f"then {i} more" for i in range(4)]
+    got2 = prm.score_steps(beams, second)
+    assert prm.stats["recomputed_tokens"] > 0
+    for step1, step2, g in zip(first, second, got2):
+        assert abs(g - prm_big.score_full(QUESTIONS[0], [step1, step2])[-1]) < ATOL
+    assert abs(prm.score_steps(idle[:1], ["late"])[0] - prm_big.score_full(QUESTIONS[0], ["late"])[-1]) < ATOL
+    for b in beams + idle:
         prm.free(b)
-    prm.score_steps(beams[:1], ["a short step"])  # works once pruned beams are freed
+    assert prm.runner.blocks.num_used_blocks == 0
+
+
+def test_row_longer_than_pool_raises_and_changes_nothing(prm_case):
+    kind, path, _ = prm_case
+    prm = load_prm(path, kind=kind, device="cpu", dtype="float32", num_blocks=64, block_size=4)
+    h = prm.start(QUESTIONS[0])
+    beams = prm.fork(h, 2)
+    n = prm.runner.seq_len(beams[0].seq)
+    with pytest.raises(PRMOutOfBlocks, match="kv_cache_bytes") as e:
+        prm.score_steps(beams, ["short", "a very long step " * 30])
+    assert isinstance(e.value, OutOfBlocks)
+    assert all(b.num_steps == 0 and b.alive for b in beams)
+    assert all(b.seq is None or prm.runner.seq_len(b.seq) == n for b in beams)
+    prm.score_steps(beams[:1], ["a short step"])  # the pool still works
 
 
 def test_callable_verifier():

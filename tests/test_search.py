@@ -139,3 +139,21 @@ def test_strategy_arguments_are_checked():
         tf.BestOfN(n=4, aggregation="max")
     with pytest.raises(ValueError, match="needs a PRM"):
         tf.search.TreeSearch(None, None, tf.BeamSearch(n=4, width=2))
+
+
+def text_score(question: str, steps: list[str]) -> float:
+    """A verifier whose scores vary from sample to sample (order unrelated to sample order)."""
+    return (sum(map(ord, steps[-1])) % 97) / 97
+
+
+def test_best_of_n_keeps_sample_order_so_picks_at_small_n_read_the_first_samples(engine):
+    """picks at n < N must come from the first n samples, not from the n best-scored ones."""
+    prm = tf.load_prm(text_score)
+    sampling = tf.SamplingParams(temperature=1.0, max_tokens=12, seed=3)
+    results = engine.search(problems(3), tf.BestOfN(n=8), sampling, prm=prm)
+    unsorted = 0
+    for r in results:
+        scores = [c.score for c in r.completions]
+        unsorted += scores != sorted(scores, reverse=True)
+        assert r.picks[1]["naive"] == r.completions[0].answer
+    assert unsorted >= 2  # 8 scores in sample order are (almost) never sorted

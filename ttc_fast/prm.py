@@ -56,15 +56,19 @@ whose architecture names its kind (Qwen2ForProcessRewardModel, Qwen2ForPrmModel)
 A callable verifier: fn(question, steps) -> float (the latest step's score) or list[float] (one
 per step; the last is taken in score_steps). No tokens, no KV cache.
 
-Pool full: `score_steps` checks the blocks all its appends need before changing anything and
-raises `PRMOutOfBlocks` (a subclass of `OutOfBlocks`) with nothing appended; it never frees a
-handle. The caller frees handles (e.g. pruned beams) and retries, or builds the PRM with a larger
-`kv_cache_bytes`.
+Pool full: a search never fails for want of PRM blocks. When a call's new tokens do not fit,
+`score_steps` evicts the KV of other handles, least recently scored first (an evicted handle
+stays valid: its next call re-encodes its text, helped by the prefix cache; `stats["evictions"]`,
+`stats["recomputed_tokens"]`); if the call's own rows still do not fit, it scores them in chunks,
+evicting rows already scored. Only a single row longer than the whole pool raises
+`PRMOutOfBlocks` (a subclass of `OutOfBlocks`), with nothing appended: build the PRM with a
+larger `kv_cache_bytes`.
 """
 from __future__ import annotations
 
 import json
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -81,7 +85,7 @@ _SENTINEL_Q, _SENTINEL_S, _SENTINEL_L = "QSENTINEL7Q", "SSENTINEL7S", "LSENTINEL
 
 
 class PRMOutOfBlocks(OutOfBlocks):
-    """The PRM's KV pool cannot hold a call's new tokens; nothing was appended or freed."""
+    """The PRM's KV pool cannot hold one row of a call even when empty; nothing was appended."""
 
 
 def aggregate(step_scores: list[float], how: str = "last") -> float:
@@ -107,7 +111,7 @@ class PRMHandle:
 
     question: str
     steps: list[str] = field(default_factory=list)
-    seq: int | None = None
+    seq: int | None = None  # None for a model PRM's handle whose KV was evicted (re-encoded on use)
     alive: bool = True
 
     @property
@@ -370,12 +374,15 @@ class ModelPRM(PRM):
         self.max_batch_tokens = max_batch_tokens
         self.runner = ModelRunner(loaded, kv_cache_bytes=kv_cache_bytes, block_size=block_size, backend=backend,
                                   enable_prefix_cache=True, num_blocks=num_blocks)
-        self.stats = {"prefix_tokens": 0, "prefix_tokens_cached": 0, "step_tokens": 0, "full_tokens": 0, "forwards": 0}
+        self.stats = {"prefix_tokens": 0, "prefix_tokens_cached": 0, "step_tokens": 0, "full_tokens": 0, "forwards": 0,
+                      "evictions": 0, "recomputed_tokens": 0}
+        # Handles holding KV, least recently scored first: the eviction order when the pool is short.
+        self._resident: OrderedDict[int, PRMHandle] = OrderedDict()
 
     @property
     def tokens_processed(self) -> int:
         s = self.stats
-        return s["prefix_tokens"] + s["step_tokens"] + s["full_tokens"]
+        return s["prefix_tokens"] + s["step_tokens"] + s["full_tokens"] + s["recomputed_tokens"]
 
     # --- scoring rows ------------------------------------------------------------------------------
     def _forward(self, seqs, tokens, offsets) -> torch.Tensor:
@@ -405,6 +412,7 @@ class ModelPRM(PRM):
                 ids = self.fmt.prefix_ids(q)
                 seq, cached = self.runner.new_sequence(ids)
                 handles.append(PRMHandle(q, seq=seq))
+                self._resident[id(handles[-1])] = handles[-1]
                 seqs.append(seq)
                 feeds.append(ids[cached:])
                 self.stats["prefix_tokens_cached"] += cached
@@ -412,6 +420,8 @@ class ModelPRM(PRM):
                 self._check_room(seqs, feeds)
                 self.runner.forward(seqs, feeds, None, want_logits=False, want_hidden=False)
         except BaseException:
+            for h in handles:
+                self._resident.pop(id(h), None)
             for seq in seqs:
                 self.runner.free(seq)
             raise
@@ -422,12 +432,26 @@ class ModelPRM(PRM):
     def fork(self, handle, n):
         if not handle.alive:
             raise ValueError("fork: the handle was already freed")
-        return [PRMHandle(handle.question, list(handle.steps), seq=s) for s in self.runner.fork(handle.seq, n)]
+        if handle.seq is None:  # evicted: the children are re-encoded when first scored
+            return [PRMHandle(handle.question, list(handle.steps)) for _ in range(n)]
+        children = [PRMHandle(handle.question, list(handle.steps), seq=s) for s in self.runner.fork(handle.seq, n)]
+        for child in children:
+            self._resident[id(child)] = child
+        return children
 
     def free(self, handle):
         if handle.alive:
-            self.runner.free(handle.seq)
+            if handle.seq is not None:
+                self._resident.pop(id(handle), None)
+                self.runner.free(handle.seq)
+                handle.seq = None
             handle.alive = False
+
+    def _evict(self, handle) -> None:
+        self._resident.pop(id(handle), None)
+        self.runner.free(handle.seq)
+        handle.seq = None
+        self.stats["evictions"] += 1
 
     def _check_room(self, seqs, feeds):
         blocks = self.runner.blocks
@@ -436,34 +460,89 @@ class ModelPRM(PRM):
         if need > have:
             raise PRMOutOfBlocks(
                 f"the PRM's KV pool needs {need} blocks for {sum(map(len, feeds))} new tokens but has {have} "
-                f"available; nothing was appended: free handles (pruned beams) and retry, or raise kv_cache_bytes"
+                f"available; nothing was appended: raise kv_cache_bytes (or num_blocks)"
             )
 
     # --- scoring ----------------------------------------------------------------------------------
     def score_steps(self, handles, steps):
         """Append each handle's new step segment (only those tokens) and return its score; all
-        handles go through one ragged forward (chunked by max_batch_tokens)."""
+        handles go through one ragged forward (chunked by max_batch_tokens) when the pool holds
+        them, else in as few chunks as it holds (see the module docstring)."""
         self._check(handles, steps)
-        if not handles:
-            return []
         segs = [self.fmt.step_ids(s.strip(), h.num_steps) for h, s in zip(handles, steps)]
-        seqs = [h.seq for h in handles]
-        feeds = [ids for ids, _ in segs]
-        self._check_room(seqs, feeds)  # all-or-nothing: no chunk starts unless all fit
+        blocks = self.runner.blocks
+        for h, (seg, _) in zip(handles, segs):
+            context = self.runner.seq_len(h.seq) if h.seq is not None else len(self.full_ids(h.question, h.steps)[0])
+            if self.runner.blocks_for(context + len(seg)) > blocks.num_blocks:
+                raise PRMOutOfBlocks(
+                    f"the PRM's KV pool ({blocks.num_blocks} blocks of {blocks.block_size} tokens) cannot hold one "
+                    f"partial solution of {context + len(seg)} tokens even when empty; nothing was appended: "
+                    f"raise kv_cache_bytes (or num_blocks)"
+                )
         scores = [0.0] * len(handles)
-        start = 0
-        while start < len(handles):
-            end, total = start, 0
-            while end < len(handles) and (end == start or total + len(feeds[end]) <= self.max_batch_tokens):
-                total += len(feeds[end])
-                end += 1
-            vals = self._forward(seqs[start:end], feeds[start:end], [[off] for _, off in segs[start:end]])
-            for i, v in zip(range(start, end), vals.tolist()):
-                scores[i] = v
-                handles[i].steps.append(steps[i])
-            self.stats["step_tokens"] += total
-            start = end
+        # Rows holding KV first: under pressure they need only their new tokens.
+        pending = sorted(range(len(handles)), key=lambda i: handles[i].seq is None)
+        while pending:
+            rows = self._make_room(handles, steps, segs, pending)
+            start = 0
+            while start < len(rows):
+                end, total = start, 0
+                while end < len(rows) and (end == start or total + len(rows[end][1]) <= self.max_batch_tokens):
+                    total += len(rows[end][1])
+                    end += 1
+                chunk = rows[start:end]
+                vals = self._forward([handles[i].seq for i, _, _ in chunk], [feed for _, feed, _ in chunk],
+                                     [[off] for _, _, off in chunk])
+                for (i, feed, _), v in zip(chunk, vals.tolist()):
+                    scores[i] = v
+                    handles[i].steps.append(steps[i])
+                    self._resident.move_to_end(id(handles[i]))
+                start = end
+            pending = pending[len(rows):]
         return scores
+
+    def _make_room(self, handles, steps, segs, pending):
+        """Rows (index, new tokens, score offset) for the longest head of `pending` that fits the
+        pool after evicting other handles (the rest of `pending` last); evicted handles in it get
+        sequences again."""
+        blocks = self.runner.blocks
+        take = len(pending)
+        while True:
+            keep = {id(handles[i]) for i in pending[:take]}
+            later = [handles[i] for i in pending[take:] if handles[i].seq is not None]
+            rows, fresh = [], []
+            for i in pending[:take]:
+                h = handles[i]
+                seg, off = segs[i]
+                if h.seq is not None:
+                    rows.append((i, seg, off))
+                    continue
+                # Evicted: re-encode its whole text (cached full blocks of it are reused).
+                ids, positions = self.full_ids(h.question, h.steps + [steps[i]])
+                h.seq, cached = self.runner.new_sequence(ids[: positions[-1]])
+                fresh.append(h)
+                rows.append((i, ids[cached:], positions[-1] - cached))
+            need = sum(blocks.blocks_needed(handles[i].seq, len(feed)) for i, feed, _ in rows)
+            pending_ids = {id(h) for h in later}
+            victims = iter([h for h in self._resident.values() if id(h) not in keep and id(h) not in pending_ids] + later)
+            while need > blocks.num_available_blocks:
+                victim = next(victims, None)
+                if victim is None:
+                    break
+                self._evict(victim)
+            if need <= blocks.num_available_blocks:
+                fresh_ids = {id(h) for h in fresh}
+                for h in fresh:
+                    self._resident[id(h)] = h
+                for i, feed, _ in rows:
+                    self.stats["recomputed_tokens" if id(handles[i]) in fresh_ids else "step_tokens"] += len(feed)
+                return rows
+            for h in fresh:  # undo: nothing of this attempt stays
+                self.runner.free(h.seq)
+                h.seq = None
+            if take == 1:  # unreachable after score_steps' length check, unless blocks leak
+                raise PRMOutOfBlocks(f"the PRM's KV pool cannot hold {len(rows[0][1])} new tokens with every other handle evicted")
+            take = (take + 1) // 2
 
     def full_ids(self, question: str, steps: list[str]) -> tuple[list[int], list[int]]:
         """The whole token sequence of (question, steps) and the positions of the step scores."""
@@ -536,12 +615,15 @@ _HEAD_KEYS = {
 def load_prm(path_or_callable, kind: str | None = None, device=None, dtype=None, kv_cache_bytes: int | None = None,
              block_size: int = 16, backend="auto", num_blocks: int | None = None, max_batch_tokens: int = 8192,
              step_separator: str | None = None, system_prompt: str = QWEN_PRM_SYSTEM) -> PRM:
-    """A PRM from a local checkpoint directory (or a callable verifier).
+    """A PRM from a local checkpoint directory, `builtin:NAME` (`builtin:toy-prm`), a callable
+    verifier, or `builtin:toy-checker` (the toy task's hard-coded step checker).
 
     kind: "rlhflow" | "math-shepherd" | "qwen-prm" | "skywork" | "outcome" | "outcome:<kind>";
     None infers it from a callable or from the architecture (Qwen2ForProcessRewardModel ->
     qwen-prm, Qwen2ForPrmModel -> skywork). step_separator: math-shepherd's separator between a
     step tag and the next step ("\\n"), or the joiner of a callable's outcome text ("\\n\\n")."""
+    if path_or_callable == "builtin:toy-checker":  # the toy task's hard-coded step verifier
+        from .toy import check_step as path_or_callable
     base, outcome = _parse_kind(kind, path_or_callable)
     if callable(path_or_callable):
         if base not in (None, "callable"):

@@ -138,6 +138,8 @@ class TreeSearch:
             return True
         if self.max_in_flight is not None and len(flight) >= self.max_in_flight:
             return False
+        if not self._stepwise():
+            return self._room_for_whole_solutions(len(flight) + 1)
         # Keep half of each pool (the policy's and the PRM's) for the problems already running
         # (their beams grow every step), and two blocks per beam of every problem in flight,
         # this one included. Past this, the policy's engine evicts and recomputes branches
@@ -147,6 +149,17 @@ class TreeSearch:
         if getattr(self.prm, "runner", None) is not None:
             pools.append(self.prm.runner.blocks)
         return all(b.num_available_blocks > max(b.num_blocks // 2, headroom) for b in pools)
+
+    def _room_for_whole_solutions(self, problems: int) -> bool:
+        # Best-of-N and majority sample all n solutions of every problem in flight in one
+        # expansion, then score them all: admit only as many problems as both pools can hold
+        # when every solution runs to max_tokens (the PRM re-tokenizes the same text; the margin
+        # of two blocks per solution covers its step tags and a different tokenizer).
+        pools = [self.engine.runner.blocks]
+        if getattr(self.prm, "runner", None) is not None:
+            pools.append(self.prm.runner.blocks)
+        tokens = self.final_sampling.max_tokens
+        return all(problems * self.strategy.n * (-(-tokens // b.block_size) + 2) <= b.num_available_blocks for b in pools)
 
     def _start(self, index: int, problem: Problem) -> _Problem:
         prompt = format_prompt(problem.question, self.engine.tokenizer, self.system_prompt)
@@ -367,8 +380,11 @@ class TreeSearch:
         agg = self.strategy.aggregation
         n = self.strategy.n
         # Exactly n completions, as search-and-learn: the n best by aggregated score; if fewer
-        # finished (every path ended early), the finished ones are repeated in order.
-        done = sorted(st.completed, key=lambda node: aggregate(node.scores, agg), reverse=True)[:n]
+        # finished (every path ended early), the finished ones are repeated in order. They stay
+        # in the order they finished (best-of-N: sample order), so that the picks at n < N read
+        # the first n samples, not the n best.
+        best = sorted(range(len(st.completed)), key=lambda i: aggregate(st.completed[i].scores, agg), reverse=True)[:n]
+        done = [st.completed[i] for i in sorted(best)]
         if done and len(done) < n:
             done = [node for node in done for _ in range(-(-n // len(done)))][:n]
         completions = [

@@ -1,0 +1,151 @@
+"""The built-in toy task: generator, checker, tokenizer, shipped checkpoints, and a real
+measurement that PRM-guided search beats greedy decoding of the same small policy."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from ttc_fast import BeamSearch, Engine, SamplingParams, load_model, load_prm
+from ttc_fast.grading import extract_answer, grade
+from ttc_fast.loader import BUILTIN_DIR
+from ttc_fast.search import format_prompt
+from ttc_fast.toy import check_step, eval_problems, make_dataset, make_problem, prefix_labels, solve
+from ttc_fast.toy.task import LEVELS
+
+NAMES = ("toy-policy-s", "toy-policy-l", "toy-prm")
+
+
+def _shipped() -> bool:
+    return all((BUILTIN_DIR / n / "model.safetensors").is_file() for n in NAMES)
+
+
+needs_ckpt = pytest.mark.skipif(not _shipped(), reason="toy checkpoints not built (benchmarks/train_toy.py)")
+
+
+# --- generator ----------------------------------------------------------------------------------
+def test_generator_deterministic():
+    a, b = make_dataset(30, seed=7), make_dataset(30, seed=7)
+    assert [(p.question, p.answer, p.meta["solution"]) for p in a] == [(p.question, p.answer, p.meta["solution"]) for p in b]
+    c = make_dataset(30, seed=8)
+    assert [p.question for p in a] != [p.question for p in c]
+    p1, p2 = make_problem(random.Random(3), 4), make_problem(random.Random(3), 4)
+    assert p1.question == p2.question and p1.meta == p2.meta
+
+
+def test_problem_structure_and_levels():
+    rng = random.Random(0)
+    for level, (n_ops, *_rest) in LEVELS.items():
+        for _ in range(20):
+            p = make_problem(rng, level)
+            steps = p.meta["solution"].split("\n\n")
+            assert steps == p.meta["steps"] and len(steps) == n_ops + 1
+            assert extract_answer(p.meta["solution"]) == p.answer
+            assert grade(p.meta["solution"], p.answer, "math")
+            chain = solve(p.question)
+            assert len(chain) == n_ops and str(chain[-1][3]) == p.answer
+    with pytest.raises(ValueError):
+        make_problem(rng, 9)
+
+
+def test_eval_set_fixed():
+    ev = eval_problems()
+    assert len(ev) >= 200 and all(p.kind == "math" for p in ev)
+    assert len({p.id for p in ev}) == len(ev)
+    assert [p.question for p in ev] == [p.question for p in eval_problems()]
+    assert {p.meta["level"] for p in ev} == set(LEVELS)
+
+
+# --- checker ------------------------------------------------------------------------------------
+def test_checker_accepts_correct_steps():
+    for p in make_dataset(50, seed=11):
+        steps = p.meta["steps"]
+        assert all(check_step(p.question, steps[: k + 1]) == 1.0 for k in range(len(steps)))
+        assert prefix_labels(p.question, steps) == [1] * len(steps)
+
+
+def test_checker_rejects_wrong_steps():
+    q = "Tom has 7 apples. He buys 5 more. He gives away 3. How many apples does he have now?"
+    good = ["He buys 5 more, so 7 + 5 = 12.", "He gives away 3, so 12 - 3 = 9.", "The answer is \\boxed{9}."]
+    assert [check_step(q, good[: k + 1]) for k in range(3)] == [1.0, 1.0, 1.0]
+    assert check_step(q, ["He buys 5 more, so 7 + 5 = 13."]) == 0.0  # wrong arithmetic
+    assert check_step(q, ["He buys 5 more, so 7 + 6 = 13."]) == 0.0  # right arithmetic, wrong operand
+    assert check_step(q, ["He buys 5 more, so 7 * 5 = 35."]) == 0.0  # wrong operation
+    assert check_step(q, ["He buys 5 more."]) == 0.0  # no arithmetic
+    assert check_step(q, [good[0], "He gives away 3, so 13 - 3 = 10."]) == 0.0  # not from the true value
+    assert check_step(q, good[:2] + ["The answer is \\boxed{10}."]) == 0.0
+    assert check_step(q, good + ["extra"]) == 0.0
+    bad = [good[0], "He gives away 3, so 12 - 3 = 8.", "The answer is \\boxed{8}."]
+    assert prefix_labels(q, bad) == [1, 0, 0]
+    for prm in (load_prm(check_step), load_prm("builtin:toy-checker")):
+        assert prm.score_full(q, bad) == [1.0, 0.0, 0.0]
+
+
+# --- tokenizer + checkpoints --------------------------------------------------------------------
+@needs_ckpt
+def test_checkpoints_load_and_tokenizer():
+    import os
+
+    total = sum(f.stat().st_size for n in NAMES for f in (BUILTIN_DIR / n).iterdir())
+    assert total < 20 * 2**20
+    sizes = {}
+    for name in ("toy-policy-s", "toy-policy-l"):
+        m = load_model(f"builtin:{name}", device="cpu")
+        tok = m.tokenizer
+        assert not getattr(tok, "chat_template", None)
+        assert len(tok.encode("\n\n", add_special_tokens=False)) == 1
+        assert tok.eos_token_id in m.eos_token_ids
+        text = "Tom has 17 apples.\n\nHe buys 5 more, so 17 + 5 = 22.\n\nThe answer is \\boxed{22}."
+        ids = tok(text)["input_ids"]
+        assert ids[0] == tok.bos_token_id and tok.decode(ids, skip_special_tokens=True) == text
+        assert tok.unk_token_id not in ids
+        sizes[name] = sum(p.numel() for p in m.module.parameters())
+    assert sizes["toy-policy-l"] >= 3 * sizes["toy-policy-s"]
+    prm = load_prm("builtin:toy-prm", kind="math-shepherd", device="cpu")
+    p = eval_problems()[0]
+    steps = p.meta["steps"]
+    good = prm.score_full(p.question, steps)
+    assert len(good) == len(steps) and all(0.0 <= s <= 1.0 for s in good)
+    assert os.path.isdir(BUILTIN_DIR / "toy-prm")
+
+
+@needs_ckpt
+def test_prm_separates_right_from_wrong_steps_of_policy_samples():
+    """On policy S's own samples for eval problems (which the PRM never trained on), the PRM's
+    step scores rank the checker's good steps above its bad ones: AUC well above chance (0.5)."""
+    from ttc_fast.loader import BUILTIN_DIR as ckpts
+    from ttc_fast.toy.train import auc, sample_solutions
+
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    samples = sample_solutions(ckpts / "toy-policy-s", eval_problems()[:20], 4, temperature=1.0, seed=11)
+    prm = load_prm("builtin:toy-prm", kind="math-shepherd", device="cpu")
+    scores, labels = [], []
+    for p, steps in samples:
+        if steps:
+            scores += prm.score_full(p.question, steps)
+            labels += prefix_labels(p.question, steps)
+    assert 0.2 < sum(labels) / len(labels) < 0.8  # both kinds present
+    assert auc(scores, labels) >= 0.85
+
+
+# --- the claim, measured ------------------------------------------------------------------------
+SUBSET = [i for i in range(250) if i % 5 in (3, 4)][:20]  # a fixed spread of the eval set: levels 4 and 5
+
+
+@needs_ckpt
+def test_verifier_guided_search_beats_greedy():
+    """Beam search of policy S guided by the toy verifier (builtin:toy-checker, through load_prm)
+    solves clearly more problems than S's greedy decoding. (With the learned toy PRM the gain is
+    small: benchmarks/RESULTS.md has the measured table.)"""
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    problems = [eval_problems()[i] for i in SUBSET]
+    engine = Engine(load_model("builtin:toy-policy-s", device="cpu"))
+    prompts = [format_prompt(p.question, engine.tokenizer, None) for p in problems]
+    outs = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=160))
+    greedy = sum(grade(extract_answer(o.outputs[0].text) or "", p.answer, "math") for o, p in zip(outs, problems))
+    results = engine.search(problems, BeamSearch(n=16, width=4, iterations=8),
+                            SamplingParams(temperature=0.4, max_tokens=48, seed=0), prm=load_prm("builtin:toy-checker"))
+    searched = sum(bool(r.correct.get(16, {}).get("weighted")) for r in results)
+    print(f"greedy {greedy}/{len(problems)}, checker-guided beam search (n=16) {searched}/{len(problems)}")
+    assert searched >= greedy + 3, (greedy, searched)  # measured: 7/20 -> 11/20

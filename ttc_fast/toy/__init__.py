@@ -1,0 +1,15 @@
+"""The built-in toy task: arithmetic word problems, their tokenizer, checker and training.
+
+    from ttc_fast.toy import eval_problems, check_step
+    problems = eval_problems()                     # 250 fixed problems (kind "math")
+    prm = load_prm(check_step)                     # builtin:toy-checker, the hard-coded verifier
+
+Trained checkpoints ship as builtin:toy-policy-s, builtin:toy-policy-l and builtin:toy-prm
+(math-shepherd format); `benchmarks/train_toy.py` (ttc_fast.toy.train) rebuilds them.
+"""
+from .task import EVAL_SEED, LEVELS, check_step, eval_problems, make_dataset, make_problem, prefix_labels, solve
+
+toy_checker = check_step  # builtin:toy-checker
+
+__all__ = ["EVAL_SEED", "LEVELS", "check_step", "eval_problems", "make_dataset", "make_problem", "prefix_labels",
+           "solve", "toy_checker"]

@@ -1,0 +1,484 @@
+"""Training the toy task's checkpoints on a CPU: policies S and L, then the math-shepherd PRM.
+
+    python benchmarks/train_toy.py all          # policy-s, policy-l, prm (needs both), eval
+    python benchmarks/train_toy.py policy-s     # one part; also policy-l, prm, eval
+
+Policies: tiny LlamaForCausalLM (tied embeddings, 2 and 4 layers) trained with next-token loss on
+the solution (the prompt, BOS + question + "\n\n", is masked out) on freshly generated problems of
+every level (an eval question is never trained on). Greedy accuracy on the eval set is measured
+with ttc_fast's own Engine every `eval_every` steps; training runs its cosine schedule (or stops
+when that accuracy has not improved for `patience` evaluations) and the best checkpoint is kept.
+Policy L gets a second, lower-lr cosine stage (`then`): it was still improving at the end of the
+first. S's width was chosen so that S is clearly weaker than L at its plateau (a 0.1M-parameter
+S, hidden 64, reached 88% greedy: see "candidates_rejected" in the log).
+
+PRM (math-shepherd format, kind="math-shepherd"): initialised from the trained policy L (as real
+PRMs are fine-tuned from a strong LM) and trained on policy S's own samples at temperature 1,
+plus reference solutions (for a quarter of the problems) and reference solutions with one slip
+(for half: a wrong result, operand or running value, continued from there), so that it learns to
+check each step's arithmetic rather than guess from S's error patterns. Each step is labelled
+good iff it and every step before it pass the checker (Math-Shepherd's label: a correct
+continuation from it reaches the right answer). Text = question + " " + step0 + " ки" + "\n" + step1 + " ки" ..., tokenized
+segment by segment exactly as `load_prm` does; the loss is the cross-entropy of "+" vs "-" at
+each tag plus `lm_weight` times the next-token loss on the fully right solutions (keeping the
+arithmetic L learnt as a policy, which checking a result needs). Its AUC on held-out labelled steps (other problems, other samples) is logged.
+
+`eval` measures S and L greedy on the whole eval set and S + beam search / best-of-16 with the
+PRM (and with the exact checker, for reference) on 50 eval problems.
+
+Writes ttc_fast/builtin/toy-{policy-s,policy-l,prm}/ (config.json, model.safetensors,
+generation_config.json, tokenizer) and benchmarks/toy_train_log.json (per model: params, wall
+time, steps, loss and eval accuracy over training).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .task import _APPLY, EVAL_SEED, check_step, eval_problems, make_problem, prefix_labels, solve
+from .tokenizer import build_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILTIN = ROOT / "builtin"
+LOG = ROOT.parent / "benchmarks" / "toy_train_log.json"
+
+# name -> (hidden, layers, heads, kv_heads, intermediate)
+SIZES = {
+    # hidden=64/inter=176 (0.1M) reached 88% greedy, too close to L: the shipped S is narrower
+    "policy-s": dict(hidden=32, layers=2, heads=4, kv_heads=2, inter=96),
+    "policy-l": dict(hidden=128, layers=4, heads=4, kv_heads=2, inter=384),
+}
+TRAIN = {
+    "policy-s": dict(steps=6000, batch=64, lr=3e-3, eval_every=250, patience=5, seed=1),
+    # L was still improving at the end of its first schedule (84%): a second cosine stage follows
+    "policy-l": dict(steps=2600, batch=32, lr=2e-3, eval_every=200, patience=5, seed=2,
+                     then=dict(steps=1000, lr=7e-4)),
+    # the PRM was still improving at the end of its first schedule: a second stage on fresh samples
+    "prm": dict(steps=2400, batch=32, lr=7e-4, eval_every=400, seed=3, samples=12000, lm_weight=0.5,
+                then=dict(steps=2400, lr=5e-4)),
+}
+
+
+def llama_config(tok, hidden, layers, heads, kv_heads, inter):
+    from transformers import LlamaConfig
+
+    vocab = -(-len(tok) // 8) * 8
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
+                       rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save(model, tok, path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+    model.save_pretrained(str(path), safe_serialization=True)
+    tok.save_pretrained(str(path))
+    for f in path.iterdir():
+        f.chmod(0o644)
+
+
+# --- policy data ------------------------------------------------------------------------------
+_EVAL_QUESTIONS: set[str] | None = None
+
+
+def _eval_questions() -> set[str]:
+    global _EVAL_QUESTIONS
+    if _EVAL_QUESTIONS is None:
+        _EVAL_QUESTIONS = {p.question for p in eval_problems()}
+    return _EVAL_QUESTIONS
+
+
+def policy_batch(rng: random.Random, tok, batch: int):
+    """(input_ids, labels, attention_mask) for `batch` fresh problems; labels -100 on the prompt."""
+    rows = []
+    while len(rows) < batch:
+        p = make_problem(rng, rng.randint(1, 5))
+        if p.question in _eval_questions():
+            continue
+        prompt = tok(p.question + "\n\n")["input_ids"]
+        sol = tok(p.meta["solution"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        rows.append((prompt + sol, [-100] * len(prompt) + sol))
+    return _pad(rows, tok.pad_token_id)
+
+
+def _pad(rows, pad_id):
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (x, y) in enumerate(rows):
+        ids[i, : len(x)] = torch.tensor(x)
+        labels[i, : len(y)] = torch.tensor(y)
+        mask[i, : len(x)] = 1
+    return ids, labels, mask
+
+
+def greedy_accuracy(path: Path, problems, max_tokens: int = 160) -> float:
+    """Greedy accuracy of a saved checkpoint on problems, decoded by ttc_fast's Engine."""
+    from ..engine import Engine
+    from ..grading import extract_answer, grade
+    from ..loader import load_model
+    from ..sampling import SamplingParams
+    from ..search import format_prompt
+
+    engine = Engine(load_model(str(path), device="cpu"))
+    prompts = [format_prompt(p.question, engine.tokenizer, None) for p in problems]
+    outs = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens))
+    ok = [grade(extract_answer(o.outputs[0].text) or "", p.answer, p.kind) for o, p in zip(outs, problems)]
+    return sum(ok) / len(ok)
+
+
+def _lr(step, total, base, warmup=100):
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup)))))
+
+
+def train_policy(name: str, log: dict, steps: int | None = None, threads: int = 1, size: dict | None = None,
+                 tag: str | None = None, init: str | None = None, lr: float | None = None) -> Path:
+    """Train policy `name` (SIZES/TRAIN entries); `size` overrides its shape and `tag` names the
+    output directory toy-{tag} and log entry instead (to compare candidate sizes);
+    `init` continues from a saved checkpoint (the log keeps its curve; steps count on from it)."""
+    from transformers import LlamaForCausalLM
+
+    torch.set_num_threads(threads)
+    cfg_t = dict(TRAIN[name])
+    if steps is not None:
+        cfg_t["steps"] = steps
+    torch.manual_seed(cfg_t["seed"])
+    rng = random.Random(1000 + cfg_t["seed"])
+    tok = build_tokenizer()
+    shape = dict(SIZES[name], **(size or {}))
+    model = LlamaForCausalLM(llama_config(tok, **shape)) if init is None else LlamaForCausalLM.from_pretrained(init)
+    if lr is not None:
+        cfg_t["lr"] = lr
+    model.generation_config.eos_token_id = tok.eos_token_id
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg_t["lr"], weight_decay=0.01, betas=(0.9, 0.98))
+    tag = tag or name
+    out = BUILTIN / f"toy-{tag}"
+    evals = eval_problems()
+    entry = {"params": n_params(model), "size": shape, "train": cfg_t, "curve": []}
+    step0 = 0
+    if init is not None:
+        old = json.loads(LOG.read_text()).get(tag, {}) if LOG.is_file() else {}
+        entry = dict(old, params=n_params(model), size=shape, curve=list(old.get("curve", [])),
+                     stages=old.get("stages", [old.get("train")]) + [dict(cfg_t, init=str(init))])
+        step0 = entry["curve"][-1]["step"] if entry["curve"] else 0
+        t_before = old.get("train_seconds", 0.0)
+        best = old.get("greedy_acc", -1.0)
+    log[tag] = entry
+    rng = random.Random(1000 + cfg_t["seed"] + 7919 * step0)  # a continuation draws fresh problems
+    if init is None:
+        best, t_before = -1.0, 0.0
+    since_best, t0, losses = 0, time.perf_counter() - t_before, []
+    tmp = Path(tempfile.mkdtemp(prefix=f"toy-{name}-"))
+    for step in range(cfg_t["steps"]):
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, cfg_t["steps"], cfg_t["lr"])
+        ids, labels, mask = policy_batch(rng, tok, cfg_t["batch"])
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if (step + 1) % cfg_t["eval_every"] == 0 or step + 1 == cfg_t["steps"]:
+            model.eval()
+            save(model, tok, tmp)
+            acc = greedy_accuracy(tmp, evals)
+            model.train()
+            point = {"step": step0 + step + 1, "loss": sum(losses[-50:]) / len(losses[-50:]), "greedy_acc": acc,
+                     "seconds": round(time.perf_counter() - t0, 1)}
+            entry["curve"].append(point)
+            print(f"[{tag}] {point}", flush=True)
+            if acc > best:
+                best, since_best = acc, 0
+                save(model, tok, out)
+                entry.update(best_step=step0 + step + 1, greedy_acc=acc)
+            else:
+                since_best += 1
+            entry["train_seconds"] = round(time.perf_counter() - t0, 1)
+            write_log(log)
+            if since_best >= cfg_t.get("patience", 10**9):
+                print(f"[{name}] plateau: no gain in {since_best} evaluations", flush=True)
+                break
+    shutil.rmtree(tmp, ignore_errors=True)
+    entry["train_seconds"] = round(time.perf_counter() - t0, 1)
+    write_log(log)
+    return out
+
+
+# --- PRM ----------------------------------------------------------------------------------------
+def sample_solutions(policy: Path, problems, n: int, temperature: float = 1.0, seed: int = 0):
+    """n samples per problem from a policy, split into steps: [(problem, steps)]."""
+    from ..engine import Engine
+    from ..loader import load_model
+    from ..sampling import SamplingParams
+    from ..search import format_prompt, split_steps
+
+    engine = Engine(load_model(str(policy), device="cpu"))
+    prompts = [format_prompt(p.question, engine.tokenizer, None) for p in problems]
+    outs = engine.generate(prompts, SamplingParams(temperature=temperature, max_tokens=160, n=n, seed=seed))
+    return [(p, [s.strip() for s in split_steps(c.text, "\n\n")]) for o, p in zip(outs, problems) for c in o.outputs]
+
+
+def prm_row(tok, question, steps, labels, sep="\n"):
+    """Token ids of the math-shepherd text (segment by segment, as load_prm builds them), the
+    tag positions and their labels."""
+    ids = list(tok(question)["input_ids"])
+    tag = tok(" ки", add_special_tokens=False)["input_ids"]
+    pos = []
+    for k, s in enumerate(steps):
+        ids += tok((" " if k == 0 else sep) + s.strip(), add_special_tokens=False)["input_ids"] + tag
+        pos.append(len(ids) - 1)
+    return ids, pos, list(labels)
+
+
+def auc(scores, labels) -> float:
+    pairs = sorted(zip(scores, labels))
+    pos = sum(labels)
+    neg = len(labels) - pos
+    if not pos or not neg:
+        return float("nan")
+    rank_sum, i = 0.0, 0
+    while i < len(pairs):
+        j = i
+        while j < len(pairs) and pairs[j][0] == pairs[i][0]:
+            j += 1
+        avg_rank = (i + j + 1) / 2
+        rank_sum += avg_rank * sum(l for _, l in pairs[i:j])
+        i = j
+    return (rank_sum - pos * (pos + 1) / 2) / (pos * neg)
+
+
+def prm_data(policy: Path, n_problems: int, per_problem: int, seed: int):
+    rng = random.Random(seed)
+    problems = []
+    while len(problems) < n_problems:
+        p = make_problem(rng, rng.randint(1, 5), f"prm-{len(problems)}")
+        if p.question not in _eval_questions():
+            problems.append(p)
+    samples = sample_solutions(policy, problems, per_problem, temperature=1.0, seed=seed)
+    # plus the reference solutions, so the PRM sees fully correct paths of every length too,
+    # and, for half, one with a slip, so it learns to check each step's arithmetic
+    samples += [(p, p.meta["steps"]) for p in problems[: n_problems // 4]]
+    samples += [(p, slipped(rng, p)) for p in problems[: n_problems // 2]]
+    return [(p.question, steps, prefix_labels(p.question, steps)) for p, steps in samples if steps]
+
+
+def slipped(rng: random.Random, problem) -> list[str]:
+    """The reference solution with one wrong step (a wrong result, operand or running value),
+    continued from the wrong value with right arithmetic, cut after a random step at or past it."""
+    chain = solve(problem.question)
+    phrases = [s.split(", so ")[0] for s in problem.meta["steps"][:-1]]
+    k = rng.randrange(len(chain))
+    a, sym, b, c = chain[k]
+    delta = rng.choice([-10, -2, -1, 1, 2, 10])
+    what = rng.random()
+    if what < 0.6 or sym == "/" or (sym == "-" and a - b - abs(delta) < 0):
+        c = c + delta if c + delta >= 0 else c + abs(delta)  # wrong result
+    elif what < 0.8:
+        b = b + delta if b + delta >= 2 else b + abs(delta)  # wrong operand
+        c = _APPLY[sym](a, b)
+    else:
+        a = a + delta if a + delta >= 2 else a + abs(delta)  # wrong running value
+        c = _APPLY[sym](a, b)
+    steps = list(problem.meta["steps"][:k]) + [f"{phrases[k]}, so {a} {sym} {b} = {c}."]
+    value = c
+    for _, sym_next, b_next, _ in chain[k + 1:]:
+        if (sym_next == "/" and value % b_next) or (sym_next == "-" and value < b_next):
+            break
+        new = _APPLY[sym_next](value, b_next)
+        steps.append(f"{phrases[len(steps)]}, so {value} {sym_next} {b_next} = {new}.")
+        value = new
+    else:
+        steps.append(f"The answer is \\boxed{{{value}}}.")
+    return steps[: rng.randint(k + 1, len(steps))]
+
+
+def train_prm(log: dict, threads: int = 1, steps: int | None = None, stage: int = 0) -> Path:
+    """Stage 0 fine-tunes policy L into the PRM; stage 1 (TRAIN["prm"]["then"]) continues it on
+    fresh problems and samples at a lower learning rate."""
+    from transformers import LlamaForCausalLM
+
+    torch.set_num_threads(threads)
+    cfg_t = dict(TRAIN["prm"])
+    then = cfg_t.pop("then")
+    if stage:
+        cfg_t.update(then, seed=cfg_t["seed"] + stage)
+    if steps is not None:
+        cfg_t["steps"] = steps
+    torch.manual_seed(cfg_t["seed"])
+    t0 = time.perf_counter()
+    tok = build_tokenizer()
+    per = 4
+    data = prm_data(BUILTIN / "toy-policy-s", cfg_t["samples"] // per, per, seed=cfg_t["seed"])
+    held = prm_data(BUILTIN / "toy-policy-s", 200, per, seed=TRAIN["prm"]["seed"] + 100)  # the same at every stage
+    t_data = time.perf_counter() - t0
+    n_lab = [l for _, _, ls in data for l in ls]
+    print(f"[prm] {len(data)} solutions, {len(n_lab)} steps, {sum(n_lab) / len(n_lab):.2f} good; sampled in {t_data:.0f}s", flush=True)
+    model = LlamaForCausalLM.from_pretrained(str(BUILTIN / ("toy-prm" if stage else "toy-policy-l")))
+    good, bad = tok.convert_tokens_to_ids("+"), tok.convert_tokens_to_ids("-")
+    rows = [prm_row(tok, q, s, l) for q, s, l in data]
+    held_rows = [prm_row(tok, q, s, l) for q, s, l in held]
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg_t["lr"], weight_decay=0.01)
+    rng = random.Random(cfg_t["seed"])
+    entry = {"params": n_params(model), "init": "toy-policy-l", "train": cfg_t, "data_seconds": round(t_data, 1),
+             "train_solutions": len(data), "train_steps_labelled": len(n_lab),
+             "train_good_fraction": round(sum(n_lab) / len(n_lab), 3), "curve": []}
+    step0, t_before = 0, 0.0
+    if stage:
+        old = log.get("prm") or json.loads(LOG.read_text()).get("prm", {})
+        entry = dict(old, curve=list(old.get("curve", [])), stages=old.get("stages", [old.get("train")]) + [cfg_t])
+        step0, t_before = entry["curve"][-1]["step"], old.get("train_seconds", 0.0)
+        t0 -= t_before
+    log["prm"] = entry
+
+    def scores_of(batch_rows, with_lm=False):
+        ids, _, mask = _pad([(r[0], r[0]) for r in batch_rows], tok.pad_token_id)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        bi = torch.tensor([i for i, r in enumerate(batch_rows) for _ in r[1]])
+        pi = torch.tensor([p for r in batch_rows for p in r[1]])
+        pair = logits[bi, pi][:, [good, bad]]
+        y = torch.tensor([1 - l for r in batch_rows for l in r[2]])  # class 0 = "+"
+        if not with_lm:
+            return pair, y
+        # Next-token loss on the fully right solutions: keeps the arithmetic L learnt as a policy,
+        # which checking a step's result needs (without it the verdict head forgets it).
+        right = [i for i, r in enumerate(batch_rows) if all(r[2])]
+        lm = logits.new_zeros(())
+        if right:
+            targets = ids[right, 1:].masked_fill(mask[right, 1:] == 0, -100)
+            lm = torch.nn.functional.cross_entropy(logits[right, :-1].flatten(0, 1).float(), targets.flatten())
+        return pair, y, lm
+
+    def held_auc():
+        model.eval()
+        s, y = [], []
+        with torch.no_grad():
+            for i in range(0, len(held_rows), 64):
+                pair, lab = scores_of(held_rows[i: i + 64])
+                s += pair.softmax(-1)[:, 0].tolist()
+                y += (1 - lab).tolist()
+        model.train()
+        return auc(s, y), sum(y) / len(y)
+
+    losses = []
+    for step in range(cfg_t["steps"]):
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, cfg_t["steps"], cfg_t["lr"], warmup=50)
+        pair, y, lm = scores_of(rng.sample(rows, cfg_t["batch"]), with_lm=True)
+        loss = torch.nn.functional.cross_entropy(pair.float(), y) + cfg_t["lm_weight"] * lm
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if (step + 1) % cfg_t["eval_every"] == 0 or step + 1 == cfg_t["steps"]:
+            a, frac = held_auc()
+            point = {"step": step0 + step + 1, "loss": sum(losses[-50:]) / len(losses[-50:]), "heldout_auc": round(a, 4),
+                     "seconds": round(time.perf_counter() - t0, 1)}
+            entry["curve"].append(point)
+            print(f"[prm] {point}", flush=True)
+            entry.update(heldout_auc=round(a, 4), heldout_steps=len([l for r in held_rows for l in r[2]]),
+                         heldout_good_fraction=round(frac, 3), train_seconds=round(time.perf_counter() - t0, 1))
+            write_log(log)
+    out = BUILTIN / "toy-prm"
+    save(model, tok, out)
+    entry["train_seconds"] = round(time.perf_counter() - t0, 1)
+    write_log(log)
+    return out
+
+
+def evaluate(log: dict, threads: int = 1, n_search: int = 50) -> dict:
+    """Greedy accuracy of S and L on the whole eval set (our Engine), and S + PRM-guided search
+    (beam search n=16, width 4; best-of-16) against S greedy on the first n_search problems."""
+    from .. import BeamSearch, BestOfN, Engine, load_model, load_prm
+    from ..sampling import SamplingParams
+
+    torch.set_num_threads(threads)
+    evals = eval_problems()
+    entry = {"eval_problems": len(evals)}
+    for name in ("policy-s", "policy-l"):
+        t = time.perf_counter()
+        entry[f"{name}_greedy_acc"] = greedy_accuracy(BUILTIN / f"toy-{name}", evals)
+        entry[f"{name}_greedy_seconds"] = round(time.perf_counter() - t, 1)
+    sub = evals[:n_search]
+    entry["search_problems"] = len(sub)
+    entry["policy-s_greedy_acc_subset"] = greedy_accuracy(BUILTIN / "toy-policy-s", sub)
+    entry["policy-l_greedy_acc_subset"] = greedy_accuracy(BUILTIN / "toy-policy-l", sub)
+    engine = Engine(load_model(str(BUILTIN / "toy-policy-s"), device="cpu"))
+    sampling = SamplingParams(temperature=0.8, max_tokens=64, seed=0)
+    whole = SamplingParams(temperature=0.8, max_tokens=160, seed=0)
+    from .task import check_step as checker
+
+    for label, prm in (("prm", load_prm(str(BUILTIN / "toy-prm"), kind="math-shepherd", device="cpu")),
+                       ("checker", load_prm(checker))):
+        for strat in (BeamSearch(n=16, width=4, iterations=10), BestOfN(n=16)):
+            t = time.perf_counter()
+            # beam search: max_tokens bounds one step; best-of-N samples whole solutions
+            res = engine.search(sub, strat, sampling if strat.name == "BeamSearch" else whole, prm=prm)
+            key = f"s+{strat.name}16+{label}"
+            entry[key] = {k: sum(bool(r.correct.get(16, {}).get(k)) for r in res) / len(res)
+                          for k in ("naive", "weighted", "maj")}
+            entry[key]["seconds"] = round(time.perf_counter() - t, 1)
+            print(f"[eval] {key}: {entry[key]}", flush=True)
+    print(f"[eval] {entry}", flush=True)
+    log["eval"] = entry
+    write_log(log)
+    return entry
+
+
+def write_log(log: dict) -> None:
+    LOG.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(LOG.read_text()) if LOG.is_file() else {}
+    old.update(log)
+    LOG.write_text(json.dumps(old, indent=1) + "\n")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("what", choices=["all", "policy-s", "policy-l", "prm", "prm-stage2", "eval"])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=None, help="override the step budget (smoke tests)")
+    ap.add_argument("--hidden", type=int, default=None, help="override a policy's width (size sweeps)")
+    ap.add_argument("--inter", type=int, default=None, help="override a policy's MLP width (size sweeps)")
+    ap.add_argument("--init", default=None, help="continue a policy from this checkpoint directory")
+    ap.add_argument("--lr", type=float, default=None, help="override the peak learning rate")
+    ap.add_argument("--tag", default=None, help="write toy-TAG instead of toy-NAME (size sweeps)")
+    args = ap.parse_args(argv)
+    log: dict = {}
+    policies = ["policy-s", "policy-l"] if args.what == "all" else [args.what] if args.what.startswith("policy") else []
+    for name in policies:
+        size = {k: v for k, v in (("hidden", args.hidden), ("inter", args.inter)) if v is not None}
+        out = train_policy(name, log, steps=args.steps, threads=args.threads, size=size, tag=args.tag,
+                           init=args.init, lr=args.lr)
+        stage = TRAIN[name].get("then")
+        if stage and args.init is None and args.steps is None:
+            train_policy(name, log, steps=stage["steps"], threads=args.threads, size=size, tag=args.tag, init=str(out),
+                         lr=stage["lr"])
+    if args.what in ("all", "prm"):
+        train_prm(log, threads=args.threads, steps=args.steps)
+        if args.steps is None:
+            train_prm(log, threads=args.threads, stage=1)
+    if args.what == "prm-stage2":  # the second stage alone, from the saved stage-1 PRM
+        train_prm(log, threads=args.threads, steps=args.steps, stage=1)
+    if args.what in ("all", "eval"):
+        evaluate(log, threads=args.threads)
+
+
+if __name__ == "__main__":
+    main()
