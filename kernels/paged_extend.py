@@ -19,6 +19,7 @@ Layouts:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -167,14 +168,13 @@ def paged_extend_attention_ref(q, k_cache, v_cache, block_tables, cu_q_lens, con
         tok = cu[a:z, None] + ii[None, :]  # [n, Qm]
         qmask = ii[None, :] < qlen[a:z, None]
         tok = torch.where(qmask, tok, torch.zeros_like(tok))
-        qq = q[tok].float().view(n, Qm, Hkv, group, D)
-        k = gather_paged_kv(k_cache, block_tables[a:z], L).float()  # [n, L, Hkv, D]
-        v = gather_paged_kv(v_cache, block_tables[a:z], L).float()
-        s = torch.einsum("bihgd,blhd->bhgil", qq, k) * scale
+        qq = q[tok].float().transpose(1, 2)  # [n, Hq, Qm, D]
+        k = gather_paged_kv(k_cache, block_tables[a:z], L).float().transpose(1, 2)  # [n, Hkv, L, D]
+        v = gather_paged_kv(v_cache, block_tables[a:z], L).float().transpose(1, 2)
         qpos = ctx[a:z, None] - qlen[a:z, None] + ii[None, :]  # [n, Qm]
         valid = (pos[None, None, :] <= qpos[:, :, None]) & (pos[None, None, :] < ctx[a:z, None, None])
-        s = s.masked_fill(~valid[:, None, None], float("-inf"))
-        p = torch.softmax(s, dim=-1).nan_to_num(0.0)
-        o = torch.einsum("bhgil,blhd->bihgd", p, v).reshape(n, Qm, Hq, D)
-        out[tok[qmask]] = o[qmask].to(out.dtype)
+        # SDPA (fused on the CPU). Every query row has key 0 valid (a sequence's context is >= 1
+        # and padded rows sit past its end), so no row is fully masked.
+        o = F.scaled_dot_product_attention(qq, k, v, attn_mask=valid[:, None], scale=scale, enable_gqa=True)
+        out[tok[qmask]] = o.transpose(1, 2)[qmask].to(out.dtype)
     return out
