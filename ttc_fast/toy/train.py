@@ -421,8 +421,10 @@ def evaluate(log: dict, threads: int = 1, n_search: int = 50) -> dict:
     entry["policy-s_greedy_acc_subset"] = greedy_accuracy(BUILTIN / "toy-policy-s", sub)
     entry["policy-l_greedy_acc_subset"] = greedy_accuracy(BUILTIN / "toy-policy-l", sub)
     engine = Engine(load_model(str(BUILTIN / "toy-policy-s"), device="cpu"))
-    sampling = SamplingParams(temperature=0.8, max_tokens=64, seed=0)
-    whole = SamplingParams(temperature=0.8, max_tokens=160, seed=0)
+    from .evaluate import TEMPERATURE  # the toy job's sampling temperature
+
+    sampling = SamplingParams(temperature=TEMPERATURE, max_tokens=64, seed=0)
+    whole = SamplingParams(temperature=TEMPERATURE, max_tokens=160, seed=0)
     from .task import check_step as checker
 
     for label, prm in (("prm", load_prm(str(BUILTIN / "toy-prm"), kind="math-shepherd", device="cpu")),
