@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 
 from .kv_store import check_cache, check_launchable, check_pow2_head_dim, interpreting, use_fp32_dot
-from .paged_decode import LOG2E, _check_decode_args, _num_sms, merge_split_states, paged_decode_attention, \
-    paged_decode_attention_ref
+from .paged_decode import LOG2E, _check_decode_args, _num_sms, attend_with_lse, merge_split_states, \
+    paged_decode_attention, paged_decode_attention_ref
 
 # Larger query tiles mean fewer passes over the prefix (one per tile): 128 rows, 8 warps on GPU.
 PREFIX_BLOCK_M, PREFIX_BLOCK_N, PREFIX_WARPS = 128, 64, 8
@@ -267,30 +267,6 @@ def cascade_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens
     return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale, out=out)
 
 
-def _attend_with_lse(q, k, v, valid, scale):
-    """q [R, Hkv, g, D], k/v [R, L, Hkv, D] (fp32), valid [R, L] bool ->
-    out [R, Hkv*g, D], lse [R, Hkv*g] (an empty row: out 0, lse -inf)."""
-    R, Hkv, g, D = q.shape
-    s = torch.einsum("rhgd,rlhd->rhgl", q, k) * scale
-    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)  # [R, Hkv, g]
-    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
-    o = torch.einsum("rhgl,rlhd->rhgd", p, v)
-    return o.reshape(R, Hkv * g, D), lse.reshape(R, Hkv * g)
-
-
-def _attend_with_lse_fused(q, k, v, valid, scale):
-    """`_attend_with_lse` through the CPU's fused flash-attention op, which returns the LSE too
-    (several times faster than the einsum path); the einsum path elsewhere, or when a row is empty."""
-    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if q.device.type != "cpu" or op is None or not bool(valid.any(-1).all()):
-        return _attend_with_lse(q, k, v, valid, scale)
-    R, Hkv, g, D = q.shape
-    mask = torch.zeros(valid.shape, dtype=q.dtype).masked_fill_(~valid, float("-inf"))[:, None, None, :]
-    o, lse = op(q, k.transpose(1, 2), v.transpose(1, 2), 0.0, False, attn_mask=mask, scale=scale)
-    return o.reshape(R, Hkv * g, D), lse.reshape(R, Hkv * g)
-
-
 def cascade_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, group_indptr, prefix_lens, scale,
                                    out=None, max_group_rows=None, max_prefix_len=None, max_suffix_len=None):
     """The cascade algorithm in plain torch: the CPU path's fast version of
@@ -337,7 +313,7 @@ def cascade_decode_attention_torch(q, k_cache, v_cache, block_tables, context_le
     blk = block_tables.gather(1, col).long()
     k = k_cache[blk, pos % bs].float()  # [B, S, Hkv, D]
     v = v_cache[blk, pos % bs].float()
-    out_s, lse_s = _attend_with_lse_fused(qf, k, v, valid, scale)
+    out_s, lse_s = attend_with_lse(qf, k, v, valid, scale)
     # 3. Merge.
     merge_attention_states_ref(out_p, lse_p, out_s, lse_s, out=out)
     return out

@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -264,19 +263,34 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, 
         start = torch.zeros_like(ctx) if kv_start is None else kv_start.long().clamp_min(0)
         L = max(int(ctx.max()), 1)
         for i, j in _chunks(B, max(L, 1) * Hkv * D):
-            k = gather_paged_kv(k_cache, block_tables[i:j], L).float().transpose(1, 2)  # [b, Hkv, L, D]
-            v = gather_paged_kv(v_cache, block_tables[i:j], L).float().transpose(1, 2)
+            k = gather_paged_kv(k_cache, block_tables[i:j], L).float()  # [b, L, Hkv, D]
+            v = gather_paged_kv(v_cache, block_tables[i:j], L).float()
             pos = torch.arange(L, device=q.device)
             valid = (pos[None, :] >= start[i:j, None]) & (pos[None, :] < ctx[i:j, None])  # [b, L]
-            empty = ~valid.any(-1)  # rows with an empty KV range: out 0, lse -inf
-            # SDPA (fused on the CPU) for the output; an all-masked row would give NaN, so give it
-            # one dummy key and zero its output afterwards.
-            mask = (valid | empty[:, None])[:, None, None, :]
-            qq = q[i:j].float()[:, :, None, :]  # [b, Hq, 1, D]
-            o = F.scaled_dot_product_attention(qq, k, v, attn_mask=mask, scale=scale, enable_gqa=True)[:, :, 0]
-            out[i:j] = o.masked_fill(empty[:, None, None], 0.0).to(out.dtype)
-            if return_lse:
-                s = torch.matmul(qq.view(j - i, Hkv, group, D), k.transpose(-1, -2)) * scale  # [b, Hkv, g, L]
-                s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
-                lse[i:j] = torch.logsumexp(s, dim=-1).reshape(j - i, Hq)
+            o, lse[i:j] = attend_with_lse(q[i:j].float().view(j - i, Hkv, group, D), k, v, valid, scale)
+            out[i:j] = o.to(out.dtype)
     return (out, lse) if return_lse else out
+
+
+def _attend_with_lse_einsum(q, k, v, valid, scale):
+    R, Hkv, g, D = q.shape
+    s = torch.einsum("rhgd,rlhd->rhgl", q, k) * scale
+    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # [R, Hkv, g]
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))[..., None])
+    o = torch.einsum("rhgl,rlhd->rhgd", p, v)
+    return o.reshape(R, Hkv * g, D), lse.reshape(R, Hkv * g)
+
+
+def attend_with_lse(q, k, v, valid, scale):
+    """q [R, Hkv, g, D], k/v [R, L, Hkv, D] (fp32), valid [R, L] bool ->
+    out [R, Hkv*g, D], lse [R, Hkv*g] (an empty row: out 0, lse -inf). On the CPU, through its
+    fused flash-attention op, which returns the LSE too (several times faster than einsum);
+    elsewhere, or when a row is empty (the fused op would give NaN), through einsum."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if q.device.type != "cpu" or op is None or not bool(valid.any(-1).all()):
+        return _attend_with_lse_einsum(q, k, v, valid, scale)
+    R, Hkv, g, D = q.shape
+    mask = torch.zeros(valid.shape, dtype=q.dtype).masked_fill_(~valid, float("-inf"))[:, None, None, :]
+    o, lse = op(q, k.transpose(1, 2), v.transpose(1, 2), 0.0, False, attn_mask=mask, scale=scale)
+    return o.reshape(R, Hkv * g, D), lse.reshape(R, Hkv * g)

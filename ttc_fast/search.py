@@ -145,21 +145,23 @@ class TreeSearch:
         # this one included. Past this, the policy's engine evicts and recomputes branches
         # rather than fail, but thrashing costs time.
         headroom = 2 * self.strategy.n * (len(flight) + 1)
+        return all(b.num_available_blocks > max(b.num_blocks // 2, headroom) for b in self._pools())
+
+    def _pools(self) -> list:
+        """The block managers admission watches: the policy's, and the PRM's when it has a cache."""
         pools = [self.engine.runner.blocks]
         if getattr(self.prm, "runner", None) is not None:
             pools.append(self.prm.runner.blocks)
-        return all(b.num_available_blocks > max(b.num_blocks // 2, headroom) for b in pools)
+        return pools
 
     def _room_for_whole_solutions(self, problems: int) -> bool:
         # Best-of-N and majority sample all n solutions of every problem in flight in one
         # expansion, then score them all: admit only as many problems as both pools can hold
         # when every solution runs to max_tokens (the PRM re-tokenizes the same text; the margin
         # of two blocks per solution covers its step tags and a different tokenizer).
-        pools = [self.engine.runner.blocks]
-        if getattr(self.prm, "runner", None) is not None:
-            pools.append(self.prm.runner.blocks)
         tokens = self.final_sampling.max_tokens
-        return all(problems * self.strategy.n * (-(-tokens // b.block_size) + 2) <= b.num_available_blocks for b in pools)
+        return all(problems * self.strategy.n * (-(-tokens // b.block_size) + 2) <= b.num_available_blocks
+                   for b in self._pools())
 
     def _start(self, index: int, problem: Problem) -> _Problem:
         prompt = format_prompt(problem.question, self.engine.tokenizer, self.system_prompt)

@@ -141,6 +141,15 @@ def greedy_accuracy(path: Path, problems, max_tokens: int = 160) -> float:
     return sum(ok) / len(ok)
 
 
+def _optimizer_step(model, opt, loss) -> float:
+    """Backward, clip the gradient norm to 1, step; returns the loss."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.item()
+
+
 def _lr(step, total, base, warmup=100):
     if step < warmup:
         return base * (step + 1) / warmup
@@ -189,12 +198,7 @@ def train_policy(name: str, log: dict, steps: int | None = None, threads: int = 
         for g in opt.param_groups:
             g["lr"] = _lr(step, cfg_t["steps"], cfg_t["lr"])
         ids, labels, mask = policy_batch(rng, tok, cfg_t["batch"])
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
+        losses.append(_optimizer_step(model, opt, model(input_ids=ids, attention_mask=mask, labels=labels).loss))
         if (step + 1) % cfg_t["eval_every"] == 0 or step + 1 == cfg_t["steps"]:
             model.eval()
             save(model, tok, tmp)
@@ -381,12 +385,7 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, stage: int 
         for g in opt.param_groups:
             g["lr"] = _lr(step, cfg_t["steps"], cfg_t["lr"], warmup=50)
         pair, y, lm = scores_of(rng.sample(rows, cfg_t["batch"]), with_lm=True)
-        loss = torch.nn.functional.cross_entropy(pair.float(), y) + cfg_t["lm_weight"] * lm
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
+        losses.append(_optimizer_step(model, opt, torch.nn.functional.cross_entropy(pair.float(), y) + cfg_t["lm_weight"] * lm))
         if (step + 1) % cfg_t["eval_every"] == 0 or step + 1 == cfg_t["steps"]:
             a, frac = held_auc()
             point = {"step": step0 + step + 1, "loss": sum(losses[-50:]) / len(losses[-50:]), "heldout_auc": round(a, 4),
