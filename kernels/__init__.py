@@ -8,7 +8,6 @@ from .block_copy import copy_blocks, copy_blocks_ref
 from .cascade_decode import (
     cascade_decode_attention,
     cascade_decode_attention_ref,
-    cascade_decode_attention_torch,
     merge_attention_states,
     merge_attention_states_ref,
     plan_shared_prefix_groups,
@@ -17,12 +16,12 @@ from .kv_store import store_kv, store_kv_ref
 from .paged_decode import auto_num_splits, paged_decode_attention, paged_decode_attention_ref
 from .paged_extend import paged_extend_attention, paged_extend_attention_ref
 from .sampling import sample, sample_allowed_mask_ref, sample_ref, sampling_uniform
+from .tree_attention import PrefixTree, plan_prefix_tree, tree_attention_torch
 
 __all__ = [
     "auto_num_splits",
     "cascade_decode_attention",
     "cascade_decode_attention_ref",
-    "cascade_decode_attention_torch",
     "copy_blocks",
     "copy_blocks_ref",
     "logsoftmax_topk",
@@ -33,7 +32,9 @@ __all__ = [
     "paged_decode_attention_ref",
     "paged_extend_attention",
     "paged_extend_attention_ref",
+    "plan_prefix_tree",
     "plan_shared_prefix_groups",
+    "PrefixTree",
     "sample",
     "sample_allowed_mask_ref",
     "sample_ref",
@@ -42,4 +43,5 @@ __all__ = [
     "segmented_topk_ref",
     "store_kv",
     "store_kv_ref",
+    "tree_attention_torch",
 ]

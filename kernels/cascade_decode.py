@@ -21,6 +21,7 @@ merge_attention_states: out_a/out_b [N, H, D] any float dtype, lse_a/lse_b [N, H
 log) -> (out [N, H, D] (out_a.dtype by default), lse [N, H] fp32).
 
 `plan_shared_prefix_groups` is the host-side planner that finds such groups in a decode batch.
+The CPU path uses `tree_decode.py` instead, which also shares the runs common to fewer rows.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .kv_store import check_cache, check_launchable, check_pow2_head_dim, interpreting, use_fp32_dot
-from .paged_decode import LOG2E, _check_decode_args, _num_sms, attend_with_lse, merge_split_states, \
+from .paged_decode import LOG2E, _check_decode_args, _num_sms, merge_split_states, \
     paged_decode_attention, paged_decode_attention_ref
 
 # Larger query tiles mean fewer passes over the prefix (one per tile): 128 rows, 8 warps on GPU.
@@ -265,58 +266,6 @@ def cascade_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens
     _check_decode_args(q, k_cache, v_cache, block_tables, context_lens, out, None)
     _check_groups(q.shape[0], group_indptr, prefix_lens)
     return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale, out=out)
-
-
-def cascade_decode_attention_torch(q, k_cache, v_cache, block_tables, context_lens, group_indptr, prefix_lens, scale,
-                                   out=None, max_group_rows=None, max_prefix_len=None, max_suffix_len=None):
-    """The cascade algorithm in plain torch: the CPU path's fast version of
-    `cascade_decode_attention` (same signature and result; the reference stays the plain
-    `cascade_decode_attention_ref`). Each group's prefix is gathered ONCE and attended by all the
-    group's queries as one matrix product; each row gathers only its own suffix; the two parts
-    are merged by log-sum-exp."""
-    _check_decode_args(q, k_cache, v_cache, block_tables, context_lens, out, None)
-    G = _check_groups(q.shape[0], group_indptr, prefix_lens)
-    B, Hq, D = q.shape
-    bs, Hkv = k_cache.shape[1], k_cache.shape[2]
-    group = Hq // Hkv
-    if out is None:
-        out = torch.empty_like(q)
-    if B == 0:
-        return out
-    qf = q.float().view(B, Hkv, group, D)
-    indptr, plens = group_indptr.tolist(), prefix_lens.tolist()
-    # 1. Shared prefixes: [Hkv, rows * g, D] @ [Hkv, D, prefix] per group.
-    out_p = torch.zeros(B, Hq, D, dtype=torch.float32, device=q.device)
-    lse_p = torch.full((B, Hq), float("-inf"), dtype=torch.float32, device=q.device)
-    for gi in range(G):
-        r0, r1, plen = indptr[gi], indptr[gi + 1], plens[gi]
-        if plen == 0 or r1 == r0:
-            continue
-        blocks = block_tables[r0, : plen // bs].long()
-        k = k_cache[blocks].reshape(plen, Hkv, D).float().permute(1, 2, 0)  # [Hkv, D, P]
-        v = v_cache[blocks].reshape(plen, Hkv, D).float().permute(1, 0, 2)  # [Hkv, P, D]
-        rows = r1 - r0
-        qg = qf[r0:r1].permute(1, 0, 2, 3).reshape(Hkv, rows * group, D)
-        s = torch.matmul(qg, k) * scale
-        lse = torch.logsumexp(s, dim=-1)  # [Hkv, rows * g]
-        o = torch.matmul(torch.exp(s - lse[..., None]), v)
-        out_p[r0:r1] = o.view(Hkv, rows, group, D).permute(1, 0, 2, 3).reshape(rows, Hq, D)
-        lse_p[r0:r1] = lse.view(Hkv, rows, group).permute(1, 0, 2).reshape(rows, Hq)
-    # 2. Own suffixes: gather only positions [prefix_len, context_len) of each row.
-    counts = torch.tensor([indptr[i + 1] - indptr[i] for i in range(G)], dtype=torch.long)
-    start = torch.repeat_interleave(prefix_lens.long().cpu(), counts).to(q.device)
-    ctx = context_lens.long()
-    span = max(1, int((ctx - start).max()) if max_suffix_len is None else max_suffix_len)
-    pos = start[:, None] + torch.arange(span, device=q.device)[None, :]  # [B, S]
-    valid = pos < ctx[:, None]
-    col = (pos // bs).clamp_max(block_tables.shape[1] - 1)
-    blk = block_tables.gather(1, col).long()
-    k = k_cache[blk, pos % bs].float()  # [B, S, Hkv, D]
-    v = v_cache[blk, pos % bs].float()
-    out_s, lse_s = attend_with_lse(qf, k, v, valid, scale)
-    # 3. Merge.
-    merge_attention_states_ref(out_p, lse_p, out_s, lse_s, out=out)
-    return out
 
 
 def plan_shared_prefix_groups(block_tables, context_lens, block_size: int, min_prefix_tokens: int = 256,

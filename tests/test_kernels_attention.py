@@ -248,28 +248,6 @@ def make_groups(group_sizes, prefix_blocks, suffix_lens, gen, num_blocks=64):
     return ctx, tables, indptr
 
 
-@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
-@pytest.mark.parametrize("hq,hkv", HEADS[:2])
-def test_cascade_decode_torch_path(dtype, atol, rtol, hq, hkv):
-    """The CPU backend's torch cascade (prefix once per group, own suffixes, LSE merge) equals
-    plain decode attention, including empty suffixes and groups with no prefix."""
-    from ttc_fast.kernels import cascade_decode_attention_torch
-
-    gen = torch.Generator().manual_seed(15)
-    d = 64
-    sizes, pblocks = [1, 3, 8, 2], [2, 1, 3, 0]
-    ctx, bt, indptr = make_groups(sizes, pblocks, [5, 0, 17, 1, 16], gen)
-    kc, vc = make_cache(64, hkv, d, dtype, "cpu", gen)
-    plens = torch.tensor([p * BS for p in pblocks], dtype=torch.int32)
-    q = torch.randn(len(ctx), hq, d, generator=gen).to(dtype)
-    ctx_t = torch.tensor(ctx, dtype=torch.int32)
-    ref = paged_decode_attention_ref(q, kc, vc, bt, ctx_t, d ** -0.5)
-    out = torch.full_like(q, float("nan"))
-    cascade_decode_attention_torch(q, kc, vc, bt, ctx_t, indptr, plens, d ** -0.5, out=out)
-    assert not torch.isnan(out).any()
-    assert_close(out, ref, atol, rtol)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES[:2])
 @pytest.mark.parametrize("hq,hkv", HEADS[:2])

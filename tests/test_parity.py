@@ -118,15 +118,15 @@ def test_hidden_states_at_requested_rows_only(family_model):
 
 
 def test_forks_on_the_cpu_cascade_path_match_transformers(family_model, monkeypatch):
-    """Greedy forks of a long prompt take the torch shared-prefix path (spied) and still match."""
+    """Greedy forks of a long prompt take the torch prefix-tree path (spied) and still match."""
     import ttc_fast.kernels as K
 
     ours, ref = family_model
     calls = []
-    real = K.cascade_decode_attention_torch
-    monkeypatch.setattr(K, "cascade_decode_attention_torch", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = K.tree_attention_torch
+    monkeypatch.setattr(K, "tree_attention_torch", lambda *a, **kw: calls.append(a[3].shared_tokens) or real(*a, **kw))
     engine = tf.Engine(ours, num_blocks=128, block_size=4)
     prompt = random_prompts(ours.config.vocab_size, [70], seed=13)[0]
     out = engine.generate([prompt], tf.SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, n=3))[0]
-    assert calls, "the shared-prefix path was not taken"
+    assert calls and max(calls) > 0, "the prefix-tree path was not taken, or read no shared prefix"
     assert [o.token_ids for o in out.outputs] == [ref_greedy(ref, prompt, 12)] * 3

@@ -17,9 +17,10 @@ import torch
 from . import kernels as K
 
 BACKENDS = ("auto", "torch", "triton")
-# The shared-prefix (cascade) decode path pays off only when a prefix is read by enough beams:
-# (min prefix tokens, min group size) per backend. On the CPU the gain is the gather not repeated.
-CASCADE_THRESHOLDS = {"triton": (256, 4), "torch": (64, 2)}
+# The triton shared-prefix (cascade) decode path pays off only when a prefix is read by enough
+# beams: min prefix tokens, min group size. The torch path reads every shared run once
+# (prefix-tree attention, decode and extend rows alike), which costs nothing when nothing is shared.
+CASCADE_MIN_PREFIX_TOKENS, CASCADE_MIN_GROUP_SIZE = 256, 4
 
 
 @dataclass
@@ -31,7 +32,9 @@ class AttentionMetadata:
     max_q_len: int
     max_context_len: int
     num_decode_seqs: int  # the first num_decode_seqs sequences (and tokens) are decode tokens
-    # Shared-prefix groups over the decode rows, when the cascade path is taken:
+    # The torch path's plan of all rows: their prefix tree (kernels/tree_attention.py).
+    prefix_tree: K.PrefixTree | None = None
+    # Shared-prefix groups over the decode rows, when the triton cascade path is taken:
     group_indptr: torch.Tensor | None = None  # [num_groups + 1] int32
     prefix_lens: torch.Tensor | None = None  # [num_groups] int32
     # Host-side bounds of the decode rows, so kernels size their grids without a device sync.
@@ -67,23 +70,30 @@ class AttentionBackend:
     ):
         self.name = resolve_backend(name, device)
         self.use_cascade = use_cascade
-        min_prefix, min_group = CASCADE_THRESHOLDS[self.name]
-        self.cascade_min_prefix_tokens = min_prefix if cascade_min_prefix_tokens is None else cascade_min_prefix_tokens
-        self.cascade_min_group_size = min_group if cascade_min_group_size is None else cascade_min_group_size
+        self.cascade_min_prefix_tokens = CASCADE_MIN_PREFIX_TOKENS if cascade_min_prefix_tokens is None else cascade_min_prefix_tokens
+        self.cascade_min_group_size = CASCADE_MIN_GROUP_SIZE if cascade_min_group_size is None else cascade_min_group_size
         triton = self.name == "triton"
         self.store_kv = K.store_kv if triton else K.store_kv_ref
         self.copy_blocks = K.copy_blocks if triton else K.copy_blocks_ref
         self.decode = K.paged_decode_attention if triton else K.paged_decode_attention_ref
-        # The torch path's cascade is the same algorithm in plain torch (its reference, plain
-        # decode, would re-read the shared prefix for every beam).
-        self.cascade = K.cascade_decode_attention if triton else K.cascade_decode_attention_torch
+        self.cascade = K.cascade_decode_attention
+        self.tree_attention = K.tree_attention_torch
         self.extend = K.paged_extend_attention if triton else K.paged_extend_attention_ref
         self.sample = K.sample if triton else K.sample_ref
 
+    @property
+    def uses_prefix_tree(self) -> bool:
+        """The torch path attends over the rows' prefix tree (`plan_prefix_tree`)."""
+        return self.use_cascade and self.name == "torch"
+
+    def plan_prefix_tree(self, block_tables, context_lens, q_lens, block_size: int, device) -> K.PrefixTree:
+        """block_tables, context_lens, q_lens: host arrays of every row of the forward."""
+        return K.plan_prefix_tree(block_tables, context_lens, q_lens, block_size, device=device)
+
     def plan_decode_groups(self, block_tables, context_lens, block_size: int):
-        """Order and groups of decode rows for the cascade path, or None for the plain path.
-        block_tables, context_lens: host tensors of the decode rows."""
-        if not self.use_cascade or len(context_lens) < self.cascade_min_group_size:
+        """Order and groups of decode rows for the triton cascade path, or None for the plain
+        path. block_tables, context_lens: host tensors of the decode rows."""
+        if not self.use_cascade or self.name != "triton" or len(context_lens) < self.cascade_min_group_size:
             return None
         return K.plan_shared_prefix_groups(
             block_tables, context_lens, block_size,
@@ -93,6 +103,8 @@ class AttentionBackend:
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """q: [T, Hq, D]; k, v: [T, Hkv, D]. Returns attention output [T, Hq, D]."""
         self.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.prefix_tree is not None:
+            return self.tree_attention(q, k_cache, v_cache, meta.prefix_tree, scale)
         out = torch.empty_like(q)
         nd = meta.num_decode_seqs
         if nd > 0:

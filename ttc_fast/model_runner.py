@@ -113,7 +113,7 @@ class ModelRunner:
 
         group_indptr = prefix_lens = None
         plan = None
-        if num_decode:
+        if num_decode and not self.attention.uses_prefix_tree:
             plan = self.attention.plan_decode_groups(torch.from_numpy(tables[:num_decode]), torch.from_numpy(ctx[:num_decode]), self.block_size)
         if plan is not None:
             perm, group_indptr, prefix_lens = (x.numpy() for x in plan)
@@ -123,6 +123,9 @@ class ModelRunner:
             slots = np.concatenate([slots[:num_decode][perm], slots[num_decode:]])
 
         ordered_counts = counts[order]
+        prefix_tree = None
+        if self.attention.uses_prefix_tree:
+            prefix_tree = self.attention.plan_prefix_tree(tables, ctx, ordered_counts, self.block_size, self.device)
         cu = np.zeros(len(order) + 1, dtype=np.int64)
         np.cumsum(ordered_counts, out=cu[1:])
         starts = np.repeat(ctx.astype(np.int64) - ordered_counts, ordered_counts)
@@ -151,6 +154,7 @@ class ModelRunner:
             max_q_len=int(ordered_counts.max()),
             max_context_len=int(ctx.max()),
             num_decode_seqs=num_decode,
+            prefix_tree=prefix_tree,
             group_indptr=None if group_indptr is None else torch.as_tensor(group_indptr, dtype=torch.int32).to(dev),
             prefix_lens=None if prefix_lens is None else torch.as_tensor(prefix_lens, dtype=torch.int32).to(dev),
             **bounds,

@@ -1,0 +1,213 @@
+"""Prefix-tree attention: the CPU path's attention over sequences that share ancestors.
+
+In beam search the live beams of a problem form a tree: all share the prompt, siblings share
+every earlier step, and only the current step is a beam's own. Plain paged attention gathers
+each row's whole context; a one-level cascade reads once only what ALL of a group's rows share,
+and after a few iterations most of each context is past that point. Here every run of blocks
+that two or more rows share is read once, for exactly the rows that share it:
+
+  plan_prefix_tree: sorts the rows by their block tables and cuts their contexts into segments,
+                    the nodes of the rows' prefix trie: a run of full blocks shared by two or
+                    more rows (read once, for all their queries) or a row's own remainder (its
+                    leaf: the blocks no other row shares, its new tokens included; causal).
+  tree_attention_torch: attends each segment's queries to its blocks, many segments per
+                    batched call (segments bucketed by row count, length and query count), and
+                    merges each token's partial results by log-sum-exp.
+
+Rows may carry one new token (decode) or many (extend: a PRM step, a prompt), in one batch.
+The result equals `paged_decode_attention_ref` / `paged_extend_attention_ref`. Sharing is read
+from block ids: rows holding the same physical block at the same position share its keys.
+
+Layouts: q [T, Hq, D] (row i's tokens are q[cu[i]:cu[i+1]], cu the prefix sum of q_lens);
+k_cache/v_cache [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks];
+context_lens [B] (this step's tokens included); q_lens [B] >= 1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .kv_store import check_cache
+
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+@dataclass
+class SegmentBucket:
+    """Segments of up to R rows, NB blocks and Qm queries per row, padded to one shape."""
+
+    tokens: torch.Tensor  # [S, R * Qm] int64 query token index; padding points at token 0 (dropped)
+    blocks: torch.Tensor  # [S, NB] int64 block ids; padding points at block 0 (masked)
+    bias: torch.Tensor  # [S, 1, 1 or R * Qm, NB * block_size] fp32: 0 where a query may attend, else -inf
+    by_group: dict = field(default_factory=dict)  # bias per GQA group size, built once per forward
+
+
+@dataclass
+class PrefixTree:
+    buckets: list[SegmentBucket]
+    num_rows: int
+    num_tokens: int
+    keep: torch.Tensor  # [C] int64: over all buckets' query slots in order, those of real tokens
+    keep_tokens: torch.Tensor  # [C] int64: their token indices
+    shared_tokens: int  # KV positions read once for several rows (for reports)
+    own_tokens: int  # KV positions read for one row only
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _attend(q, k, v, bias, scale):
+    """q [S, H, M, D], k/v [S, H, L, D] fp32, bias [S, 1, 1 or M, L] (every query may attend at
+    least one position) -> out [S, H, M, D], lse [S, H, M]. On the CPU through its fused
+    flash-attention op, which returns the log-sum-exp too; elsewhere, plain matrix products."""
+    if q.device.type == "cpu" and _FLASH_CPU is not None:
+        return _FLASH_CPU(q, k, v, 0.0, False, attn_mask=bias, scale=scale)[:2]
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale + bias
+    lse = torch.logsumexp(s, dim=-1)
+    return torch.matmul(torch.exp(s - lse[..., None]), v), lse
+
+
+def _trie_segments(keyed: np.ndarray, nfull: np.ndarray):
+    """Sorted row order, the trie's internal segments (first sorted row, last sorted row, first
+    block, end block) and each sorted row's depth (blocks it shares with some other row)."""
+    B = len(nfull)
+    order = np.lexsort(keyed[:, ::-1].T) if keyed.shape[1] else np.arange(B)
+    skeyed, snfull = keyed[order], nfull[order]
+    lcp = np.zeros(max(B - 1, 0), dtype=np.int64)  # full blocks shared by sorted rows i, i + 1
+    if B > 1:
+        same = np.cumprod(skeyed[:-1] == skeyed[1:], axis=1).sum(axis=1)
+        lcp = np.minimum(same, np.minimum(snfull[:-1], snfull[1:]))
+    segments, stack = [], [(0, 0)]  # open intervals: (depth in blocks, first sorted row)
+    for i in range(1, B + 1):
+        cur = int(lcp[i - 1]) if i < B else 0
+        first = i - 1
+        while cur < stack[-1][0]:
+            depth, first = stack.pop()
+            segments.append((first, i - 1, max(stack[-1][0], cur), depth))
+        if cur > stack[-1][0]:
+            stack.append((cur, first))
+    depth = np.zeros(B, dtype=np.int64)
+    if B > 1:
+        depth[:-1] = lcp
+        depth[1:] = np.maximum(depth[1:], lcp)
+    return order, segments, depth
+
+
+def plan_prefix_tree(block_tables, context_lens, q_lens, block_size: int, device=None) -> PrefixTree:
+    """Cut the rows' contexts into the segments of their prefix trie and bucket them.
+    block_tables [B, max_blocks], context_lens [B], q_lens [B]: numpy arrays or host tensors."""
+    bt = np.asarray(block_tables, dtype=np.int64)
+    ctx = np.asarray(context_lens, dtype=np.int64)
+    ql = np.asarray(q_lens, dtype=np.int64)
+    B = len(ctx)
+    if len(ql) != B or bt.shape[0] != B:
+        raise ValueError(f"block_tables, context_lens and q_lens must have one entry per row: "
+                         f"{bt.shape[0]}, {B}, {len(ql)}")
+    if (ql < 1).any() or (ctx < ql).any():
+        raise ValueError("every row needs at least one new token (q_lens >= 1) and context_lens >= q_lens")
+    cu = np.concatenate([[0], np.cumsum(ql)])
+    T = int(cu[-1])
+    # A row can share only full blocks that end before its first new token: its new tokens (and
+    # a block they share with older tokens) are its own, so every row keeps a non-empty leaf.
+    start = ctx - ql
+    nfull = np.minimum(start // block_size, bt.shape[1])
+    keyed = np.where(np.arange(bt.shape[1])[None, :] < nfull[:, None], bt, -1)
+    order, internal, depth = _trie_segments(keyed, nfull) if B else (np.zeros(0, np.int64), [], np.zeros(0, np.int64))
+
+    # Segments: the internal nodes, then one leaf per row (its blocks past its depth).
+    members = [order[lo: hi + 1] for lo, hi, _, _ in internal] + [order[i: i + 1] for i in range(B)]
+    rep = np.array([m[0] for m in members], dtype=np.int64)  # a member, to read the blocks from
+    b0 = np.array([x[2] for x in internal] + depth.tolist(), dtype=np.int64)
+    b1 = np.array([x[3] for x in internal] + (-(-ctx[order] // block_size)).tolist(), dtype=np.int64)
+    leaf = np.arange(len(members)) >= len(internal)
+    size = np.array([len(m) for m in members])
+    qmax = np.array([ql[m].max() for m in members])
+    shared = int(((b1 - b0) * block_size)[~leaf].sum())
+    own = int((ctx[rep] - b0 * block_size)[leaf].sum())
+    groups: dict[tuple, list] = {}
+    for seg, key in enumerate(zip(size, b1 - b0, qmax)):
+        groups.setdefault(tuple(_pow2(x) for x in key), []).append(seg)
+
+    buckets, slot_tokens, slot_valid = [], [], []
+    for (R, _, _), segs in sorted(groups.items()):
+        segs = np.array(segs)
+        S, NB, Qm = len(segs), int((b1 - b0)[segs].max()), int(qmax[segs].max())
+        L = NB * block_size
+        rows = np.full((S, R), -1, dtype=np.int64)
+        for i, seg in enumerate(segs):
+            rows[i, : size[seg]] = members[seg]
+        present, rows = rows >= 0, np.maximum(rows, 0)
+        t = np.arange(Qm)
+        valid = present[:, :, None] & (t < ql[rows][:, :, None])  # [S, R, Qm]
+        tokens = np.where(valid, cu[rows][:, :, None] + t, 0)
+        j = np.arange(NB)[None, :]
+        s0, s1, r = b0[segs][:, None], b1[segs][:, None], rep[segs][:, None]
+        blocks = np.where(j < s1 - s0, bt[r, np.minimum(s0 + j, bt.shape[1] - 1)], 0)
+        kv_pos = s0 * block_size + np.arange(L)  # [S, L] absolute positions
+        if leaf[segs].all() and Qm > 1:  # new tokens of one row each: causal, query t at start + t
+            qpos = start[r] + np.minimum(t, ql[r] - 1)  # [S, Qm]
+            allowed = kv_pos[:, None, :] <= qpos[:, :, None]
+        else:  # full shared blocks (all seen by every query), or decode leaves up to the context
+            end = np.where(leaf[segs][:, None], ctx[r], s1 * block_size)
+            allowed = (kv_pos < end)[:, None, :]
+        bias = np.where(allowed, 0.0, -np.inf).astype(np.float32)[:, None]
+        buckets.append(SegmentBucket(torch.as_tensor(tokens.reshape(S, R * Qm), device=device),
+                                     torch.as_tensor(blocks, device=device), torch.as_tensor(bias, device=device)))
+        slot_tokens.append(tokens.reshape(-1))
+        slot_valid.append(valid.reshape(-1))
+    slot_tokens = np.concatenate(slot_tokens) if slot_tokens else np.zeros(0, np.int64)
+    slot_valid = np.concatenate(slot_valid) if slot_valid else np.zeros(0, bool)
+    return PrefixTree(buckets, B, T, torch.as_tensor(np.flatnonzero(slot_valid), device=device),
+                      torch.as_tensor(slot_tokens[slot_valid], device=device), shared, own)
+
+
+def _bias_for_group(bucket: SegmentBucket, g: int) -> torch.Tensor:
+    """The bucket's bias over queries ordered (row, token, GQA head): each row of it g times."""
+    if bucket.bias.shape[2] == 1:
+        return bucket.bias
+    if g not in bucket.by_group:
+        bucket.by_group[g] = bucket.bias.repeat_interleave(g, dim=2)
+    return bucket.by_group[g]
+
+
+def tree_attention_torch(q, k_cache, v_cache, tree: PrefixTree, scale, out=None):
+    """Attention of every new token over its row's paged context, each shared segment read once
+    (see the module docstring). q [T, Hq, D]; returns out [T, Hq, D] (q.dtype)."""
+    check_cache("tree_attention", k_cache, v_cache)
+    assert q.dim() == 3 and q.shape[2] == k_cache.shape[3] and q.shape[1] % k_cache.shape[2] == 0, (
+        f"tree_attention: q must be [T, Hq, D] with D = {k_cache.shape[3]} and Hq a multiple of "
+        f"{k_cache.shape[2]} kv heads, got {tuple(q.shape)}")
+    assert out is None or out.shape == q.shape, f"tree_attention: out {tuple(out.shape)} != q {tuple(q.shape)}"
+    T, Hq, D = q.shape
+    if tree.num_tokens != T:
+        raise ValueError(f"the prefix tree was planned for {tree.num_tokens} tokens, got {T}")
+    bs, Hkv = k_cache.shape[1], k_cache.shape[2]
+    g = Hq // Hkv
+    if out is None:
+        out = torch.empty_like(q)
+    if T == 0:
+        return out
+    qf = q.float().view(T, Hkv, g, D)
+    outs, lses = [], []
+    for bucket in tree.buckets:
+        S, M = bucket.tokens.shape
+        L = bucket.blocks.shape[1] * bs
+        qs = qf[bucket.tokens].permute(0, 2, 1, 3, 4).reshape(S, Hkv, M * g, D)
+        k = k_cache[bucket.blocks].view(S, L, Hkv, D).float().transpose(1, 2)
+        v = v_cache[bucket.blocks].view(S, L, Hkv, D).float().transpose(1, 2)
+        o, lse = _attend(qs, k, v, _bias_for_group(bucket, g), scale)  # [S, Hkv, M*g, D], [S, Hkv, M*g]
+        outs.append(o.view(S, Hkv, M, g, D).permute(0, 2, 1, 3, 4).reshape(S * M, Hq, D))
+        lses.append(lse.view(S, Hkv, M, g).permute(0, 2, 1, 3).reshape(S * M, Hq))
+    tokens = tree.keep_tokens
+    o, lse = torch.cat(outs)[tree.keep], torch.cat(lses)[tree.keep]
+    # Merge each token's segments: weights exp(lse - the token's largest lse).
+    top = torch.zeros(T, Hq, device=q.device).scatter_reduce_(0, tokens[:, None].expand(-1, Hq), lse, "amax",
+                                                              include_self=False)
+    w = torch.exp(lse - top[tokens])
+    num = torch.zeros(T, Hq, D, device=q.device).index_add_(0, tokens, o * w[..., None])
+    den = torch.zeros(T, Hq, device=q.device).index_add_(0, tokens, w)
+    out.copy_((num / den[..., None]).to(out.dtype))
+    return out

@@ -1,0 +1,119 @@
+"""The CPU path's prefix-tree attention (kernels/tree_attention.py) against plain paged decode
+and extend attention, on beam trees with shuffled block ids, ragged lengths, GQA and forks."""
+import random
+
+import pytest
+import torch
+
+from ttc_fast.kernels import (
+    paged_decode_attention_ref,
+    paged_extend_attention_ref,
+    plan_prefix_tree,
+    tree_attention_torch,
+)
+
+from test_kernels_attention import BS, DTYPES, HEADS, assert_close, make_cache
+
+
+def beam_tree(rng: random.Random, num_blocks: int, problems=3, iterations=3, prompt=(20, 70), steps=(1, 40),
+              keep=2, width=3):
+    """Block tables of the live beams of a beam search: each problem's prompt, then `iterations`
+    rounds in which `keep` random beams are each forked `width` times and every child appends a
+    step of its own (a forked partial last block is copied, as the block manager does)."""
+    free = list(range(num_blocks))
+    rng.shuffle(free)
+    rows = []
+    for _ in range(problems):
+        n = rng.randint(*prompt)
+        live = [([free.pop() for _ in range(-(-n // BS))], n)]
+        for _ in range(iterations):
+            children = []
+            for table, n in rng.sample(live, min(keep, len(live))):
+                for _ in range(width):
+                    full = n // BS
+                    m = n + rng.randint(*steps)
+                    children.append((table[:full] + [free.pop() for _ in range(-(-m // BS) - full)], m))
+            live = children
+        rows += live
+    rng.shuffle(rows)
+    width_blocks = max(len(t) for t, _ in rows) + 2
+    tables = torch.tensor([t + [rng.randrange(num_blocks) for _ in range(width_blocks - len(t))] for t, _ in rows],
+                          dtype=torch.int32)  # garbage past each row's blocks
+    return tables, torch.tensor([n for _, n in rows], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("hq,hkv", HEADS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tree_decode_equals_plain_decode(dtype, atol, rtol, hq, hkv, seed):
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    tables, ctx = beam_tree(rng, 400)
+    d = 32
+    kc, vc = make_cache(400, hkv, d, dtype, "cpu", gen)
+    q = torch.randn(len(ctx), hq, d, generator=gen).to(dtype)
+    ref = paged_decode_attention_ref(q, kc, vc, tables, ctx, d ** -0.5)
+    tree = plan_prefix_tree(tables.numpy(), ctx.numpy(), [1] * len(ctx), BS)
+    assert tree.shared_tokens > 0, "the beams share nothing: the test would not exercise the tree"
+    out = tree_attention_torch(q, kc, vc, tree, d ** -0.5)
+    assert not torch.isnan(out).any()
+    assert_close(out, ref, atol, rtol)
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES[::2])
+@pytest.mark.parametrize("hq,hkv", HEADS[:2])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_tree_extend_and_mixed_rows_equal_plain_extend(dtype, atol, rtol, hq, hkv, seed):
+    """Each beam scores a new step of 1 to 40 tokens (a PRM iteration; some rows decode one
+    token), mixed with fresh prompts that share nothing: equal to plain extend attention."""
+    rng = random.Random(10 + seed)
+    gen = torch.Generator().manual_seed(10 + seed)
+    tables, ctx = beam_tree(rng, 400)
+    q_lens = torch.tensor([min(int(c), rng.choice([1, rng.randint(2, 40)])) for c in ctx], dtype=torch.int32)
+    fresh = [rng.randint(1, 50) for _ in range(2)]  # prompts: every token new
+    free = sorted(set(range(400)) - set(tables.flatten().tolist()))
+    rows = [free[:4], free[4:8]]
+    tables = torch.cat([tables, torch.tensor([r + [0] * (tables.shape[1] - 4) for r in rows], dtype=torch.int32)])
+    ctx = torch.cat([ctx, torch.tensor(fresh, dtype=torch.int32)])
+    q_lens = torch.cat([q_lens, torch.tensor(fresh, dtype=torch.int32)])
+    d = 32
+    kc, vc = make_cache(400, hkv, d, dtype, "cpu", gen)
+    cu = torch.cat([torch.zeros(1, dtype=torch.int32), q_lens.cumsum(0).to(torch.int32)])
+    q = torch.randn(int(cu[-1]), hq, d, generator=gen).to(dtype)
+    ref = paged_extend_attention_ref(q, kc, vc, tables, cu, ctx, int(q_lens.max()), d ** -0.5)
+    tree = plan_prefix_tree(tables.numpy(), ctx.numpy(), q_lens.numpy(), BS)
+    assert tree.shared_tokens > 0
+    out = tree_attention_torch(q, kc, vc, tree, d ** -0.5)
+    assert not torch.isnan(out).any()
+    assert_close(out, ref, atol, rtol)
+
+
+def test_tree_attention_edge_rows():
+    """Rows sharing nothing, a one-token row, rows ending exactly on a block boundary, and two
+    rows with identical tables (their last block read by both as their own)."""
+    gen = torch.Generator().manual_seed(3)
+    d, hq, hkv = 16, 4, 2
+    kc, vc = make_cache(64, hkv, d, torch.float32, "cpu", gen)
+    tables = torch.tensor([[5, 9, 2, 0], [5, 9, 2, 0], [5, 9, 7, 0], [11, 0, 0, 0], [12, 13, 14, 15], [5, 9, 2, 3]],
+                          dtype=torch.int32)
+    ctx = torch.tensor([40, 40, 2 * BS, 1, 4 * BS, 3 * BS + 1], dtype=torch.int32)
+    q = torch.randn(len(ctx), hq, d, generator=gen)
+    tree = plan_prefix_tree(tables.numpy(), ctx.numpy(), [1] * len(ctx), BS)
+    # block 5 is shared by rows 0, 1, 2, 5 and block 9 by rows 0, 1, 5; block 2 holds the last
+    # token of rows 0 and 1, so it is each one's own (and row 5's)
+    assert tree.shared_tokens == 2 * BS
+    assert tree.own_tokens == 8 + 8 + 16 + 1 + 64 + 17
+    out = tree_attention_torch(q, kc, vc, tree, d ** -0.5)
+    assert_close(out, paged_decode_attention_ref(q, kc, vc, tables, ctx, d ** -0.5), 2e-5, 2e-5)
+
+
+def test_tree_attention_rejects_a_plan_for_other_tokens():
+    tables = torch.zeros(2, 1, dtype=torch.int32)
+    kc = vc = torch.zeros(4, BS, 1, 16)
+    tree = plan_prefix_tree(tables[:1].numpy(), [3], [1], BS)
+    with pytest.raises(ValueError, match="planned for 1 tokens"):
+        tree_attention_torch(torch.zeros(2, 1, 16), kc, vc, tree, 0.25)
+    with pytest.raises(ValueError, match="at least one new token"):
+        plan_prefix_tree(tables.numpy(), [3, 0], [1, 1], BS)
+    with pytest.raises(ValueError, match="one entry per row"):
+        plan_prefix_tree(tables.numpy(), [3, 3], [1], BS)
