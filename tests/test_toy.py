@@ -133,19 +133,39 @@ def test_prm_separates_right_from_wrong_steps_of_policy_samples():
 SUBSET = [i for i in range(250) if i % 5 in (3, 4)][:20]  # a fixed spread of the eval set: levels 4 and 5
 
 
-@needs_ckpt
-def test_verifier_guided_search_beats_greedy():
-    """Beam search of policy S guided by the toy verifier (builtin:toy-checker, through load_prm)
-    solves clearly more problems than S's greedy decoding. (With the learned toy PRM the gain is
-    small: benchmarks/RESULTS.md has the measured table.)"""
+# Levels 2 and 3: S greedy is neither near-perfect (level 1: 96%) nor mostly hopeless (level 5:
+# 24%), so one slip is what usually separates a wrong answer from a right one.
+MIDDLE_SUBSET = [i for i in range(250) if i % 5 in (1, 2)][:60]
+
+
+def greedy_and_beam_search(prm, subset, n=16):
+    """Problems of `subset` (eval set indices) solved by policy S: greedy, and beam search (n
+    beams, width 4, 8 iterations, temperature 0.4) guided by `prm` (weighted pick)."""
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    problems = [eval_problems()[i] for i in SUBSET]
+    problems = [eval_problems()[i] for i in subset]
     engine = Engine(load_model("builtin:toy-policy-s", device="cpu"))
     prompts = [format_prompt(p.question, engine.tokenizer, None) for p in problems]
     outs = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=160))
     greedy = sum(grade(extract_answer(o.outputs[0].text) or "", p.answer, "math") for o, p in zip(outs, problems))
-    results = engine.search(problems, BeamSearch(n=16, width=4, iterations=8),
-                            SamplingParams(temperature=0.4, max_tokens=48, seed=0), prm=load_prm("builtin:toy-checker"))
-    searched = sum(bool(r.correct.get(16, {}).get("weighted")) for r in results)
-    print(f"greedy {greedy}/{len(problems)}, checker-guided beam search (n=16) {searched}/{len(problems)}")
+    results = engine.search(problems, BeamSearch(n=n, width=4, iterations=8),
+                            SamplingParams(temperature=0.4, max_tokens=48, seed=0), prm=prm)
+    searched = sum(bool(r.correct.get(n, {}).get("weighted")) for r in results)
+    print(f"greedy {greedy}/{len(problems)}, guided beam search (n={n}) {searched}/{len(problems)}")
+    return greedy, searched
+
+
+@needs_ckpt
+def test_verifier_guided_search_beats_greedy():
+    """Beam search of policy S guided by the toy verifier (builtin:toy-checker, through load_prm)
+    solves clearly more problems than S's greedy decoding."""
+    greedy, searched = greedy_and_beam_search(load_prm("builtin:toy-checker"), SUBSET)
     assert searched >= greedy + 3, (greedy, searched)  # measured: 7/20 -> 11/20
+
+
+@needs_ckpt
+def test_learned_prm_guided_search_beats_greedy():
+    """The same with the learned PRM (builtin:toy-prm, math-shepherd format): S + PRM-guided
+    beam search solves clearly more of 60 level-2 and level-3 problems than S's greedy decoding."""
+    prm = load_prm("builtin:toy-prm", kind="math-shepherd", device="cpu")
+    greedy, searched = greedy_and_beam_search(prm, MIDDLE_SUBSET, n=4)
+    assert searched >= greedy + 4, (greedy, searched)  # measured: 46/60 -> 53/60

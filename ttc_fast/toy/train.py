@@ -12,16 +12,21 @@ Policy L gets a second, lower-lr cosine stage (`then`): it was still improving a
 first. S's width was chosen so that S is clearly weaker than L at its plateau (a 0.1M-parameter
 S, hidden 64, reached 88% greedy: see "candidates_rejected" in the log).
 
-PRM (math-shepherd format, kind="math-shepherd"): initialised from the trained policy L (as real
-PRMs are fine-tuned from a strong LM) and trained on policy S's own samples at temperature 1,
-plus reference solutions (for a quarter of the problems) and reference solutions with one slip
-(for half: a wrong result, operand or running value, continued from there), so that it learns to
-check each step's arithmetic rather than guess from S's error patterns. Each step is labelled
+PRM (math-shepherd format, kind="math-shepherd"): policy L (as real PRMs are fine-tuned from a
+strong LM) with two more decoder layers on top, each starting as the identity. Checking a result
+digit means comparing the digit the policy would write with the one written, a position after
+the policy's prediction is formed: the extra layers give room for that comparison. Trained on
+policy S's own samples (at temperature 0.4, the toy job's, and 1) and, in every batch, fresh
+pairs of a reference solution and the same solution with one slip (a wrong result, operand or
+running value, continued from there), both cut after the same step: S's own slips are all wrong
+results, mostly one wrong digit, and the slip data is drawn like them. Each step is labelled
 good iff it and every step before it pass the checker (Math-Shepherd's label: a correct
-continuation from it reaches the right answer). Text = question + " " + step0 + " ки" + "\n" + step1 + " ки" ..., tokenized
-segment by segment exactly as `load_prm` does; the loss is the cross-entropy of "+" vs "-" at
-each tag plus `lm_weight` times the next-token loss on the fully right solutions (keeping the
-arithmetic L learnt as a policy, which checking a result needs). Its AUC on held-out labelled steps (other problems, other samples) is logged.
+continuation from it reaches the right answer). Text = question + " " + step0 + " ки" + "\n" +
+step1 + " ки" ..., tokenized segment by segment exactly as `load_prm` does; the loss is the
+cross-entropy of "+" vs "-" at each tag plus `lm_weight` times the next-token loss on the fully
+right solutions (keeping the arithmetic L learnt as a policy, which checking a result needs).
+Logged over training: the AUC on held-out labelled steps of S (other problems, other samples)
+and how often a held-out right solution's last step outscores the same solution with a slip.
 
 `eval` measures S and L greedy on the whole eval set and S + beam search / best-of-16 with the
 PRM (and with the exact checker, for reference) on 50 eval problems.
@@ -61,9 +66,9 @@ TRAIN = {
     # L was still improving at the end of its first schedule (84%): a second cosine stage follows
     "policy-l": dict(steps=2600, batch=32, lr=2e-3, eval_every=200, patience=5, seed=2,
                      then=dict(steps=1000, lr=7e-4)),
-    # the PRM was still improving at the end of its first schedule: a second stage on fresh samples
-    "prm": dict(steps=2400, batch=32, lr=7e-4, eval_every=400, seed=3, samples=12000, lm_weight=0.5,
-                then=dict(steps=2400, lr=5e-4)),
+    # each batch: S's samples plus `pairs` fresh (right, slipped) solution pairs
+    "prm": dict(steps=6000, batch=32, pairs=8, lr=7e-4, eval_every=500, seed=3, samples=12000, extra_layers=2,
+                lm_weight=0.5),
 }
 
 
@@ -268,19 +273,38 @@ def auc(scores, labels) -> float:
     return (rank_sum - pos * (pos + 1) / 2) / (pos * neg)
 
 
-def prm_data(policy: Path, n_problems: int, per_problem: int, seed: int):
+def prm_data(policy: Path, n_problems: int, per_problem: int, seed: int, temperature: float = 1.0):
+    """S's own samples (`per_problem` for each of `n_problems` fresh problems), with their labels."""
     rng = random.Random(seed)
-    problems = []
-    while len(problems) < n_problems:
-        p = make_problem(rng, rng.randint(1, 5), f"prm-{len(problems)}")
-        if p.question not in _eval_questions():
-            problems.append(p)
-    samples = sample_solutions(policy, problems, per_problem, temperature=1.0, seed=seed)
-    # plus the reference solutions, so the PRM sees fully correct paths of every length too,
-    # and, for half, one with a slip, so it learns to check each step's arithmetic
-    samples += [(p, p.meta["steps"]) for p in problems[: n_problems // 4]]
-    samples += [(p, slipped(rng, p)) for p in problems[: n_problems // 2]]
+    problems = [_fresh_problem(rng, f"prm-{i}") for i in range(n_problems)]
+    samples = sample_solutions(policy, problems, per_problem, temperature=temperature, seed=seed)
     return [(p.question, steps, prefix_labels(p.question, steps)) for p, steps in samples if steps]
+
+
+def _fresh_problem(rng: random.Random, index: str = "prm"):
+    while True:
+        p = make_problem(rng, rng.randint(1, 5), index)
+        if p.question not in _eval_questions():
+            return p
+
+
+def contrast_pair(rng: random.Random):
+    """A fresh problem's reference solution and the same solution with one slip, both cut after
+    the same step at or past the slip, with their labels: the PRM sees the right step and the
+    slipped one side by side, so it must check the arithmetic to tell them apart."""
+    p = _fresh_problem(rng)
+    bad = slipped(rng, p)
+    good = p.meta["steps"][: len(bad)]
+    return [(p.question, s, prefix_labels(p.question, s)) for s in (good, bad)]
+
+
+def _wrong_result(rng: random.Random, c: int) -> int:
+    """c with one digit moved by 1 to 3 (S's own slips: a wrong units or tens digit, mostly)."""
+    while True:
+        place = 10 ** rng.randrange(len(str(c)))
+        wrong = c + rng.choice([-3, -2, -1, 1, 2, 3]) * place
+        if wrong >= 0:
+            return wrong
 
 
 def slipped(rng: random.Random, problem) -> list[str]:
@@ -292,9 +316,9 @@ def slipped(rng: random.Random, problem) -> list[str]:
     a, sym, b, c = chain[k]
     delta = rng.choice([-10, -2, -1, 1, 2, 10])
     what = rng.random()
-    if what < 0.6 or sym == "/" or (sym == "-" and a - b - abs(delta) < 0):
-        c = c + delta if c + delta >= 0 else c + abs(delta)  # wrong result
-    elif what < 0.8:
+    if what < 0.8 or sym == "/" or (sym == "-" and a - b - abs(delta) < 0):
+        c = _wrong_result(rng, c)  # wrong result: all of S's own slips are of this kind
+    elif what < 0.9:
         b = b + delta if b + delta >= 2 else b + abs(delta)  # wrong operand
         c = _APPLY[sym](a, b)
     else:
@@ -313,42 +337,56 @@ def slipped(rng: random.Random, problem) -> list[str]:
     return steps[: rng.randint(k + 1, len(steps))]
 
 
-def train_prm(log: dict, threads: int = 1, steps: int | None = None, stage: int = 0) -> Path:
-    """Stage 0 fine-tunes policy L into the PRM; stage 1 (TRAIN["prm"]["then"]) continues it on
-    fresh problems and samples at a lower learning rate."""
+def deepened(path: Path, extra: int):
+    """The checkpoint at `path` with `extra` decoder layers on top, each starting as the identity
+    (zero output projections), so training starts from the policy's own predictions. Checking a
+    result digit means comparing the digit the policy predicts with the one written, a step
+    after the prediction is made: the extra layers give the PRM room for that comparison."""
     from transformers import LlamaForCausalLM
 
+    base = LlamaForCausalLM.from_pretrained(str(path))
+    config = base.config
+    config.num_hidden_layers += extra
+    model = LlamaForCausalLM(config)
+    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
+    new = {f"model.layers.{i}." for i in range(config.num_hidden_layers - extra, config.num_hidden_layers)}
+    if unexpected or any(not any(k.startswith(n) for n in new) for k in missing):
+        raise RuntimeError(f"deepening {path}: unexpected {unexpected}, missing {missing}")
+    with torch.no_grad():
+        for layer in model.model.layers[-extra:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    return model
+
+
+def train_prm(log: dict, threads: int = 1, steps: int | None = None) -> Path:
+    """Fine-tune policy L, deepened by `extra_layers`, into the math-shepherd PRM."""
     torch.set_num_threads(threads)
     cfg_t = dict(TRAIN["prm"])
-    then = cfg_t.pop("then")
-    if stage:
-        cfg_t.update(then, seed=cfg_t["seed"] + stage)
     if steps is not None:
         cfg_t["steps"] = steps
     torch.manual_seed(cfg_t["seed"])
     t0 = time.perf_counter()
     tok = build_tokenizer()
-    per = 4
-    data = prm_data(BUILTIN / "toy-policy-s", cfg_t["samples"] // per, per, seed=cfg_t["seed"])
-    held = prm_data(BUILTIN / "toy-policy-s", 200, per, seed=TRAIN["prm"]["seed"] + 100)  # the same at every stage
+    per, half = 4, cfg_t["samples"] // 8
+    # S's samples at the toy job's temperature and at 1 (more varied slips)
+    data = (prm_data(BUILTIN / "toy-policy-s", half, per, seed=cfg_t["seed"], temperature=0.4)
+            + prm_data(BUILTIN / "toy-policy-s", half, per, seed=cfg_t["seed"] + 1, temperature=1.0))
+    held = prm_data(BUILTIN / "toy-policy-s", 200, per, seed=cfg_t["seed"] + 100)
     t_data = time.perf_counter() - t0
     n_lab = [l for _, _, ls in data for l in ls]
     print(f"[prm] {len(data)} solutions, {len(n_lab)} steps, {sum(n_lab) / len(n_lab):.2f} good; sampled in {t_data:.0f}s", flush=True)
-    model = LlamaForCausalLM.from_pretrained(str(BUILTIN / ("toy-prm" if stage else "toy-policy-l")))
+    model = deepened(BUILTIN / "toy-policy-l", cfg_t["extra_layers"])
     good, bad = tok.convert_tokens_to_ids("+"), tok.convert_tokens_to_ids("-")
     rows = [prm_row(tok, q, s, l) for q, s, l in data]
     held_rows = [prm_row(tok, q, s, l) for q, s, l in held]
+    held_rng = random.Random(cfg_t["seed"] + 200)
+    held_pairs = [[prm_row(tok, q, s, l) for q, s, l in contrast_pair(held_rng)] for _ in range(200)]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg_t["lr"], weight_decay=0.01)
     rng = random.Random(cfg_t["seed"])
-    entry = {"params": n_params(model), "init": "toy-policy-l", "train": cfg_t, "data_seconds": round(t_data, 1),
-             "train_solutions": len(data), "train_steps_labelled": len(n_lab),
+    entry = {"params": n_params(model), "init": f"toy-policy-l + {cfg_t['extra_layers']} layers", "train": cfg_t,
+             "data_seconds": round(t_data, 1), "train_solutions": len(data), "train_steps_labelled": len(n_lab),
              "train_good_fraction": round(sum(n_lab) / len(n_lab), 3), "curve": []}
-    step0, t_before = 0, 0.0
-    if stage:
-        old = log.get("prm") or json.loads(LOG.read_text()).get("prm", {})
-        entry = dict(old, curve=list(old.get("curve", [])), stages=old.get("stages", [old.get("train")]) + [cfg_t])
-        step0, t_before = entry["curve"][-1]["step"], old.get("train_seconds", 0.0)
-        t0 -= t_before
     log["prm"] = entry
 
     def scores_of(batch_rows, with_lm=False):
@@ -369,37 +407,52 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, stage: int 
             lm = torch.nn.functional.cross_entropy(logits[right, :-1].flatten(0, 1).float(), targets.flatten())
         return pair, y, lm
 
-    def held_auc():
+    def p_good(batch_rows):
+        return scores_of(batch_rows)[0].softmax(-1)[:, 0].tolist()
+
+    def held_metrics():
+        """AUC on S's held-out samples, and how often the last step of a held-out right solution
+        scores above the same solution with one slip (a pair's tags are aligned step by step)."""
         model.eval()
-        s, y = [], []
+        s, y, wins = [], [], 0
         with torch.no_grad():
             for i in range(0, len(held_rows), 64):
-                pair, lab = scores_of(held_rows[i: i + 64])
-                s += pair.softmax(-1)[:, 0].tolist()
-                y += (1 - lab).tolist()
+                s += p_good(held_rows[i: i + 64])
+                y += [l for r in held_rows[i: i + 64] for l in r[2]]
+            for i in range(0, len(held_pairs), 32):
+                chunk = held_pairs[i: i + 32]
+                flat = p_good([r for pair in chunk for r in pair])
+                at = 0
+                for right_row, slip_row in chunk:
+                    n = len(right_row[1])
+                    wins += flat[at + n - 1] > flat[at + 2 * n - 1]
+                    at += 2 * n
         model.train()
-        return auc(s, y), sum(y) / len(y)
+        return auc(s, y), sum(y) / len(y), wins / len(held_pairs)
 
     losses = []
     for step in range(cfg_t["steps"]):
         for g in opt.param_groups:
             g["lr"] = _lr(step, cfg_t["steps"], cfg_t["lr"], warmup=50)
-        pair, y, lm = scores_of(rng.sample(rows, cfg_t["batch"]), with_lm=True)
+        batch = rng.sample(rows, cfg_t["batch"] - 2 * cfg_t["pairs"])
+        for _ in range(cfg_t["pairs"]):
+            batch += [prm_row(tok, q, s, l) for q, s, l in contrast_pair(rng)]
+        pair, y, lm = scores_of(batch, with_lm=True)
         losses.append(_optimizer_step(model, opt, torch.nn.functional.cross_entropy(pair.float(), y) + cfg_t["lm_weight"] * lm))
         if (step + 1) % cfg_t["eval_every"] == 0 or step + 1 == cfg_t["steps"]:
-            a, frac = held_auc()
-            point = {"step": step0 + step + 1, "loss": sum(losses[-50:]) / len(losses[-50:]), "heldout_auc": round(a, 4),
-                     "seconds": round(time.perf_counter() - t0, 1)}
+            a, frac, slip = held_metrics()
+            point = {"step": step + 1, "loss": sum(losses[-50:]) / len(losses[-50:]), "heldout_auc": round(a, 4),
+                     "heldout_slip_pairs": round(slip, 3), "seconds": round(time.perf_counter() - t0, 1)}
             entry["curve"].append(point)
             print(f"[prm] {point}", flush=True)
-            entry.update(heldout_auc=round(a, 4), heldout_steps=len([l for r in held_rows for l in r[2]]),
+            entry.update(heldout_auc=round(a, 4), heldout_slip_pairs=round(slip, 3),
+                         heldout_steps=len([l for r in held_rows for l in r[2]]),
                          heldout_good_fraction=round(frac, 3), train_seconds=round(time.perf_counter() - t0, 1))
             write_log(log)
-    out = BUILTIN / "toy-prm"
-    save(model, tok, out)
+            save(model, tok, BUILTIN / "toy-prm")
     entry["train_seconds"] = round(time.perf_counter() - t0, 1)
     write_log(log)
-    return out
+    return BUILTIN / "toy-prm"
 
 
 def evaluate(log: dict, threads: int = 1, n_search: int = 50) -> dict:
@@ -452,7 +505,7 @@ def write_log(log: dict) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["all", "policy-s", "policy-l", "prm", "prm-stage2", "eval"])
+    ap.add_argument("what", choices=["all", "policy-s", "policy-l", "prm", "eval"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=None, help="override the step budget (smoke tests)")
     ap.add_argument("--hidden", type=int, default=None, help="override a policy's width (size sweeps)")
@@ -473,10 +526,6 @@ def main(argv=None) -> None:
                          lr=stage["lr"])
     if args.what in ("all", "prm"):
         train_prm(log, threads=args.threads, steps=args.steps)
-        if args.steps is None:
-            train_prm(log, threads=args.threads, stage=1)
-    if args.what == "prm-stage2":  # the second stage alone, from the saved stage-1 PRM
-        train_prm(log, threads=args.threads, steps=args.steps, stage=1)
     if args.what in ("all", "eval"):
         evaluate(log, threads=args.threads)
 
