@@ -21,7 +21,7 @@ merge_attention_states: out_a/out_b [N, H, D] any float dtype, lse_a/lse_b [N, H
 log) -> (out [N, H, D] (out_a.dtype by default), lse [N, H] fp32).
 
 `plan_shared_prefix_groups` is the host-side planner that finds such groups in a decode batch.
-The CPU path uses `tree_decode.py` instead, which also shares the runs common to fewer rows.
+The CPU path uses `tree_attention.py` instead, which also shares the runs common to fewer rows.
 """
 from __future__ import annotations
 

@@ -47,7 +47,6 @@ class SegmentBucket:
 @dataclass
 class PrefixTree:
     buckets: list[SegmentBucket]
-    num_rows: int
     num_tokens: int
     keep: torch.Tensor  # [C] int64: over all buckets' query slots in order, those of real tokens
     keep_tokens: torch.Tensor  # [C] int64: their token indices
@@ -160,7 +159,7 @@ def plan_prefix_tree(block_tables, context_lens, q_lens, block_size: int, device
         slot_valid.append(valid.reshape(-1))
     slot_tokens = np.concatenate(slot_tokens) if slot_tokens else np.zeros(0, np.int64)
     slot_valid = np.concatenate(slot_valid) if slot_valid else np.zeros(0, bool)
-    return PrefixTree(buckets, B, T, torch.as_tensor(np.flatnonzero(slot_valid), device=device),
+    return PrefixTree(buckets, T, torch.as_tensor(np.flatnonzero(slot_valid), device=device),
                       torch.as_tensor(slot_tokens[slot_valid], device=device), shared, own)
 
 

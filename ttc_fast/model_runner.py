@@ -113,7 +113,7 @@ class ModelRunner:
 
         group_indptr = prefix_lens = None
         plan = None
-        if num_decode and not self.attention.uses_prefix_tree:
+        if num_decode:
             plan = self.attention.plan_decode_groups(torch.from_numpy(tables[:num_decode]), torch.from_numpy(ctx[:num_decode]), self.block_size)
         if plan is not None:
             perm, group_indptr, prefix_lens = (x.numpy() for x in plan)

@@ -106,13 +106,19 @@ def _eval_questions() -> set[str]:
     return _EVAL_QUESTIONS
 
 
+def _fresh_problem(rng: random.Random, index: str = "prm"):
+    """A problem of a random level that is not in the eval set."""
+    while True:
+        p = make_problem(rng, rng.randint(1, 5), index)
+        if p.question not in _eval_questions():
+            return p
+
+
 def policy_batch(rng: random.Random, tok, batch: int):
     """(input_ids, labels, attention_mask) for `batch` fresh problems; labels -100 on the prompt."""
     rows = []
-    while len(rows) < batch:
-        p = make_problem(rng, rng.randint(1, 5))
-        if p.question in _eval_questions():
-            continue
+    for _ in range(batch):
+        p = _fresh_problem(rng)
         prompt = tok(p.question + "\n\n")["input_ids"]
         sol = tok(p.meta["solution"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         rows.append((prompt + sol, [-100] * len(prompt) + sol))
@@ -279,13 +285,6 @@ def prm_data(policy: Path, n_problems: int, per_problem: int, seed: int, tempera
     problems = [_fresh_problem(rng, f"prm-{i}") for i in range(n_problems)]
     samples = sample_solutions(policy, problems, per_problem, temperature=temperature, seed=seed)
     return [(p.question, steps, prefix_labels(p.question, steps)) for p, steps in samples if steps]
-
-
-def _fresh_problem(rng: random.Random, index: str = "prm"):
-    while True:
-        p = make_problem(rng, rng.randint(1, 5), index)
-        if p.question not in _eval_questions():
-            return p
 
 
 def contrast_pair(rng: random.Random):
