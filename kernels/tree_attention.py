@@ -13,6 +13,9 @@ that two or more rows share is read once, for exactly the rows that share it:
   tree_attention_torch: attends each segment's queries to its blocks, many segments per
                     batched call (segments bucketed by row count, length and query count), and
                     merges each token's partial results by log-sum-exp.
+  SharedKVMemo:     keeps the shared segments' gathered keys and values from one forward to the
+                    next: in a decode loop the tree's shared part does not change, so the prompt
+                    and the parents' steps are gathered once per loop instead of once per token.
 
 Rows may carry one new token (decode) or many (extend: a PRM step, a prompt), in one batch.
 The result equals `paged_decode_attention_ref` / `paged_extend_attention_ref`. Sharing is read
@@ -42,6 +45,39 @@ class SegmentBucket:
     blocks: torch.Tensor  # [S, NB] int64 block ids; padding points at block 0 (masked)
     bias: torch.Tensor  # [S, 1, 1 or R * Qm, NB * block_size] fp32: 0 where a query may attend, else -inf
     by_group: dict = field(default_factory=dict)  # bias per GQA group size, built once per forward
+    shared_key: bytes | None = None  # the block ids, when every segment is shared (see SharedKVMemo)
+
+
+class SharedKVMemo:
+    """The gathered keys and values of shared segments, kept from one forward to the next.
+
+    A decode loop plans the same tree step after step: only the leaves grow, while the prompt
+    and the parents' steps stay shared. A block that two rows share is full and never written
+    (a write into a shared block copies it first), so its gathered copy stays right until a
+    block is freed, after which its id may be handed out again: the owner calls `clear()` on
+    every free. Entries that the last forward did not use are dropped (`begin_forward`)."""
+
+    def __init__(self):
+        self._last, self._current = {}, {}
+        self.hits = self.misses = 0
+
+    def begin_forward(self) -> None:
+        self._last, self._current = self._current, {}
+
+    def clear(self) -> None:
+        self._last, self._current = {}, {}
+
+    def get(self, key, gather):
+        kv = self._current.get(key)
+        if kv is None:
+            kv = self._last.get(key)
+            if kv is None:
+                kv = gather()
+                self.misses += 1
+            else:
+                self.hits += 1
+            self._current[key] = kv
+        return kv
 
 
 @dataclass
@@ -52,10 +88,12 @@ class PrefixTree:
     keep_tokens: torch.Tensor  # [C] int64: their token indices
     shared_tokens: int  # KV positions read once for several rows (for reports)
     own_tokens: int  # KV positions read for one row only
+    memo: SharedKVMemo | None = None  # reuses the shared segments' gathered K/V across forwards
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
+def _pow2s(n: np.ndarray) -> np.ndarray:
+    """The smallest power of two >= each n (1 for n <= 1)."""
+    return np.left_shift(1, np.ceil(np.log2(np.maximum(n, 1))).astype(np.int64))
 
 
 def _attend(q, k, v, bias, scale):
@@ -95,9 +133,12 @@ def _trie_segments(keyed: np.ndarray, nfull: np.ndarray):
     return order, segments, depth
 
 
-def plan_prefix_tree(block_tables, context_lens, q_lens, block_size: int, device=None) -> PrefixTree:
+def plan_prefix_tree(block_tables, context_lens, q_lens, block_size: int, device=None,
+                     memo: SharedKVMemo | None = None) -> PrefixTree:
     """Cut the rows' contexts into the segments of their prefix trie and bucket them.
-    block_tables [B, max_blocks], context_lens [B], q_lens [B]: numpy arrays or host tensors."""
+    block_tables [B, max_blocks], context_lens [B], q_lens [B]: numpy arrays or host tensors.
+    `memo`: keep the shared segments' gathered K/V across forwards (its owner clears it when a
+    block is freed)."""
     bt = np.asarray(block_tables, dtype=np.int64)
     ctx = np.asarray(context_lens, dtype=np.int64)
     ql = np.asarray(q_lens, dtype=np.int64)
@@ -116,28 +157,30 @@ def plan_prefix_tree(block_tables, context_lens, q_lens, block_size: int, device
     keyed = np.where(np.arange(bt.shape[1])[None, :] < nfull[:, None], bt, -1)
     order, internal, depth = _trie_segments(keyed, nfull) if B else (np.zeros(0, np.int64), [], np.zeros(0, np.int64))
 
-    # Segments: the internal nodes, then one leaf per row (its blocks past its depth).
-    members = [order[lo: hi + 1] for lo, hi, _, _ in internal] + [order[i: i + 1] for i in range(B)]
-    rep = np.array([m[0] for m in members], dtype=np.int64)  # a member, to read the blocks from
-    b0 = np.array([x[2] for x in internal] + depth.tolist(), dtype=np.int64)
-    b1 = np.array([x[3] for x in internal] + (-(-ctx[order] // block_size)).tolist(), dtype=np.int64)
-    leaf = np.arange(len(members)) >= len(internal)
-    size = np.array([len(m) for m in members])
-    qmax = np.array([ql[m].max() for m in members])
+    # Segments: the internal nodes, then one leaf per row (its blocks past its depth). A segment's
+    # rows are a run of the sorted rows: sorted rows first .. first + size - 1.
+    seg_arr = np.asarray(internal, dtype=np.int64).reshape(-1, 4)
+    first = np.concatenate([seg_arr[:, 0], np.arange(B)])
+    size = np.concatenate([seg_arr[:, 1] - seg_arr[:, 0] + 1, np.ones(B, np.int64)])
+    rep = order[first] if B else first  # a member, to read the blocks from
+    b0 = np.concatenate([seg_arr[:, 2], depth])
+    b1 = np.concatenate([seg_arr[:, 3], -(-ctx[order] // block_size)])
+    leaf = np.arange(len(first)) >= len(seg_arr)
+    # the most new tokens of a member: max over the run [first, first + size) of the sorted q_lens
+    bounds = np.stack([first, first + size], axis=1).reshape(-1)
+    qmax = np.maximum.reduceat(np.append(ql[order], 0), bounds)[::2] if B else np.zeros(0, np.int64)
     shared = int(((b1 - b0) * block_size)[~leaf].sum())
     own = int((ctx[rep] - b0 * block_size)[leaf].sum())
-    groups: dict[tuple, list] = {}
-    for seg, key in enumerate(zip(size, b1 - b0, qmax)):
-        groups.setdefault(tuple(_pow2(x) for x in key), []).append(seg)
+    keys = np.stack([_pow2s(size), _pow2s(b1 - b0), _pow2s(qmax)], axis=1)
+    bucket_keys, bucket_of = np.unique(keys, axis=0, return_inverse=True) if len(keys) else (keys, keys[:, 0])
 
     buckets, slot_tokens, slot_valid = [], [], []
-    for (R, _, _), segs in sorted(groups.items()):
-        segs = np.array(segs)
+    for k, (R, _, _) in enumerate(bucket_keys.tolist()):
+        segs = np.flatnonzero(bucket_of.reshape(-1) == k)
         S, NB, Qm = len(segs), int((b1 - b0)[segs].max()), int(qmax[segs].max())
         L = NB * block_size
-        rows = np.full((S, R), -1, dtype=np.int64)
-        for i, seg in enumerate(segs):
-            rows[i, : size[seg]] = members[seg]
+        j = np.arange(R)[None, :]
+        rows = np.where(j < size[segs][:, None], order[np.minimum(first[segs][:, None] + j, B - 1)], -1)
         present, rows = rows >= 0, np.maximum(rows, 0)
         t = np.arange(Qm)
         valid = present[:, :, None] & (t < ql[rows][:, :, None])  # [S, R, Qm]
@@ -153,14 +196,17 @@ def plan_prefix_tree(block_tables, context_lens, q_lens, block_size: int, device
             end = np.where(leaf[segs][:, None], ctx[r], s1 * block_size)
             allowed = (kv_pos < end)[:, None, :]
         bias = np.where(allowed, 0.0, -np.inf).astype(np.float32)[:, None]
+        # Shared segments (R >= 2: a leaf has one row) hold full blocks only, all seen by every query.
+        shared_key = blocks.tobytes() + bytes(memoryview(np.array(blocks.shape, np.int64))) if R > 1 else None
         buckets.append(SegmentBucket(torch.as_tensor(tokens.reshape(S, R * Qm), device=device),
-                                     torch.as_tensor(blocks, device=device), torch.as_tensor(bias, device=device)))
+                                     torch.as_tensor(blocks, device=device), torch.as_tensor(bias, device=device),
+                                     shared_key=shared_key))
         slot_tokens.append(tokens.reshape(-1))
         slot_valid.append(valid.reshape(-1))
     slot_tokens = np.concatenate(slot_tokens) if slot_tokens else np.zeros(0, np.int64)
     slot_valid = np.concatenate(slot_valid) if slot_valid else np.zeros(0, bool)
     return PrefixTree(buckets, T, torch.as_tensor(np.flatnonzero(slot_valid), device=device),
-                      torch.as_tensor(slot_tokens[slot_valid], device=device), shared, own)
+                      torch.as_tensor(slot_tokens[slot_valid], device=device), shared, own, memo)
 
 
 def _bias_for_group(bucket: SegmentBucket, g: int) -> torch.Tensor:
@@ -194,18 +240,26 @@ def tree_attention_torch(q, k_cache, v_cache, tree: PrefixTree, scale, out=None)
     for bucket in tree.buckets:
         S, M = bucket.tokens.shape
         L = bucket.blocks.shape[1] * bs
-        qs = qf[bucket.tokens].permute(0, 2, 1, 3, 4).reshape(S, Hkv, M * g, D)
-        k = k_cache[bucket.blocks].view(S, L, Hkv, D).float().transpose(1, 2)
-        v = v_cache[bucket.blocks].view(S, L, Hkv, D).float().transpose(1, 2)
+        # index_select along dim 0: several times faster on the CPU than advanced indexing
+        qs = qf.index_select(0, bucket.tokens.view(-1)).view(S, M, Hkv, g, D).permute(0, 2, 1, 3, 4).reshape(S, Hkv, M * g, D)
+
+        def gather(blocks=bucket.blocks.view(-1), S=S, L=L):
+            return (k_cache.index_select(0, blocks).view(S, L, Hkv, D).float().transpose(1, 2),
+                    v_cache.index_select(0, blocks).view(S, L, Hkv, D).float().transpose(1, 2))
+
+        if tree.memo is not None and bucket.shared_key is not None:
+            k, v = tree.memo.get((k_cache.data_ptr(), v_cache.data_ptr(), bucket.shared_key), gather)
+        else:
+            k, v = gather()
         o, lse = _attend(qs, k, v, _bias_for_group(bucket, g), scale)  # [S, Hkv, M*g, D], [S, Hkv, M*g]
         outs.append(o.view(S, Hkv, M, g, D).permute(0, 2, 1, 3, 4).reshape(S * M, Hq, D))
         lses.append(lse.view(S, Hkv, M, g).permute(0, 2, 1, 3).reshape(S * M, Hq))
     tokens = tree.keep_tokens
-    o, lse = torch.cat(outs)[tree.keep], torch.cat(lses)[tree.keep]
+    o, lse = torch.cat(outs).index_select(0, tree.keep), torch.cat(lses).index_select(0, tree.keep)
     # Merge each token's segments: weights exp(lse - the token's largest lse).
     top = torch.zeros(T, Hq, device=q.device).scatter_reduce_(0, tokens[:, None].expand(-1, Hq), lse, "amax",
                                                               include_self=False)
-    w = torch.exp(lse - top[tokens])
+    w = torch.exp(lse - top.index_select(0, tokens))
     num = torch.zeros(T, Hq, D, device=q.device).index_add_(0, tokens, o * w[..., None])
     den = torch.zeros(T, Hq, device=q.device).index_add_(0, tokens, w)
     out.copy_((num / den[..., None]).to(out.dtype))

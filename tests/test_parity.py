@@ -84,6 +84,8 @@ def test_greedy_after_forks_and_prefix_hits(family_model):
     first = engine.generate([base], params)[0]
     expected = ref_greedy(ref, base, GREEDY_TOKENS)
     assert [o.token_ids for o in first.outputs] == [expected] * 3  # forks of one prefill
+    if engine.runner.attention.uses_prefix_tree:  # the shared prompt blocks were gathered once, then reused
+        assert engine.runner.shared_kv_memo.hits > 0
     # The same prompt again and a longer one sharing its prefix: both hit the prefix cache.
     longer = base + [3, 4, 5]
     before = engine.stats["cached_prompt_tokens"]

@@ -9,6 +9,7 @@ from ttc_fast.kernels import (
     paged_decode_attention_ref,
     paged_extend_attention_ref,
     plan_prefix_tree,
+    SharedKVMemo,
     tree_attention_torch,
 )
 
@@ -117,3 +118,41 @@ def test_tree_attention_rejects_a_plan_for_other_tokens():
         plan_prefix_tree(tables.numpy(), [3, 0], [1, 1], BS)
     with pytest.raises(ValueError, match="one entry per row"):
         plan_prefix_tree(tables.numpy(), [3, 3], [1], BS)
+
+
+def test_shared_kv_memo_across_decode_steps_and_after_a_free():
+    """A decode loop: every row whose last block has room appends a token (written into its own
+    block) and the tree is planned again with one memo: the shared segments' gathered K/V are
+    reused and every step equals plain decode. Then a shared block is rewritten, as a freed and
+    reused block would be: after clear() the result is right again; the kept memo would be stale."""
+    rng = random.Random(5)
+    gen = torch.Generator().manual_seed(5)
+    tables, ctx = beam_tree(rng, 400)
+    d, hq, hkv = 16, 4, 2
+    kc, vc = make_cache(400, hkv, d, torch.float32, "cpu", gen)
+    memo = SharedKVMemo()
+
+    def step():
+        memo.begin_forward()
+        q = torch.randn(len(ctx), hq, d, generator=gen)
+        tree = plan_prefix_tree(tables.numpy(), ctx.numpy(), [1] * len(ctx), BS, memo=memo)
+        return tree_attention_torch(q, kc, vc, tree, d ** -0.5), paged_decode_attention_ref(q, kc, vc, tables, ctx, d ** -0.5), tree
+
+    for _ in range(4):
+        out, ref, tree = step()
+        assert_close(out, ref, 2e-5, 2e-5)
+        room = (ctx % BS) != 0  # a row's partial last block is its own (forks copy it)
+        for row in torch.nonzero(room).flatten().tolist():
+            pos = int(ctx[row])
+            block = int(tables[row, pos // BS])
+            kc[block, pos % BS] = torch.randn(hkv, d, generator=gen)
+            vc[block, pos % BS] = torch.randn(hkv, d, generator=gen)
+        ctx = ctx + room.to(ctx.dtype)
+    assert memo.hits > 0, "no shared segment was reused across steps"
+    shared = next(b for b in tree.buckets if b.shared_key is not None).blocks[0, 0]
+    kc[shared] = torch.randn(BS, hkv, d, generator=gen)
+    stale, ref, _ = step()
+    assert (stale - ref).abs().max() > 1e-3, "a rewritten shared block went unnoticed: the test would not catch a stale memo"
+    memo.clear()
+    out, ref, _ = step()
+    assert_close(out, ref, 2e-5, 2e-5)

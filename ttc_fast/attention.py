@@ -86,9 +86,10 @@ class AttentionBackend:
         """The torch path attends over the rows' prefix tree (`plan_prefix_tree`)."""
         return self.use_cascade and self.name == "torch"
 
-    def plan_prefix_tree(self, block_tables, context_lens, q_lens, block_size: int, device) -> K.PrefixTree:
-        """block_tables, context_lens, q_lens: host arrays of every row of the forward."""
-        return K.plan_prefix_tree(block_tables, context_lens, q_lens, block_size, device=device)
+    def plan_prefix_tree(self, block_tables, context_lens, q_lens, block_size: int, device, memo=None) -> K.PrefixTree:
+        """block_tables, context_lens, q_lens: host arrays of every row of the forward; memo: a
+        `SharedKVMemo` its caller clears whenever a block is freed."""
+        return K.plan_prefix_tree(block_tables, context_lens, q_lens, block_size, device=device, memo=memo)
 
     def plan_decode_groups(self, block_tables, context_lens, block_size: int):
         """Order and groups of decode rows for the triton cascade path, or None for the plain

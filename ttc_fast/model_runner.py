@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import kernels as K
 from .attention import AttentionBackend, AttentionMetadata
 from .block_manager import BlockManager
 from .kv_pool import KVPool, plan_num_blocks
@@ -48,6 +49,8 @@ class ModelRunner:
         self.pool = KVPool(self.config, num_blocks, block_size, model.dtype, self.device)
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_cache)
         self.num_blocks = num_blocks
+        # The shared segments' gathered K/V, reused across decode steps; valid until a block is freed.
+        self.shared_kv_memo = K.SharedKVMemo()
 
     # --- sequences -----------------------------------------------------------------------------
     def new_sequence(self, prompt: list[int] | None = None) -> tuple[int, int]:
@@ -61,7 +64,10 @@ class ModelRunner:
         return list(self.blocks.fork(seq, n))
 
     def free(self, seq: int) -> None:
+        """Free through here, never `self.blocks.free` directly: a freed block id may be reused,
+        so the memo of gathered shared blocks is dropped."""
         self.blocks.free(seq)
+        self.shared_kv_memo.clear()
 
     def seq_len(self, seq: int) -> int:
         return self.blocks.seq_len(seq)
@@ -125,7 +131,9 @@ class ModelRunner:
         ordered_counts = counts[order]
         prefix_tree = None
         if self.attention.uses_prefix_tree:
-            prefix_tree = self.attention.plan_prefix_tree(tables, ctx, ordered_counts, self.block_size, self.device)
+            self.shared_kv_memo.begin_forward()
+            prefix_tree = self.attention.plan_prefix_tree(tables, ctx, ordered_counts, self.block_size, self.device,
+                                                          memo=self.shared_kv_memo)
         cu = np.zeros(len(order) + 1, dtype=np.int64)
         np.cumsum(ordered_counts, out=cu[1:])
         starts = np.repeat(ctx.astype(np.int64) - ordered_counts, ordered_counts)
