@@ -2,32 +2,52 @@
 (`builtin:toy-checker`) instead of the learned PRM, with the toy job's settings.
 
     python benchmarks/toy_checker_reference.py      # about 45 s on 2 CPU cores
+    python benchmarks/toy_checker_reference.py --temperatures 0.4 0.6 0.8 1.0 --strategies beam dvts
+    python benchmarks/toy_checker_reference.py --verifier prm --temperatures 0.6 0.8 --ns 16
 
 It separates the two things the toy table measures: whether search over S's samples can reach
 policy L at all (it can, with an exact verifier), and how much of that the learned PRM delivers.
+`--temperatures` asks the same question at other sampling temperatures (the toy job's 0.4 suits
+the learned PRM; an exact verifier gains from more varied samples); `--verifier prm` runs the
+learned PRM under the same settings.
 """
+import argparse
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ttc_fast import BeamSearch, Engine, SamplingParams, load_model, load_prm  # noqa: E402
+from ttc_fast import DVTS, BeamSearch, Engine, SamplingParams, load_model, load_prm  # noqa: E402
 from ttc_fast.toy import eval_problems  # noqa: E402
 from ttc_fast.toy.evaluate import ITERATIONS, STEP_TOKENS, TEMPERATURE  # noqa: E402
 
+STRATEGIES = {"beam": BeamSearch, "dvts": DVTS}
+
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--verifier", choices=("checker", "prm"), default="checker")
+    ap.add_argument("--temperatures", type=float, nargs="+", default=[TEMPERATURE])
+    ap.add_argument("--strategies", choices=sorted(STRATEGIES), nargs="+", default=["beam"])
+    ap.add_argument("--ns", type=int, nargs="+", default=[4, 16, 64])
+    args = ap.parse_args()
     problems = eval_problems()
     engine = Engine(load_model("builtin:toy-policy-s", device="cpu"))
-    checker = load_prm("builtin:toy-checker")
-    sampling = SamplingParams(temperature=TEMPERATURE, max_tokens=STEP_TOKENS, seed=0)
-    for n in (4, 16, 64):
-        started = time.perf_counter()
-        results = engine.search(problems, BeamSearch(n=n, width=4, iterations=ITERATIONS), sampling, prm=checker)
-        accuracy = sum(bool(r.correct[n]["weighted"]) for r in results) / len(results)
-        print(f"beam + toy-checker, N = {n}: accuracy {accuracy:.3f} on {len(problems)} problems "
-              f"({time.perf_counter() - started:.0f} s)", flush=True)
+    if args.verifier == "checker":
+        verifier = load_prm("builtin:toy-checker")
+    else:
+        verifier = load_prm("builtin:toy-prm", kind="math-shepherd", device="cpu", kv_cache_bytes=1 << 30)
+    for temperature in args.temperatures:
+        sampling = SamplingParams(temperature=temperature, max_tokens=STEP_TOKENS, seed=0)
+        for name in args.strategies:
+            for n in args.ns:
+                started = time.perf_counter()
+                strategy = STRATEGIES[name](n=n, width=min(4, n), iterations=ITERATIONS)
+                results = engine.search(problems, strategy, sampling, prm=verifier)
+                accuracy = sum(bool(r.correct[n]["weighted"]) for r in results) / len(results)
+                print(f"{name} + toy-{args.verifier}, temperature {temperature}, N = {n}: accuracy {accuracy:.3f} "
+                      f"on {len(problems)} problems ({time.perf_counter() - started:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ class SegmentBucket:
     blocks: torch.Tensor  # [S, NB] int64 block ids; padding points at block 0 (masked)
     bias: torch.Tensor  # [S, 1, 1 or R * Qm, NB * block_size] fp32: 0 where a query may attend, else -inf
     by_group: dict = field(default_factory=dict)  # bias per GQA group size, built once per forward
-    shared_key: bytes | None = None  # the block ids, when every segment is shared (see SharedKVMemo)
+    shared_key: tuple | None = None  # (shape, bytes) of `blocks` when every segment is shared (SharedKVMemo)
 
 
 class SharedKVMemo:
@@ -197,7 +197,7 @@ def plan_prefix_tree(block_tables, context_lens, q_lens, block_size: int, device
             allowed = (kv_pos < end)[:, None, :]
         bias = np.where(allowed, 0.0, -np.inf).astype(np.float32)[:, None]
         # Shared segments (R >= 2: a leaf has one row) hold full blocks only, all seen by every query.
-        shared_key = blocks.tobytes() + bytes(memoryview(np.array(blocks.shape, np.int64))) if R > 1 else None
+        shared_key = (blocks.shape, blocks.tobytes()) if R > 1 else None
         buckets.append(SegmentBucket(torch.as_tensor(tokens.reshape(S, R * Qm), device=device),
                                      torch.as_tensor(blocks, device=device), torch.as_tensor(bias, device=device),
                                      shared_key=shared_key))
