@@ -45,7 +45,7 @@ class SegmentBucket:
     blocks: torch.Tensor  # [S, NB] int64 block ids; padding points at block 0 (masked)
     bias: torch.Tensor  # [S, 1, 1 or R * Qm, NB * block_size] fp32: 0 where a query may attend, else -inf
     by_group: dict = field(default_factory=dict)  # bias per GQA group size, built once per forward
-    shared_key: tuple | None = None  # (shape, bytes) of `blocks` when every segment is shared (SharedKVMemo)
+    shared_key: tuple | None = None  # (shape, bytes) of the block ids, padding -1, when every segment is shared (SharedKVMemo)
 
 
 class SharedKVMemo:
@@ -55,7 +55,9 @@ class SharedKVMemo:
     and the parents' steps stay shared. A block that two rows share is full and never written
     (a write into a shared block copies it first), so its gathered copy stays right until a
     block is freed, after which its id may be handed out again: the owner calls `clear()` on
-    every free. Entries that the last forward did not use are dropped (`begin_forward`)."""
+    every free. Entries that the last forward did not use are dropped (`begin_forward`). Keys
+    name the real block ids of each segment (padding apart). Memory: fp32 copies of every layer's
+    shared segments, for at most the last forward and the current one."""
 
     def __init__(self):
         self._last, self._current = {}, {}
@@ -196,8 +198,10 @@ def plan_prefix_tree(block_tables, context_lens, q_lens, block_size: int, device
             end = np.where(leaf[segs][:, None], ctx[r], s1 * block_size)
             allowed = (kv_pos < end)[:, None, :]
         bias = np.where(allowed, 0.0, -np.inf).astype(np.float32)[:, None]
-        # Shared segments (R >= 2: a leaf has one row) hold full blocks only, all seen by every query.
-        shared_key = (blocks.shape, blocks.tobytes()) if R > 1 else None
+        # Shared segments (R >= 2: a leaf has one row) hold full blocks only, all seen by every
+        # query. The key marks padding -1, not block 0: block 0 may be a live block still being
+        # written, and a later segment that really holds it must not match this one.
+        shared_key = (blocks.shape, np.where(j < s1 - s0, blocks, -1).tobytes()) if R > 1 else None
         buckets.append(SegmentBucket(torch.as_tensor(tokens.reshape(S, R * Qm), device=device),
                                      torch.as_tensor(blocks, device=device), torch.as_tensor(bias, device=device),
                                      shared_key=shared_key))

@@ -156,3 +156,28 @@ def test_shared_kv_memo_across_decode_steps_and_after_a_free():
     memo.clear()
     out, ref, _ = step()
     assert_close(out, ref, 2e-5, 2e-5)
+
+
+def test_shared_kv_memo_does_not_match_a_padded_segment_that_now_holds_block_0():
+    """Two shared segments of 4 and 3 blocks fall in one bucket, the shorter padded with block 0,
+    which is live and still being written (no free in between). When block 0 fills and becomes
+    the shorter segment's fourth shared block, the bucket's block matrix is the same, but its
+    memo key must differ: the gathered copy of the padding holds block 0's old content."""
+    gen = torch.Generator().manual_seed(6)
+    d, hq, hkv = 16, 4, 2
+    kc, vc = make_cache(16, hkv, d, torch.float32, "cpu", gen)
+    memo = SharedKVMemo()
+
+    def forward(tables, ctx):
+        tables, ctx = torch.tensor(tables, dtype=torch.int32), torch.tensor(ctx, dtype=torch.int32)
+        memo.begin_forward()
+        q = torch.randn(len(ctx), hq, d, generator=gen)
+        tree = plan_prefix_tree(tables.numpy(), ctx.numpy(), [1] * len(ctx), BS, memo=memo)
+        assert any(b.shared_key is not None and b.blocks.shape == (2, 4) for b in tree.buckets)
+        out = tree_attention_torch(q, kc, vc, tree, d ** -0.5)
+        assert_close(out, paged_decode_attention_ref(q, kc, vc, tables, ctx, d ** -0.5), 2e-5, 2e-5)
+
+    # rows 0, 1 share blocks 1-4; rows 2, 3 share blocks 5-7; the last block of each row is its own
+    forward([[1, 2, 3, 4, 8], [1, 2, 3, 4, 9], [5, 6, 7, 10, 0], [5, 6, 7, 11, 0]], [4 * BS + 1] * 2 + [3 * BS + 1] * 2)
+    kc[0], vc[0] = torch.randn(BS, hkv, d, generator=gen), torch.randn(BS, hkv, d, generator=gen)
+    forward([[1, 2, 3, 4, 8], [1, 2, 3, 4, 9], [5, 6, 7, 0, 12], [5, 6, 7, 0, 13]], [4 * BS + 1] * 4)
