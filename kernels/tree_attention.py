@@ -189,7 +189,8 @@ def plan_prefix_tree(block_tables, context_lens, q_lens, block_size: int, device
         tokens = np.where(valid, cu[rows][:, :, None] + t, 0)
         j = np.arange(NB)[None, :]
         s0, s1, r = b0[segs][:, None], b1[segs][:, None], rep[segs][:, None]
-        blocks = np.where(j < s1 - s0, bt[r, np.minimum(s0 + j, bt.shape[1] - 1)], 0)
+        ids = np.where(j < s1 - s0, bt[r, np.minimum(s0 + j, bt.shape[1] - 1)], -1)  # padding -1
+        blocks = np.maximum(ids, 0)  # padding read from block 0 (masked)
         kv_pos = s0 * block_size + np.arange(L)  # [S, L] absolute positions
         if leaf[segs].all() and Qm > 1:  # new tokens of one row each: causal, query t at start + t
             qpos = start[r] + np.minimum(t, ql[r] - 1)  # [S, Qm]
@@ -199,9 +200,9 @@ def plan_prefix_tree(block_tables, context_lens, q_lens, block_size: int, device
             allowed = (kv_pos < end)[:, None, :]
         bias = np.where(allowed, 0.0, -np.inf).astype(np.float32)[:, None]
         # Shared segments (R >= 2: a leaf has one row) hold full blocks only, all seen by every
-        # query. The key marks padding -1, not block 0: block 0 may be a live block still being
+        # query. The key keeps padding -1, not block 0: block 0 may be a live block still being
         # written, and a later segment that really holds it must not match this one.
-        shared_key = (blocks.shape, np.where(j < s1 - s0, blocks, -1).tobytes()) if R > 1 else None
+        shared_key = (ids.shape, ids.tobytes()) if R > 1 else None
         buckets.append(SegmentBucket(torch.as_tensor(tokens.reshape(S, R * Qm), device=device),
                                      torch.as_tensor(blocks, device=device), torch.as_tensor(bias, device=device),
                                      shared_key=shared_key))
