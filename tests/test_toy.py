@@ -82,6 +82,32 @@ def test_checker_rejects_wrong_steps():
         assert prm.score_full(q, bad) == [1.0, 0.0, 0.0]
 
 
+def test_prm_token_labels_mark_the_first_wrong_character():
+    """The PRM's per-token training labels (train.expression_labels, via prm_row): 1 on the
+    arithmetic of right steps, 0 from the first digit that cannot be right, and 0 on every later
+    step; a wrong operand is marked at the operand; a step in another form gets none."""
+    from ttc_fast.toy.tokenizer import build_tokenizer
+    from ttc_fast.toy.train import prm_row
+
+    tok = build_tokenizer()
+    q = "Tom has 7 apples. He buys 5 more. He gives away 3. How many apples does he have now?"
+
+    def marked(steps):
+        ids, tags, labels, dense = prm_row(tok, q, steps, prefix_labels(q, steps))
+        toks = tok.convert_ids_to_tokens(ids)
+        return "".join(toks[i] + "+-"[1 - g] for i, g in dense)
+
+    good = ["He buys 5 more, so 7 + 5 = 12.", "He gives away 3, so 12 - 3 = 9.", "The answer is \\boxed{9}."]
+    assert marked(good) == " 7+ ++ 5+ =+ 1+2+.+ 1+2+ -+ 3+ =+ 9+.+ \\+boxed+{+9+}+.+"
+    slip = [good[0], "He gives away 3, so 12 - 3 = 8.", "The answer is \\boxed{8}."]
+    assert marked(slip) == " 7+ ++ 5+ =+ 1+2+.+ 1+2+ -+ 3+ =+ 8-.- \\-boxed-{-8-}-.-"
+    operand = ["He buys 5 more, so 7 + 6 = 13."]
+    assert marked(operand) == " 7+ ++ 6- =- 1-3-.-"
+    short = ["He buys 5 more, so 7 + 5 = 1."]  # "1" could still be "12": wrong at the "."
+    assert marked(short) == " 7+ ++ 5+ =+ 1+.-"
+    assert marked(["He buys 5 more and has 12."]) == ""
+
+
 # --- tokenizer + checkpoints --------------------------------------------------------------------
 @needs_ckpt
 def test_checkpoints_load_and_tokenizer():

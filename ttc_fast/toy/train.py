@@ -25,8 +25,14 @@ continuation from it reaches the right answer). Text = question + " " + step0 + 
 step1 + " ки" ..., tokenized segment by segment exactly as `load_prm` does; the loss is the
 cross-entropy of "+" vs "-" at each tag plus `lm_weight` times the next-token loss on the fully
 right solutions (keeping the arithmetic L learnt as a policy, which checking a result needs).
+Then (`then`) cosine stages continue from the checkpoint on fresh samples and pairs, adding
+`dense_weight` times the same "+"/"-" loss at every token of each step's arithmetic, labelled
+by whether the text so far can still become the right step (`expression_labels`): a slip is
+then taught at the digit where it is written, where the PRM can compare it with the digit it
+expects, instead of only through the step's tag.
 Logged over training: the AUC on held-out labelled steps of S (other problems, other samples)
-and how often a held-out right solution's last step outscores the same solution with a slip.
+and how often a held-out right solution's last step outscores the same solution with a slip;
+the checkpoint kept is the one with the best held-out AUC.
 
 `eval` measures S and L greedy on the whole eval set and S + beam search / best-of-16 with the
 PRM (and with the exact checker, for reference) on 50 eval problems.
@@ -67,8 +73,10 @@ TRAIN = {
     "policy-l": dict(steps=2600, batch=32, lr=2e-3, eval_every=200, patience=5, seed=2,
                      then=dict(steps=1000, lr=7e-4)),
     # each batch: S's samples plus `pairs` fresh (right, slipped) solution pairs
+    # the PRM was still improving (held-out AUC) at the end of its first schedule: two more
+    # stages on fresh data with the per-token arithmetic loss
     "prm": dict(steps=6000, batch=32, pairs=8, lr=7e-4, eval_every=500, seed=3, samples=12000, extra_layers=2,
-                lm_weight=0.5),
+                lm_weight=0.5, then=[dict(steps=3000, lr=3e-4, dense_weight=1.0)] * 2),
 }
 
 
@@ -252,14 +260,46 @@ def sample_solutions(policy: Path, problems, n: int, temperature: float = 1.0, s
 
 def prm_row(tok, question, steps, labels, sep="\n"):
     """Token ids of the math-shepherd text (segment by segment, as load_prm builds them), the
-    tag positions and their labels."""
+    tag positions, their labels, and (position, label) pairs for the tokens of each step's
+    arithmetic (`expression_labels`)."""
     ids = list(tok(question)["input_ids"])
     tag = tok(" ки", add_special_tokens=False)["input_ids"]
-    pos = []
+    chain = solve(question)
+    pos, dense, ok_before = [], [], True
     for k, s in enumerate(steps):
-        ids += tok((" " if k == 0 else sep) + s.strip(), add_special_tokens=False)["input_ids"] + tag
+        text = (" " if k == 0 else sep) + s.strip()
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        for i, good in expression_labels(text, enc["offset_mapping"], chain, k, ok_before):
+            dense.append((len(ids) + i, good))
+        ids += enc["input_ids"] + tag
         pos.append(len(ids) - 1)
-    return ids, pos, list(labels)
+        ok_before = ok_before and bool(labels[k])
+    return ids, pos, list(labels), dense
+
+
+def expression_labels(text, offsets, chain, k, ok_before):
+    """(token index, label) for the tokens of step k's "a op b = c." (or the answer's
+    "\\boxed{v}."): 1 while the text so far can still become the right step, 0 from the first
+    character that cannot (and everywhere after an earlier wrong step). A slip is then marked at
+    the digit where it is written, where the PRM can compare it with the digit it expects, not
+    only at the step's tag. Steps not in the expected form get none."""
+    if k < len(chain):
+        a, sym, b, c = chain[k]
+        at, right = text.find(", so "), f" {a} {sym} {b} = {c}."
+        at = at + 4 if at >= 0 else -1
+    elif k == len(chain):
+        at, right = text.find(" \\boxed{"), f" \\boxed{{{chain[-1][3] if chain else ''}}}."
+    else:
+        return []
+    if at < 0:
+        return []
+    out, good = [], ok_before
+    for i, (lo, hi) in enumerate(offsets):
+        if hi <= at:
+            continue
+        good = good and right.startswith(text[at:hi])
+        out.append((i, int(good)))
+    return out
 
 
 def auc(scores, labels) -> float:
@@ -358,34 +398,48 @@ def deepened(path: Path, extra: int):
     return model
 
 
-def train_prm(log: dict, threads: int = 1, steps: int | None = None) -> Path:
-    """Fine-tune policy L, deepened by `extra_layers`, into the math-shepherd PRM."""
+def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str | None = None,
+              lr: float | None = None, dense_weight: float | None = None) -> Path:
+    """Fine-tune policy L, deepened by `extra_layers`, into the math-shepherd PRM; `init`
+    continues from a saved PRM on freshly sampled solutions (the log keeps its curve, steps count
+    on from it, and the checkpoint is only replaced when the held-out AUC improves)."""
+    from transformers import LlamaForCausalLM
+
     torch.set_num_threads(threads)
-    cfg_t = dict(TRAIN["prm"])
-    if steps is not None:
-        cfg_t["steps"] = steps
-    torch.manual_seed(cfg_t["seed"])
-    t0 = time.perf_counter()
+    cfg_t = {k: v for k, v in TRAIN["prm"].items() if k != "then"}
+    cfg_t.update({k: v for k, v in (("steps", steps), ("lr", lr), ("dense_weight", dense_weight)) if v is not None})
+    old = json.loads(LOG.read_text()).get("prm", {}) if init is not None and LOG.is_file() else {}
+    step0 = old["curve"][-1]["step"] if old.get("curve") else 0
+    seed = cfg_t["seed"] + 7919 * step0  # a continuation samples other problems and pairs
+    torch.manual_seed(seed)
+    t0 = time.perf_counter() - old.get("train_seconds", 0.0)
+    t_data0 = time.perf_counter()
     tok = build_tokenizer()
     per, half = 4, cfg_t["samples"] // 8
     # S's samples at the toy job's temperature and at 1 (more varied slips)
-    data = (prm_data(BUILTIN / "toy-policy-s", half, per, seed=cfg_t["seed"], temperature=0.4)
-            + prm_data(BUILTIN / "toy-policy-s", half, per, seed=cfg_t["seed"] + 1, temperature=1.0))
+    data = (prm_data(BUILTIN / "toy-policy-s", half, per, seed=seed, temperature=0.4)
+            + prm_data(BUILTIN / "toy-policy-s", half, per, seed=seed + 1, temperature=1.0))
     held = prm_data(BUILTIN / "toy-policy-s", 200, per, seed=cfg_t["seed"] + 100)
-    t_data = time.perf_counter() - t0
+    t_data = time.perf_counter() - t_data0
     n_lab = [l for _, _, ls in data for l in ls]
     print(f"[prm] {len(data)} solutions, {len(n_lab)} steps, {sum(n_lab) / len(n_lab):.2f} good; sampled in {t_data:.0f}s", flush=True)
-    model = deepened(BUILTIN / "toy-policy-l", cfg_t["extra_layers"])
+    model = deepened(BUILTIN / "toy-policy-l", cfg_t["extra_layers"]) if init is None else LlamaForCausalLM.from_pretrained(init)
     good, bad = tok.convert_tokens_to_ids("+"), tok.convert_tokens_to_ids("-")
     rows = [prm_row(tok, q, s, l) for q, s, l in data]
     held_rows = [prm_row(tok, q, s, l) for q, s, l in held]
     held_rng = random.Random(cfg_t["seed"] + 200)
     held_pairs = [[prm_row(tok, q, s, l) for q, s, l in contrast_pair(held_rng)] for _ in range(200)]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg_t["lr"], weight_decay=0.01)
-    rng = random.Random(cfg_t["seed"])
-    entry = {"params": n_params(model), "init": f"toy-policy-l + {cfg_t['extra_layers']} layers", "train": cfg_t,
-             "data_seconds": round(t_data, 1), "train_solutions": len(data), "train_steps_labelled": len(n_lab),
-             "train_good_fraction": round(sum(n_lab) / len(n_lab), 3), "curve": []}
+    rng = random.Random(seed)
+    data_stats = {"data_seconds": round(t_data, 1), "train_solutions": len(data), "train_steps_labelled": len(n_lab),
+                  "train_good_fraction": round(sum(n_lab) / len(n_lab), 3)}
+    if init is None:
+        entry = {"params": n_params(model), "init": f"toy-policy-l + {cfg_t['extra_layers']} layers", "train": cfg_t,
+                 **data_stats, "curve": []}
+    else:
+        entry = dict(old, curve=list(old.get("curve", [])),
+                     stages=old.get("stages", [old.get("train")]) + [dict(cfg_t, init=str(init), **data_stats)])
+    best = old.get("heldout_auc", -1.0)
     log["prm"] = entry
 
     def scores_of(batch_rows, with_lm=False):
@@ -404,7 +458,13 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None) -> Path:
         if right:
             targets = ids[right, 1:].masked_fill(mask[right, 1:] == 0, -100)
             lm = torch.nn.functional.cross_entropy(logits[right, :-1].flatten(0, 1).float(), targets.flatten())
-        return pair, y, lm
+        # the same "+"/"-" verdict at every token of each step's arithmetic (expression_labels)
+        di = torch.tensor([i for i, r in enumerate(batch_rows) for _ in r[3]], dtype=torch.long)
+        dp = torch.tensor([p for r in batch_rows for p, _ in r[3]], dtype=torch.long)
+        dy = torch.tensor([1 - g for r in batch_rows for _, g in r[3]], dtype=torch.long)
+        dense = (torch.nn.functional.cross_entropy(logits[di, dp][:, [good, bad]].float(), dy)
+                 if len(dy) else logits.new_zeros(()))
+        return pair, y, lm, dense
 
     def p_good(batch_rows):
         return scores_of(batch_rows)[0].softmax(-1)[:, 0].tolist()
@@ -436,19 +496,24 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None) -> Path:
         batch = rng.sample(rows, cfg_t["batch"] - 2 * cfg_t["pairs"])
         for _ in range(cfg_t["pairs"]):
             batch += [prm_row(tok, q, s, l) for q, s, l in contrast_pair(rng)]
-        pair, y, lm = scores_of(batch, with_lm=True)
-        losses.append(_optimizer_step(model, opt, torch.nn.functional.cross_entropy(pair.float(), y) + cfg_t["lm_weight"] * lm))
+        pair, y, lm, dense = scores_of(batch, with_lm=True)
+        loss = (torch.nn.functional.cross_entropy(pair.float(), y) + cfg_t["lm_weight"] * lm
+                + cfg_t.get("dense_weight", 0.0) * dense)
+        losses.append(_optimizer_step(model, opt, loss))
         if (step + 1) % cfg_t["eval_every"] == 0 or step + 1 == cfg_t["steps"]:
             a, frac, slip = held_metrics()
-            point = {"step": step + 1, "loss": sum(losses[-50:]) / len(losses[-50:]), "heldout_auc": round(a, 4),
+            point = {"step": step0 + step + 1, "loss": sum(losses[-50:]) / len(losses[-50:]), "heldout_auc": round(a, 4),
                      "heldout_slip_pairs": round(slip, 3), "seconds": round(time.perf_counter() - t0, 1)}
             entry["curve"].append(point)
             print(f"[prm] {point}", flush=True)
-            entry.update(heldout_auc=round(a, 4), heldout_slip_pairs=round(slip, 3),
-                         heldout_steps=len([l for r in held_rows for l in r[2]]),
-                         heldout_good_fraction=round(frac, 3), train_seconds=round(time.perf_counter() - t0, 1))
+            entry["train_seconds"] = round(time.perf_counter() - t0, 1)
+            if a >= best:  # the shipped checkpoint is the best on held-out steps
+                best = a
+                entry.update(best_step=step0 + step + 1, heldout_auc=round(a, 4), heldout_slip_pairs=round(slip, 3),
+                             heldout_steps=len([l for r in held_rows for l in r[2]]),
+                             heldout_good_fraction=round(frac, 3))
+                save(model, tok, BUILTIN / "toy-prm")
             write_log(log)
-            save(model, tok, BUILTIN / "toy-prm")
     entry["train_seconds"] = round(time.perf_counter() - t0, 1)
     write_log(log)
     return BUILTIN / "toy-prm"
@@ -509,8 +574,9 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=None, help="override the step budget (smoke tests)")
     ap.add_argument("--hidden", type=int, default=None, help="override a policy's width (size sweeps)")
     ap.add_argument("--inter", type=int, default=None, help="override a policy's MLP width (size sweeps)")
-    ap.add_argument("--init", default=None, help="continue a policy from this checkpoint directory")
+    ap.add_argument("--init", default=None, help="continue a policy or the PRM from this checkpoint directory")
     ap.add_argument("--lr", type=float, default=None, help="override the peak learning rate")
+    ap.add_argument("--dense-weight", type=float, default=None, help="PRM: weight of the per-token arithmetic loss")
     ap.add_argument("--tag", default=None, help="write toy-TAG instead of toy-NAME (size sweeps)")
     args = ap.parse_args(argv)
     log: dict = {}
@@ -524,7 +590,12 @@ def main(argv=None) -> None:
             train_policy(name, log, steps=stage["steps"], threads=args.threads, size=size, tag=args.tag, init=str(out),
                          lr=stage["lr"])
     if args.what in ("all", "prm"):
-        train_prm(log, threads=args.threads, steps=args.steps)
+        out = train_prm(log, threads=args.threads, steps=args.steps, init=args.init, lr=args.lr,
+                        dense_weight=args.dense_weight)
+        if args.init is None and args.steps is None:
+            for stage in TRAIN["prm"].get("then", []):
+                train_prm(log, threads=args.threads, steps=stage["steps"], init=str(out), lr=stage["lr"],
+                          dense_weight=stage["dense_weight"])
     if args.what in ("all", "eval"):
         evaluate(log, threads=args.threads)
 
