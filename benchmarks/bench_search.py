@@ -27,7 +27,8 @@ Llama-3.2-1B-shaped policy and a Llama-3.1-8B-shaped math-shepherd-format PRM bu
 the device; reports seconds per problem, tokens/s, peak KV blocks against the bound, and the
 split of time between policy, PRM and host. `--scale 1/16` shrinks every width for a CPU smoke.
 
-    python benchmarks/bench_search.py [--json out.json]
+    python benchmarks/bench_search.py [--json out.json]     # 40 iterations, about 7 min on 2 cores
+    python benchmarks/bench_search.py --iterations 4          # a shallow search, about 30 s
     python benchmarks/bench_search.py --real-shapes --n 16 --iterations 15 --json rs16.json
     python benchmarks/bench_search.py --real-shapes --scale 1/16 --problems 2 --iterations 3
 """
@@ -534,7 +535,8 @@ def main() -> None:
     parser.add_argument("--problems", type=int, default=None, help="first K MATH-500 problems (default 3 CPU, 8 real shapes)")
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--width", type=int, default=4)
-    parser.add_argument("--iterations", type=int, default=None, help="default 4 (CPU side by side), 15 (real shapes)")
+    parser.add_argument("--iterations", type=int, default=None,
+                        help="default 40, search-and-learn's beam search depth (CPU side by side); 15 (real shapes)")
     parser.add_argument("--step-mean", type=int, default=40)
     parser.add_argument("--step-spread", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
@@ -558,7 +560,7 @@ def main() -> None:
     if args.problems is None:
         args.problems = 8 if args.real_shapes else 3
     if args.iterations is None:
-        args.iterations = 15 if args.real_shapes else 4
+        args.iterations = 15 if args.real_shapes else 40
     out = real_shapes(args) if args.real_shapes else cpu_side_by_side(args)
     out["command"] = " ".join(sys.argv)
     if args.json:
