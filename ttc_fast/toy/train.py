@@ -73,10 +73,10 @@ TRAIN = {
     "policy-l": dict(steps=2600, batch=32, lr=2e-3, eval_every=200, patience=5, seed=2,
                      then=dict(steps=1000, lr=7e-4)),
     # each batch: S's samples plus `pairs` fresh (right, slipped) solution pairs
-    # the PRM was still improving (held-out AUC) at the end of its first schedule: two more
+    # the PRM was still improving (held-out AUC) at the end of its first schedule: three more
     # stages on fresh data with the per-token arithmetic loss
     "prm": dict(steps=6000, batch=32, pairs=8, lr=7e-4, eval_every=500, seed=3, samples=12000, extra_layers=2,
-                lm_weight=0.5, then=[dict(steps=3000, lr=3e-4, dense_weight=1.0)] * 2),
+                lm_weight=0.5, then=[dict(steps=3000, lr=3e-4, dense_weight=1.0)] * 3),
 }
 
 
