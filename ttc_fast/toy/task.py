@@ -145,6 +145,13 @@ def solve(question: str) -> list[tuple[int, str, int, int]]:
     return chain
 
 
+def final_value(question: str, chain: list | None = None) -> int:
+    """The question's true answer: the last operation's result (the start value if it has none).
+    `chain`: its `solve` result, when the caller has it already."""
+    chain = solve(question) if chain is None else chain
+    return chain[-1][3] if chain else int(_START.search(question).group(1))
+
+
 def check_step(question: str, steps: list[str]) -> float:
     """1.0 if the latest step is right: every "a op b = c" in it is correct arithmetic and is the
     problem's next operation from the true running value (the answer step: \\boxed{} holds the
@@ -170,7 +177,7 @@ def check_step(question: str, steps: list[str]) -> float:
                 return 0.0
         return 1.0
     if k == len(chain):
-        final = chain[-1][3] if chain else int(_START.search(question).group(1))
+        final = final_value(question, chain)
         boxes = _BOXED.findall(step)
         if exprs or not boxes:
             return 0.0

@@ -54,7 +54,7 @@ from pathlib import Path
 
 import torch
 
-from .task import _APPLY, EVAL_SEED, check_step, eval_problems, make_problem, prefix_labels, solve
+from .task import _APPLY, EVAL_SEED, check_step, eval_problems, final_value, make_problem, prefix_labels, solve
 from .tokenizer import build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -265,11 +265,12 @@ def prm_row(tok, question, steps, labels, sep="\n"):
     ids = list(tok(question)["input_ids"])
     tag = tok(" ки", add_special_tokens=False)["input_ids"]
     chain = solve(question)
+    answer = final_value(question, chain)
     pos, dense, ok_before = [], [], True
     for k, s in enumerate(steps):
         text = (" " if k == 0 else sep) + s.strip()
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        for i, good in expression_labels(text, enc["offset_mapping"], chain, k, ok_before):
+        for i, good in expression_labels(text, enc["offset_mapping"], chain, answer, k, ok_before):
             dense.append((len(ids) + i, good))
         ids += enc["input_ids"] + tag
         pos.append(len(ids) - 1)
@@ -277,7 +278,7 @@ def prm_row(tok, question, steps, labels, sep="\n"):
     return ids, pos, list(labels), dense
 
 
-def expression_labels(text, offsets, chain, k, ok_before):
+def expression_labels(text, offsets, chain, answer, k, ok_before):
     """(token index, label) for the tokens of step k's "a op b = c." (or the answer's
     "\\boxed{v}."): 1 while the text so far can still become the right step, 0 from the first
     character that cannot (and everywhere after an earlier wrong step). A slip is then marked at
@@ -288,7 +289,7 @@ def expression_labels(text, offsets, chain, k, ok_before):
         at, right = text.find(", so "), f" {a} {sym} {b} = {c}."
         at = at + 4 if at >= 0 else -1
     elif k == len(chain):
-        at, right = text.find(" \\boxed{"), f" \\boxed{{{chain[-1][3] if chain else ''}}}."
+        at, right = text.find(" \\boxed{"), f" \\boxed{{{answer}}}."
     else:
         return []
     if at < 0:
