@@ -4,12 +4,14 @@
     python benchmarks/toy_checker_reference.py      # about 45 s on 2 CPU cores
     python benchmarks/toy_checker_reference.py --temperatures 0.4 0.6 0.8 1.0 --strategies beam dvts
     python benchmarks/toy_checker_reference.py --verifier prm --temperatures 0.6 0.8 --ns 16
+    python benchmarks/toy_checker_reference.py --verifier prm --ns 64 --aggregations last min prod
 
 It separates the two things the toy table measures: whether search over S's samples can reach
 policy L at all (it can, with an exact verifier), and how much of that the learned PRM delivers.
 `--temperatures` asks the same question at other sampling temperatures (the toy job's 0.4 suits
 the learned PRM; an exact verifier gains from more varied samples); `--verifier prm` runs the
-learned PRM under the same settings.
+learned PRM under the same settings; `--aggregations` compares ways of turning step scores into
+a path score.
 """
 import argparse
 import sys
@@ -31,6 +33,8 @@ def main() -> None:
     ap.add_argument("--temperatures", type=float, nargs="+", default=[TEMPERATURE])
     ap.add_argument("--strategies", choices=sorted(STRATEGIES), nargs="+", default=["beam"])
     ap.add_argument("--ns", type=int, nargs="+", default=[4, 16, 64])
+    ap.add_argument("--aggregations", choices=("last", "min", "prod", "mean"), nargs="+", default=["last"],
+                    help="step scores -> path score (the toy job uses last)")
     args = ap.parse_args()
     problems = eval_problems()
     engine = Engine(load_model("builtin:toy-policy-s", device="cpu"))
@@ -42,12 +46,14 @@ def main() -> None:
         sampling = SamplingParams(temperature=temperature, max_tokens=STEP_TOKENS, seed=0)
         for name in args.strategies:
             for n in args.ns:
-                started = time.perf_counter()
-                strategy = STRATEGIES[name](n=n, width=min(4, n), iterations=ITERATIONS)
-                results = engine.search(problems, strategy, sampling, prm=verifier)
-                accuracy = sum(bool(r.correct[n]["weighted"]) for r in results) / len(results)
-                print(f"{name} + toy-{args.verifier}, temperature {temperature}, N = {n}: accuracy {accuracy:.3f} "
-                      f"on {len(problems)} problems ({time.perf_counter() - started:.0f} s)", flush=True)
+                for how in args.aggregations:
+                    started = time.perf_counter()
+                    strategy = STRATEGIES[name](n=n, width=min(4, n), iterations=ITERATIONS, aggregation=how)
+                    results = engine.search(problems, strategy, sampling, prm=verifier)
+                    accuracy = sum(bool(r.correct[n]["weighted"]) for r in results) / len(results)
+                    print(f"{name} + toy-{args.verifier}, temperature {temperature}, N = {n}, aggregation {how}: "
+                          f"accuracy {accuracy:.3f} on {len(problems)} problems ({time.perf_counter() - started:.0f} s)",
+                          flush=True)
 
 
 if __name__ == "__main__":
