@@ -108,6 +108,26 @@ def test_prm_token_labels_mark_the_first_wrong_character():
     assert marked(["He buys 5 more and has 12."]) == ""
 
 
+def test_prm_arithmetic_targets_are_the_right_tokens_only():
+    """The PRM's next-token targets on arithmetic (train.expression_targets): every token that
+    keeps a step right is predicted from the position before it; the wrong digit and all after
+    it are not targets."""
+    from ttc_fast.toy.tokenizer import build_tokenizer
+    from ttc_fast.toy.train import expression_targets, prm_row
+
+    tok = build_tokenizer()
+    q = "Tom has 7 apples. He buys 5 more. He gives away 3. How many apples does he have now?"
+    good = ["He buys 5 more, so 7 + 5 = 12.", "He gives away 3, so 12 - 3 = 9."]
+    slip = [good[0], "He gives away 3, so 12 - 3 = 8."]
+    rows = [prm_row(tok, q, s, prefix_labels(q, s)) for s in (good, slip)]
+    which, where = expression_targets(rows)
+    targets = {0: "", 1: ""}
+    for i, p in zip(which.tolist(), where.tolist()):
+        targets[i] += tok.convert_ids_to_tokens([rows[i][0][p]])[0]
+    assert targets[0] == " 7 + 5 = 12. 12 - 3 = 9."
+    assert targets[1] == " 7 + 5 = 12. 12 - 3 ="
+
+
 # --- tokenizer + checkpoints --------------------------------------------------------------------
 @needs_ckpt
 def test_checkpoints_load_and_tokenizer():

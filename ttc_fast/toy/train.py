@@ -29,7 +29,10 @@ Then (`then`) cosine stages continue from the checkpoint on fresh samples and pa
 `dense_weight` times the same "+"/"-" loss at every token of each step's arithmetic, labelled
 by whether the text so far can still become the right step (`expression_labels`): a slip is
 then taught at the digit where it is written, where the PRM can compare it with the digit it
-expects, instead of only through the step's tag.
+expects, instead of only through the step's tag. The last stage adds `expr_lm_weight` times a
+next-token loss on the right steps' arithmetic (`expression_targets`): a verdict on a digit is
+only as good as the PRM's own prediction of it, and by then that prediction had decayed from L's
+(a result digit predicted right 92% of the time in the PRM's format, against L's 99%).
 Logged over training: the AUC on held-out labelled steps of S (other problems, other samples)
 and how often a held-out right solution's last step outscores the same solution with a slip;
 the checkpoint kept is the one with the best held-out AUC.
@@ -73,10 +76,12 @@ TRAIN = {
     "policy-l": dict(steps=2600, batch=32, lr=2e-3, eval_every=200, patience=5, seed=2,
                      then=dict(steps=1000, lr=7e-4)),
     # each batch: S's samples plus `pairs` fresh (right, slipped) solution pairs
-    # the PRM was still improving (held-out AUC) at the end of its first schedule: three more
-    # stages on fresh data with the per-token arithmetic loss
+    # the PRM was still improving (held-out AUC) at the end of its first schedule: four more
+    # stages on fresh data with the per-token verdict loss, then one that also restores the
+    # arithmetic L knew (next-token loss on the right steps' arithmetic)
     "prm": dict(steps=6000, batch=32, pairs=8, lr=7e-4, eval_every=500, seed=3, samples=12000, extra_layers=2,
-                lm_weight=0.5, then=[dict(steps=3000, lr=3e-4, dense_weight=1.0)] * 3),
+                lm_weight=0.5, then=[dict(steps=3000, lr=3e-4, dense_weight=1.0)] * 4
+                + [dict(steps=3000, lr=3e-4, dense_weight=1.0, expr_lm_weight=2.0)]),
 }
 
 
@@ -303,6 +308,13 @@ def expression_labels(text, offsets, chain, answer, k, ok_before):
     return out
 
 
+def expression_targets(rows):
+    """(row, position) tensors of the arithmetic tokens that keep a step right (label 1 in
+    `expression_labels`, after the first): each is a next-token target from the position before."""
+    pairs = [(i, p) for i, r in enumerate(rows) for p, good in r[3] if good and p > 0]
+    return (torch.tensor([i for i, _ in pairs], dtype=torch.long), torch.tensor([p for _, p in pairs], dtype=torch.long))
+
+
 def auc(scores, labels) -> float:
     pairs = sorted(zip(scores, labels))
     pos = sum(labels)
@@ -400,7 +412,7 @@ def deepened(path: Path, extra: int):
 
 
 def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str | None = None,
-              lr: float | None = None, dense_weight: float | None = None) -> Path:
+              lr: float | None = None, dense_weight: float | None = None, expr_lm_weight: float | None = None) -> Path:
     """Fine-tune policy L, deepened by `extra_layers`, into the math-shepherd PRM; `init`
     continues from a saved PRM on freshly sampled solutions (the log keeps its curve, steps count
     on from it, and the checkpoint is only replaced when the held-out AUC improves)."""
@@ -408,7 +420,8 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
 
     torch.set_num_threads(threads)
     cfg_t = {k: v for k, v in TRAIN["prm"].items() if k != "then"}
-    cfg_t.update({k: v for k, v in (("steps", steps), ("lr", lr), ("dense_weight", dense_weight)) if v is not None})
+    cfg_t.update({k: v for k, v in (("steps", steps), ("lr", lr), ("dense_weight", dense_weight),
+                                    ("expr_lm_weight", expr_lm_weight)) if v is not None})
     old = json.loads(LOG.read_text()).get("prm", {}) if init is not None and LOG.is_file() else {}
     step0 = old["curve"][-1]["step"] if old.get("curve") else 0
     seed = cfg_t["seed"] + 7919 * step0  # a continuation samples other problems and pairs
@@ -465,7 +478,13 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
         dy = torch.tensor([1 - g for r in batch_rows for _, g in r[3]], dtype=torch.long)
         dense = (torch.nn.functional.cross_entropy(logits[di, dp][:, [good, bad]].float(), dy)
                  if len(dy) else logits.new_zeros(()))
-        return pair, y, lm, dense
+        # Next-token loss on the right steps' arithmetic only ("a op b = c." tokens that are still
+        # right): a verdict on a digit can only be as good as the PRM's own prediction of it, and
+        # the whole-text loss above, mostly easy words, let that prediction decay from L's.
+        ri, rp = expression_targets(batch_rows)
+        expr = (torch.nn.functional.cross_entropy(logits[ri, rp - 1].float(), ids[ri, rp])
+                if len(rp) else logits.new_zeros(()))
+        return pair, y, lm, dense, expr
 
     def p_good(batch_rows):
         return scores_of(batch_rows)[0].softmax(-1)[:, 0].tolist()
@@ -487,8 +506,16 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
                     n = len(right_row[1])
                     wins += flat[at + n - 1] > flat[at + 2 * n - 1]
                     at += 2 * n
+            right_rows = [pair[0] for pair in held_pairs]
+            hits = total = 0
+            for i in range(0, len(right_rows), 32):
+                chunk = right_rows[i: i + 32]
+                ids, _, mask = _pad([(r[0], r[0]) for r in chunk], tok.pad_token_id)
+                ri, rp = expression_targets(chunk)
+                hits += int((model(input_ids=ids, attention_mask=mask).logits[ri, rp - 1].argmax(-1) == ids[ri, rp]).sum())
+                total += len(rp)
         model.train()
-        return auc(s, y), sum(y) / len(y), wins / len(held_pairs)
+        return auc(s, y), sum(y) / len(y), wins / len(held_pairs), hits / max(1, total)
 
     losses = []
     for step in range(cfg_t["steps"]):
@@ -497,14 +524,15 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
         batch = rng.sample(rows, cfg_t["batch"] - 2 * cfg_t["pairs"])
         for _ in range(cfg_t["pairs"]):
             batch += [prm_row(tok, q, s, l) for q, s, l in contrast_pair(rng)]
-        pair, y, lm, dense = scores_of(batch, with_lm=True)
+        pair, y, lm, dense, expr = scores_of(batch, with_lm=True)
         loss = (torch.nn.functional.cross_entropy(pair.float(), y) + cfg_t["lm_weight"] * lm
-                + cfg_t.get("dense_weight", 0.0) * dense)
+                + cfg_t.get("dense_weight", 0.0) * dense + cfg_t.get("expr_lm_weight", 0.0) * expr)
         losses.append(_optimizer_step(model, opt, loss))
         if (step + 1) % cfg_t["eval_every"] == 0 or step + 1 == cfg_t["steps"]:
-            a, frac, slip = held_metrics()
+            a, frac, slip, expr_acc = held_metrics()
             point = {"step": step0 + step + 1, "loss": sum(losses[-50:]) / len(losses[-50:]), "heldout_auc": round(a, 4),
-                     "heldout_slip_pairs": round(slip, 3), "seconds": round(time.perf_counter() - t0, 1)}
+                     "heldout_slip_pairs": round(slip, 3), "heldout_arithmetic_tokens": round(expr_acc, 4),
+                     "seconds": round(time.perf_counter() - t0, 1)}
             entry["curve"].append(point)
             print(f"[prm] {point}", flush=True)
             entry["train_seconds"] = round(time.perf_counter() - t0, 1)
@@ -578,6 +606,8 @@ def main(argv=None) -> None:
     ap.add_argument("--init", default=None, help="continue a policy or the PRM from this checkpoint directory")
     ap.add_argument("--lr", type=float, default=None, help="override the peak learning rate")
     ap.add_argument("--dense-weight", type=float, default=None, help="PRM: weight of the per-token arithmetic loss")
+    ap.add_argument("--expr-lm-weight", type=float, default=None,
+                    help="PRM: weight of the next-token loss on the right steps' arithmetic")
     ap.add_argument("--tag", default=None, help="write toy-TAG instead of toy-NAME (size sweeps)")
     args = ap.parse_args(argv)
     log: dict = {}
@@ -592,11 +622,11 @@ def main(argv=None) -> None:
                          lr=stage["lr"])
     if args.what in ("all", "prm"):
         out = train_prm(log, threads=args.threads, steps=args.steps, init=args.init, lr=args.lr,
-                        dense_weight=args.dense_weight)
+                        dense_weight=args.dense_weight, expr_lm_weight=args.expr_lm_weight)
         if args.init is None and args.steps is None:
             for stage in TRAIN["prm"].get("then", []):
                 train_prm(log, threads=args.threads, steps=stage["steps"], init=str(out), lr=stage["lr"],
-                          dense_weight=stage["dense_weight"])
+                          dense_weight=stage["dense_weight"], expr_lm_weight=stage.get("expr_lm_weight"))
     if args.what in ("all", "eval"):
         evaluate(log, threads=args.threads)
 
