@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from ttc_fast.toy.task import prefix_labels  # noqa: E402
 from ttc_fast.toy.tokenizer import build_tokenizer  # noqa: E402
-from ttc_fast.toy.train import BUILTIN, _fresh_problem, prm_row  # noqa: E402
+from ttc_fast.toy.train import BUILTIN, _fresh_problem, policy_row, prm_row  # noqa: E402
 
 
 def result_digit_targets(tokens: list[str]) -> list[int]:
@@ -64,8 +64,7 @@ def main() -> None:
     rng = random.Random(args.seed)
     problems = [_fresh_problem(rng) for _ in range(args.solutions)]
     prm_rows = [prm_row(tok, p.question, p.meta["steps"], prefix_labels(p.question, p.meta["steps"]))[0] for p in problems]
-    policy_rows = [tok(tok.bos_token + p.question + "\n\n" + "\n\n".join(p.meta["steps"]), add_special_tokens=False)["input_ids"]
-                   for p in problems]
+    policy_rows = [policy_row(tok, p)[0] for p in problems]
     for name, path, rows in (("PRM (math-shepherd format)", args.prm, prm_rows), ("policy L (its own format)", args.policy, policy_rows)):
         hits, total = digit_accuracy(LlamaForCausalLM.from_pretrained(path).eval(), rows, tok)
         print(f"{name}: result digits predicted right {hits / total:.3f} ({hits} of {total}, {args.solutions} solutions)")

@@ -127,15 +127,17 @@ def _fresh_problem(rng: random.Random, index: str = "prm"):
             return p
 
 
+def policy_row(tok, problem):
+    """(input_ids, labels) of a problem's reference solution in the policies' format: BOS +
+    question + "\n\n" + solution + EOS; labels -100 on the prompt."""
+    prompt = tok(problem.question + "\n\n")["input_ids"]
+    sol = tok(problem.meta["solution"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    return prompt + sol, [-100] * len(prompt) + sol
+
+
 def policy_batch(rng: random.Random, tok, batch: int):
     """(input_ids, labels, attention_mask) for `batch` fresh problems; labels -100 on the prompt."""
-    rows = []
-    for _ in range(batch):
-        p = _fresh_problem(rng)
-        prompt = tok(p.question + "\n\n")["input_ids"]
-        sol = tok(p.meta["solution"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        rows.append((prompt + sol, [-100] * len(prompt) + sol))
-    return _pad(rows, tok.pad_token_id)
+    return _pad([policy_row(tok, _fresh_problem(rng)) for _ in range(batch)], tok.pad_token_id)
 
 
 def _pad(rows, pad_id):
@@ -456,12 +458,20 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
     best = old.get("heldout_auc", -1.0)
     log["prm"] = entry
 
-    def scores_of(batch_rows, with_lm=False):
+    def forward(batch_rows):
+        """Padded ids, attention mask and logits of a batch of `prm_row` rows."""
         ids, _, mask = _pad([(r[0], r[0]) for r in batch_rows], tok.pad_token_id)
-        logits = model(input_ids=ids, attention_mask=mask).logits
+        return ids, mask, model(input_ids=ids, attention_mask=mask).logits
+
+    def tag_logits(batch_rows, logits):
+        """The "+"/"-" logits at every step tag of the batch."""
         bi = torch.tensor([i for i, r in enumerate(batch_rows) for _ in r[1]])
         pi = torch.tensor([p for r in batch_rows for p in r[1]])
-        pair = logits[bi, pi][:, [good, bad]]
+        return logits[bi, pi][:, [good, bad]]
+
+    def scores_of(batch_rows, with_lm=False):
+        ids, mask, logits = forward(batch_rows)
+        pair = tag_logits(batch_rows, logits)
         y = torch.tensor([1 - l for r in batch_rows for l in r[2]])  # class 0 = "+"
         if not with_lm:
             return pair, y
@@ -490,29 +500,28 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
         return scores_of(batch_rows)[0].softmax(-1)[:, 0].tolist()
 
     def held_metrics():
-        """AUC on S's held-out samples, and how often the last step of a held-out right solution
-        scores above the same solution with one slip (a pair's tags are aligned step by step)."""
+        """AUC on S's held-out samples; how often the last step of a held-out right solution
+        scores above the same solution with one slip (a pair's tags are aligned step by step);
+        and how often the PRM predicts the right solutions' arithmetic tokens."""
         model.eval()
-        s, y, wins = [], [], 0
+        s, y, wins, hits, total = [], [], 0, 0, 0
         with torch.no_grad():
             for i in range(0, len(held_rows), 64):
                 s += p_good(held_rows[i: i + 64])
                 y += [l for r in held_rows[i: i + 64] for l in r[2]]
             for i in range(0, len(held_pairs), 32):
                 chunk = held_pairs[i: i + 32]
-                flat = p_good([r for pair in chunk for r in pair])
+                flat_rows = [r for pair in chunk for r in pair]
+                ids, _, logits = forward(flat_rows)
+                flat = tag_logits(flat_rows, logits).softmax(-1)[:, 0].tolist()
                 at = 0
                 for right_row, slip_row in chunk:
                     n = len(right_row[1])
                     wins += flat[at + n - 1] > flat[at + 2 * n - 1]
                     at += 2 * n
-            right_rows = [pair[0] for pair in held_pairs]
-            hits = total = 0
-            for i in range(0, len(right_rows), 32):
-                chunk = right_rows[i: i + 32]
-                ids, _, mask = _pad([(r[0], r[0]) for r in chunk], tok.pad_token_id)
-                ri, rp = expression_targets(chunk)
-                hits += int((model(input_ids=ids, attention_mask=mask).logits[ri, rp - 1].argmax(-1) == ids[ri, rp]).sum())
+                ri, rp = expression_targets([right_row for right_row, _ in chunk])
+                ri = 2 * ri  # the right rows sit at the even places of flat_rows
+                hits += int((logits[ri, rp - 1].argmax(-1) == ids[ri, rp]).sum())
                 total += len(rp)
         model.train()
         return auc(s, y), sum(y) / len(y), wins / len(held_pairs), hits / max(1, total)
