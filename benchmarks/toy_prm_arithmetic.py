@@ -2,6 +2,7 @@
 
     python benchmarks/toy_prm_arithmetic.py                      # the shipped builtin:toy-prm
     python benchmarks/toy_prm_arithmetic.py --prm path/to/checkpoint --solutions 300
+    python benchmarks/toy_prm_arithmetic.py --own-slips 600     # also S's own slips (about 2 min)
 
 A PRM's verdict on a result digit can only be as good as its own prediction of that digit. This
 reads the next-token prediction of the PRM's LM head at every result digit ("... = 960." and the
@@ -9,6 +10,13 @@ boxed answer) of fresh reference solutions written in the PRM's math-shepherd fo
 same for policy L (the PRM's initialisation) in the policy's own format, and reports how often
 each predicts the right digit. The toy PRM had fallen to 93.6% against L's 99.2% before its
 arithmetic stages (see benchmarks/RESULTS.md).
+
+`--own-slips N` asks the question a search asks: S samples 4 solutions of N fresh problems at the
+toy job's temperature; each first wrong step is paired with the same step mended
+(`own_slip_pairs`), and the script reports how often the mended step wins under the PRM's step
+score (its verdict at the tag), under the PRM's own LM (the log-probability of the step's text),
+and under L's (in its own format): whether a verdict that misses a slip lacks the arithmetic or
+fails to use it.
 """
 import argparse
 import random
@@ -21,7 +29,8 @@ import torch  # noqa: E402
 
 from ttc_fast.toy.task import prefix_labels  # noqa: E402
 from ttc_fast.toy.tokenizer import build_tokenizer  # noqa: E402
-from ttc_fast.toy.train import BUILTIN, _fresh_problem, policy_row, prm_row  # noqa: E402
+from ttc_fast.toy.evaluate import TEMPERATURE  # noqa: E402
+from ttc_fast.toy.train import BUILTIN, _fresh_problem, own_slip_pairs, policy_row, prm_data, prm_row  # noqa: E402
 
 
 def result_digit_targets(tokens: list[str]) -> list[int]:
@@ -49,6 +58,34 @@ def digit_accuracy(model, rows: list[list[int]], tok) -> tuple[int, int]:
     return hits, total
 
 
+def last_step_logprob(model, ids: list[int], start: int, end: int) -> float:
+    """log P(ids[start:end] | ids[:start]) under a causal LM."""
+    with torch.no_grad():
+        logp = model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+    return sum(float(logp[i - 1, ids[i]]) for i in range(start, end))
+
+
+def own_slip_wins(prm, policy, tok, pairs) -> dict[str, int]:
+    """Per judge, how many (mended, slipped) pairs it ranks the mended step first."""
+    good, bad = tok.convert_tokens_to_ids("+"), tok.convert_tokens_to_ids("-")
+    wins = {"PRM step score": 0, "PRM's LM": 0, "policy L's LM": 0}
+    for mended, slip in pairs:
+        judged = []
+        for q, steps, labels in (mended, slip):
+            ids, tags, _, _ = prm_row(tok, q, steps, labels)
+            with torch.no_grad():
+                logits = prm(input_ids=torch.tensor([ids])).logits[0]
+            verdict = float(logits[tags[-1], [good, bad]].softmax(-1)[0])
+            begin = tags[-2] + 1 if len(tags) > 1 else len(tok(q)["input_ids"])
+            in_prm = last_step_logprob(prm, ids, begin, tags[-1])
+            prompt = tok(q + "\n\n" + "".join(s + "\n\n" for s in steps[:-1]))["input_ids"]
+            full = tok(q + "\n\n" + "\n\n".join(steps))["input_ids"]
+            judged.append((verdict, in_prm, last_step_logprob(policy, full, len(prompt), len(full))))
+        for name, right, wrong in zip(wins, *judged):
+            wins[name] += right > wrong
+    return wins
+
+
 def main() -> None:
     from transformers import LlamaForCausalLM
 
@@ -58,6 +95,7 @@ def main() -> None:
     ap.add_argument("--solutions", type=int, default=150)
     ap.add_argument("--seed", type=int, default=12345)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--own-slips", type=int, default=0, metavar="N", help="also judge S's own slips on N fresh problems")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tok = build_tokenizer()
@@ -65,9 +103,16 @@ def main() -> None:
     problems = [_fresh_problem(rng) for _ in range(args.solutions)]
     prm_rows = [prm_row(tok, p.question, p.meta["steps"], prefix_labels(p.question, p.meta["steps"]))[0] for p in problems]
     policy_rows = [policy_row(tok, p)[0] for p in problems]
-    for name, path, rows in (("PRM (math-shepherd format)", args.prm, prm_rows), ("policy L (its own format)", args.policy, policy_rows)):
-        hits, total = digit_accuracy(LlamaForCausalLM.from_pretrained(path).eval(), rows, tok)
+    prm, policy = (LlamaForCausalLM.from_pretrained(path).eval() for path in (args.prm, args.policy))
+    for name, model, rows in (("PRM (math-shepherd format)", prm, prm_rows), ("policy L (its own format)", policy, policy_rows)):
+        hits, total = digit_accuracy(model, rows, tok)
         print(f"{name}: result digits predicted right {hits / total:.3f} ({hits} of {total}, {args.solutions} solutions)")
+    if args.own_slips:
+        samples = prm_data(BUILTIN / "toy-policy-s", args.own_slips, 4, seed=args.seed + 1, temperature=TEMPERATURE)
+        pairs = own_slip_pairs(samples)
+        for name, won in own_slip_wins(prm, policy, tok, pairs).items():
+            print(f"S's own slips ({len(pairs)} from {len(samples)} samples at T = {TEMPERATURE}): "
+                  f"{name} ranks the mended step first {won / len(pairs):.3f}")
 
 
 if __name__ == "__main__":

@@ -128,6 +128,26 @@ def test_prm_arithmetic_targets_are_the_right_tokens_only():
     assert targets[1] == " 7 + 5 = 12. 12 - 3 ="
 
 
+def test_own_slip_pairs_mend_the_first_wrong_step():
+    """train.own_slip_pairs: a sample's first wrong step, cut there, paired with the same step
+    mended (its words kept, the right arithmetic written); wrong answers are mended too, and a
+    sample with no wrong step gives no pair."""
+    from ttc_fast.toy.train import own_slip_pairs
+
+    q = "Tom has 7 apples. He buys 5 more. He gives away 3. How many apples does he have now?"
+    right = ["He buys 5 more, so 7 + 5 = 12.", "He gives away 3, so 12 - 3 = 9.", "The answer is \\boxed{9}."]
+    samples = [right, [right[0], "He gives away 3, so 12 - 3 = 8.", "The answer is \\boxed{8}."],
+               [right[0], right[1], "The answer is \\boxed{10}."], ["He buys 5 more, so 7 + 5 = 13.", right[1]]]
+    pairs = own_slip_pairs([(q, s, prefix_labels(q, s)) for s in samples])
+    assert [(r[1], w[1]) for r, w in pairs] == [
+        (right[:2], [right[0], "He gives away 3, so 12 - 3 = 8."]),
+        (right, [right[0], right[1], "The answer is \\boxed{10}."]),
+        (right[:1], ["He buys 5 more, so 7 + 5 = 13."]),
+    ]
+    for r, w in pairs:
+        assert r[0] == w[0] == q and all(r[2]) and w[2] == [1] * (len(w[1]) - 1) + [0]
+
+
 # --- tokenizer + checkpoints --------------------------------------------------------------------
 @needs_ckpt
 def test_checkpoints_load_and_tokenizer():

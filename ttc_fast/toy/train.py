@@ -33,9 +33,17 @@ expects, instead of only through the step's tag. The last two stages add `expr_l
 next-token loss on the right steps' arithmetic (`expression_targets`): a verdict on a digit is
 only as good as the PRM's own prediction of it, and by then that prediction had decayed from L's
 (a result digit predicted right 93.6% of the time in the PRM's format, against L's 99.2%).
-Logged over training: the AUC on held-out labelled steps of S (other problems, other samples)
-and how often a held-out right solution's last step outscores the same solution with a slip;
-the checkpoint kept is the one with the best held-out AUC.
+The last two stages add two more identity-initialised layers (`deepen`; a digit whose
+prediction forms in the last layers, a carry into the tens, left no layer to compare it with the
+written one) and give half the slip pairs to S's own first slips, each paired with the same step
+mended (`own_slip_pairs`): S slips where the arithmetic is hard, the synthetic slips at random
+digits mostly where it is easy.
+Logged over training: the AUC on held-out labelled steps of S (other problems, other samples),
+how often a held-out right solution's last step outscores the same solution with a slip
+(synthetic, and S's own at the toy job's temperature, mended) and how often the PRM predicts the
+right steps' arithmetic. The checkpoint kept is the one that best ranks S's own held-out slips
+below their mended steps (the held-out AUC, which had saturated near 0.996, breaks ties; the
+first seven stages were chosen by that AUC).
 
 `eval` measures S and L greedy on the whole eval set and S + beam search / best-of-16 with the
 PRM (and with the exact checker, for reference) on 50 eval problems.
@@ -77,11 +85,14 @@ TRAIN = {
                      then=dict(steps=1000, lr=7e-4)),
     # each batch: S's samples plus `pairs` fresh (right, slipped) solution pairs
     # the PRM was still improving (held-out AUC) at the end of its first schedule: four more
-    # stages on fresh data with the per-token verdict loss, then two that also restore the
-    # arithmetic L knew (next-token loss on the right steps' arithmetic)
+    # stages on fresh data with the per-token verdict loss, two that also restore the
+    # arithmetic L knew (next-token loss on the right steps' arithmetic), then two on a PRM two
+    # layers deeper with half the slip pairs taken from S's own slips
     "prm": dict(steps=6000, batch=32, pairs=8, lr=7e-4, eval_every=500, seed=3, samples=12000, extra_layers=2,
                 lm_weight=0.5, then=[dict(steps=3000, lr=3e-4, dense_weight=1.0)] * 4
-                + [dict(steps=3000, lr=3e-4, dense_weight=1.0, expr_lm_weight=2.0)] * 2),
+                + [dict(steps=3000, lr=3e-4, dense_weight=1.0, expr_lm_weight=2.0)] * 2
+                + [dict(steps=3000, lr=3e-4, dense_weight=1.0, expr_lm_weight=2.0, pairs=4, own_pairs=4, deepen=2),
+                   dict(steps=3000, lr=3e-4, dense_weight=1.0, expr_lm_weight=2.0, pairs=4, own_pairs=4)]),
 }
 
 
@@ -352,6 +363,34 @@ def contrast_pair(rng: random.Random):
     return [(p.question, s, prefix_labels(p.question, s)) for s in (good, bad)]
 
 
+def own_slip_pairs(data):
+    """From S's labelled samples: each first wrong step, cut there, paired with the same solution
+    whose wrong step is mended (its text before ", so " kept, the right arithmetic after it).
+    S's own slips sit where S and the PRM find arithmetic hard (a carry into the tens, mostly),
+    unlike synthetic slips at random digits; the pair teaches the verdict on exactly those."""
+    pairs = []
+    for q, steps, labels in data:
+        if all(labels):
+            continue
+        k = labels.index(0)
+        chain = solve(q)
+        if k < len(chain):
+            at = steps[k].find(", so ")
+            if at < 0:
+                continue
+            a, sym, b, c = chain[k]
+            mended = f"{steps[k][:at]}, so {a} {sym} {b} = {c}."
+        elif k == len(chain):
+            mended = f"The answer is \\boxed{{{final_value(q, chain)}}}."
+        else:
+            continue
+        right = steps[:k] + [mended]
+        right_labels = prefix_labels(q, right)
+        if all(right_labels):
+            pairs.append([(q, right, right_labels), (q, steps[: k + 1], labels[: k + 1])])
+    return pairs
+
+
 def _wrong_result(rng: random.Random, c: int) -> int:
     """c with one digit moved by 1 to 3 (S's own slips: a wrong units or tens digit, mostly)."""
     while True:
@@ -414,16 +453,19 @@ def deepened(path: Path, extra: int):
 
 
 def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str | None = None,
-              lr: float | None = None, dense_weight: float | None = None, expr_lm_weight: float | None = None) -> Path:
+              lr: float | None = None, dense_weight: float | None = None, expr_lm_weight: float | None = None,
+              deepen: int = 0, pairs: int | None = None, own_pairs: int | None = None) -> Path:
     """Fine-tune policy L, deepened by `extra_layers`, into the math-shepherd PRM; `init`
     continues from a saved PRM on freshly sampled solutions (the log keeps its curve, steps count
-    on from it, and the checkpoint is only replaced when the held-out AUC improves)."""
+    on from it, and the checkpoint is only replaced by a better one on S's held-out own slips),
+    with `deepen` more identity-initialised layers on top when asked."""
     from transformers import LlamaForCausalLM
 
     torch.set_num_threads(threads)
     cfg_t = {k: v for k, v in TRAIN["prm"].items() if k != "then"}
     cfg_t.update({k: v for k, v in (("steps", steps), ("lr", lr), ("dense_weight", dense_weight),
-                                    ("expr_lm_weight", expr_lm_weight)) if v is not None})
+                                    ("expr_lm_weight", expr_lm_weight), ("deepen", deepen or None),
+                                    ("pairs", pairs), ("own_pairs", own_pairs)) if v is not None})
     old = json.loads(LOG.read_text()).get("prm", {}) if init is not None and LOG.is_file() else {}
     step0 = old["curve"][-1]["step"] if old.get("curve") else 0
     seed = cfg_t["seed"] + 7919 * step0  # a continuation samples other problems and pairs
@@ -439,12 +481,19 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
     t_data = time.perf_counter() - t_data0
     n_lab = [l for _, _, ls in data for l in ls]
     print(f"[prm] {len(data)} solutions, {len(n_lab)} steps, {sum(n_lab) / len(n_lab):.2f} good; sampled in {t_data:.0f}s", flush=True)
-    model = deepened(BUILTIN / "toy-policy-l", cfg_t["extra_layers"]) if init is None else LlamaForCausalLM.from_pretrained(init)
+    if init is None:
+        model = deepened(BUILTIN / "toy-policy-l", cfg_t["extra_layers"])
+    else:
+        model = deepened(Path(init), deepen) if deepen else LlamaForCausalLM.from_pretrained(init)
     good, bad = tok.convert_tokens_to_ids("+"), tok.convert_tokens_to_ids("-")
     rows = [prm_row(tok, q, s, l) for q, s, l in data]
     held_rows = [prm_row(tok, q, s, l) for q, s, l in held]
     held_rng = random.Random(cfg_t["seed"] + 200)
     held_pairs = [[prm_row(tok, q, s, l) for q, s, l in contrast_pair(held_rng)] for _ in range(200)]
+    own_pairs = [[prm_row(tok, q, s, l) for q, s, l in pair] for pair in own_slip_pairs(data)]
+    # S's own first slips at the toy job's temperature, mended: the steps a search must judge
+    held_own = own_slip_pairs(prm_data(BUILTIN / "toy-policy-s", 500, per, seed=cfg_t["seed"] + 300, temperature=0.4))
+    held_own_pairs = [[prm_row(tok, q, s, l) for q, s, l in pair] for pair in held_own]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg_t["lr"], weight_decay=0.01)
     rng = random.Random(seed)
     data_stats = {"data_seconds": round(t_data, 1), "train_solutions": len(data), "train_steps_labelled": len(n_lab),
@@ -455,7 +504,7 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
     else:
         entry = dict(old, curve=list(old.get("curve", [])),
                      stages=old.get("stages", [old.get("train")]) + [dict(cfg_t, init=str(init), **data_stats)])
-    best = old.get("heldout_auc", -1.0)
+        entry["params"] = n_params(model)  # grows when a stage deepens the PRM
     log["prm"] = entry
 
     def forward(batch_rows):
@@ -499,56 +548,80 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
     def p_good(batch_rows):
         return scores_of(batch_rows)[0].softmax(-1)[:, 0].tolist()
 
+    def pair_metrics(pairs):
+        """How often a (right, slipped) pair's right last step scores above the slipped one (a
+        pair's tags are aligned step by step), and how many of the right rows' arithmetic tokens
+        the PRM predicts."""
+        wins, hits, total = 0, 0, 0
+        for i in range(0, len(pairs), 32):
+            chunk = pairs[i: i + 32]
+            flat_rows = [r for pair in chunk for r in pair]
+            ids, _, logits = forward(flat_rows)
+            flat = tag_logits(flat_rows, logits).softmax(-1)[:, 0].tolist()
+            at = 0
+            for right_row, slip_row in chunk:
+                n = len(right_row[1])
+                wins += flat[at + n - 1] > flat[at + 2 * n - 1]
+                at += 2 * n
+            ri, rp = expression_targets([right_row for right_row, _ in chunk])
+            ri = 2 * ri  # the right rows sit at the even places of flat_rows
+            hits += int((logits[ri, rp - 1].argmax(-1) == ids[ri, rp]).sum())
+            total += len(rp)
+        return wins / max(1, len(pairs)), hits / max(1, total)
+
     def held_metrics():
-        """AUC on S's held-out samples; how often the last step of a held-out right solution
-        scores above the same solution with one slip (a pair's tags are aligned step by step);
-        and how often the PRM predicts the right solutions' arithmetic tokens."""
+        """AUC on S's held-out samples; held-out slip pairs (synthetic, and S's own mended) ranked
+        right; how often the PRM predicts the right solutions' arithmetic tokens."""
         model.eval()
-        s, y, wins, hits, total = [], [], 0, 0, 0
+        s, y = [], []
         with torch.no_grad():
             for i in range(0, len(held_rows), 64):
                 s += p_good(held_rows[i: i + 64])
                 y += [l for r in held_rows[i: i + 64] for l in r[2]]
-            for i in range(0, len(held_pairs), 32):
-                chunk = held_pairs[i: i + 32]
-                flat_rows = [r for pair in chunk for r in pair]
-                ids, _, logits = forward(flat_rows)
-                flat = tag_logits(flat_rows, logits).softmax(-1)[:, 0].tolist()
-                at = 0
-                for right_row, slip_row in chunk:
-                    n = len(right_row[1])
-                    wins += flat[at + n - 1] > flat[at + 2 * n - 1]
-                    at += 2 * n
-                ri, rp = expression_targets([right_row for right_row, _ in chunk])
-                ri = 2 * ri  # the right rows sit at the even places of flat_rows
-                hits += int((logits[ri, rp - 1].argmax(-1) == ids[ri, rp]).sum())
-                total += len(rp)
+            slip, expr_acc = pair_metrics(held_pairs)
+            own, _ = pair_metrics(held_own_pairs)
         model.train()
-        return auc(s, y), sum(y) / len(y), wins / len(held_pairs), hits / max(1, total)
+        return auc(s, y), sum(y) / len(y), slip, own, expr_acc
 
+    # The step-level AUC saturated near 0.996 (its changes became noise): a checkpoint is kept
+    # for ranking S's own held-out slips below their mended steps (AUC breaks ties); a
+    # continuation first measures the checkpoint it starts from.
+    best = (-1.0, -1.0)
+    if init is not None:
+        a, _, slip, own, expr_acc = held_metrics()
+        best = (own, a)
+        entry["stages"][-1]["start"] = {"heldout_auc": round(a, 4), "heldout_slip_pairs": round(slip, 3),
+                                        "heldout_own_slip_pairs": round(own, 3), "heldout_arithmetic_tokens": round(expr_acc, 4)}
+        print(f"[prm] start {entry['stages'][-1]['start']}", flush=True)
     losses = []
     for step in range(cfg_t["steps"]):
         for g in opt.param_groups:
             g["lr"] = _lr(step, cfg_t["steps"], cfg_t["lr"], warmup=50)
-        batch = rng.sample(rows, cfg_t["batch"] - 2 * cfg_t["pairs"])
+        own_n = cfg_t.get("own_pairs", 0)
+        batch = rng.sample(rows, cfg_t["batch"] - 2 * cfg_t["pairs"] - 2 * own_n)
         for _ in range(cfg_t["pairs"]):
             batch += [prm_row(tok, q, s, l) for q, s, l in contrast_pair(rng)]
+        for pair in rng.sample(own_pairs, own_n):
+            batch += pair
         pair, y, lm, dense, expr = scores_of(batch, with_lm=True)
         loss = (torch.nn.functional.cross_entropy(pair.float(), y) + cfg_t["lm_weight"] * lm
                 + cfg_t.get("dense_weight", 0.0) * dense + cfg_t.get("expr_lm_weight", 0.0) * expr)
         losses.append(_optimizer_step(model, opt, loss))
         if (step + 1) % cfg_t["eval_every"] == 0 or step + 1 == cfg_t["steps"]:
-            a, frac, slip, expr_acc = held_metrics()
+            a, frac, slip, own, expr_acc = held_metrics()
             point = {"step": step0 + step + 1, "loss": sum(losses[-50:]) / len(losses[-50:]), "heldout_auc": round(a, 4),
-                     "heldout_slip_pairs": round(slip, 3), "heldout_arithmetic_tokens": round(expr_acc, 4),
+                     "heldout_slip_pairs": round(slip, 3), "heldout_own_slip_pairs": round(own, 3),
+                     "heldout_arithmetic_tokens": round(expr_acc, 4),
                      "seconds": round(time.perf_counter() - t0, 1)}
             entry["curve"].append(point)
             print(f"[prm] {point}", flush=True)
             entry["train_seconds"] = round(time.perf_counter() - t0, 1)
-            if a >= best:  # the shipped checkpoint is the best on held-out steps
-                best = a
+            if (own, a) >= best:  # the shipped checkpoint: the best on S's held-out own slips
+                best = (own, a)
                 entry.update(best_step=step0 + step + 1, heldout_auc=round(a, 4), heldout_slip_pairs=round(slip, 3),
+                             heldout_own_slip_pairs=round(own, 3),
                              heldout_steps=len([l for r in held_rows for l in r[2]]),
+                             heldout_own_slip_pair_count=len(held_own_pairs),
                              heldout_good_fraction=round(frac, 3))
                 save(model, tok, BUILTIN / "toy-prm")
             write_log(log)
@@ -617,6 +690,11 @@ def main(argv=None) -> None:
     ap.add_argument("--dense-weight", type=float, default=None, help="PRM: weight of the per-token arithmetic loss")
     ap.add_argument("--expr-lm-weight", type=float, default=None,
                     help="PRM: weight of the next-token loss on the right steps' arithmetic")
+    ap.add_argument("--pairs", type=int, default=None, help="PRM: synthetic slip pairs per batch (contrast_pair)")
+    ap.add_argument("--own-pairs", type=int, default=None,
+                    help="PRM: S's own first slips, paired with the mended step, per batch (own_slip_pairs)")
+    ap.add_argument("--deepen", type=int, default=0,
+                    help="PRM with --init: add this many identity-initialised decoder layers on top first")
     ap.add_argument("--tag", default=None, help="write toy-TAG instead of toy-NAME (size sweeps)")
     args = ap.parse_args(argv)
     log: dict = {}
@@ -631,11 +709,11 @@ def main(argv=None) -> None:
                          lr=stage["lr"])
     if args.what in ("all", "prm"):
         out = train_prm(log, threads=args.threads, steps=args.steps, init=args.init, lr=args.lr,
-                        dense_weight=args.dense_weight, expr_lm_weight=args.expr_lm_weight)
+                        dense_weight=args.dense_weight, expr_lm_weight=args.expr_lm_weight, deepen=args.deepen,
+                        pairs=args.pairs, own_pairs=args.own_pairs)
         if args.init is None and args.steps is None:
             for stage in TRAIN["prm"].get("then", []):
-                train_prm(log, threads=args.threads, steps=stage["steps"], init=str(out), lr=stage["lr"],
-                          dense_weight=stage["dense_weight"], expr_lm_weight=stage.get("expr_lm_weight"))
+                train_prm(log, threads=args.threads, init=str(out), **stage)
     if args.what in ("all", "eval"):
         evaluate(log, threads=args.threads)
 
