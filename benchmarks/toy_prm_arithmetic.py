@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from ttc_fast.toy.evaluate import TEMPERATURE  # noqa: E402
 from ttc_fast.toy.task import prefix_labels  # noqa: E402
 from ttc_fast.toy.tokenizer import build_tokenizer  # noqa: E402
-from ttc_fast.toy.evaluate import TEMPERATURE  # noqa: E402
 from ttc_fast.toy.train import BUILTIN, _fresh_problem, own_slip_pairs, policy_row, prm_data, prm_row  # noqa: E402
 
 
@@ -50,18 +50,21 @@ def digit_accuracy(model, rows: list[list[int]], tok) -> tuple[int, int]:
     hits = total = 0
     for ids in rows:
         where = result_digit_targets(tok.convert_ids_to_tokens(ids))
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([ids])).logits[0]
+        logits = logits_of(model, ids)
         for i in where:
             hits += int(logits[i].argmax()) == ids[i + 1]
         total += len(where)
     return hits, total
 
 
-def last_step_logprob(model, ids: list[int], start: int, end: int) -> float:
-    """log P(ids[start:end] | ids[:start]) under a causal LM."""
+def logits_of(model, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
-        logp = model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+        return model(input_ids=torch.tensor([ids])).logits[0]
+
+
+def span_logprob(logits: torch.Tensor, ids: list[int], start: int, end: int) -> float:
+    """log P(ids[start:end] | ids[:start]) from a causal LM's logits over ids."""
+    logp = logits.log_softmax(-1)
     return sum(float(logp[i - 1, ids[i]]) for i in range(start, end))
 
 
@@ -73,14 +76,14 @@ def own_slip_wins(prm, policy, tok, pairs) -> dict[str, int]:
         judged = []
         for q, steps, labels in (mended, slip):
             ids, tags, _, _ = prm_row(tok, q, steps, labels)
-            with torch.no_grad():
-                logits = prm(input_ids=torch.tensor([ids])).logits[0]
+            logits = logits_of(prm, ids)  # one forward pass gives the verdict and the LM's view
             verdict = float(logits[tags[-1], [good, bad]].softmax(-1)[0])
             begin = tags[-2] + 1 if len(tags) > 1 else len(tok(q)["input_ids"])
-            in_prm = last_step_logprob(prm, ids, begin, tags[-1])
+            in_prm = span_logprob(logits, ids, begin, tags[-1])
             prompt = tok(q + "\n\n" + "".join(s + "\n\n" for s in steps[:-1]))["input_ids"]
             full = tok(q + "\n\n" + "\n\n".join(steps))["input_ids"]
-            judged.append((verdict, in_prm, last_step_logprob(policy, full, len(prompt), len(full))))
+            in_policy = span_logprob(logits_of(policy, full), full, len(prompt), len(full))
+            judged.append((verdict, in_prm, in_policy))
         for name, right, wrong in zip(wins, *judged):
             wins[name] += right > wrong
     return wins

@@ -29,11 +29,11 @@ Then (`then`) cosine stages continue from the checkpoint on fresh samples and pa
 `dense_weight` times the same "+"/"-" loss at every token of each step's arithmetic, labelled
 by whether the text so far can still become the right step (`expression_labels`): a slip is
 then taught at the digit where it is written, where the PRM can compare it with the digit it
-expects, instead of only through the step's tag. The last two stages add `expr_lm_weight` times a
+expects, instead of only through the step's tag. The last four stages add `expr_lm_weight` times a
 next-token loss on the right steps' arithmetic (`expression_targets`): a verdict on a digit is
 only as good as the PRM's own prediction of it, and by then that prediction had decayed from L's
 (a result digit predicted right 93.6% of the time in the PRM's format, against L's 99.2%).
-The last two stages add two more identity-initialised layers (`deepen`; a digit whose
+The last two of them also add two identity-initialised layers (`deepen`; a digit whose
 prediction forms in the last layers, a carry into the tens, left no layer to compare it with the
 written one) and give half the slip pairs to S's own first slips, each paired with the same step
 mended (`own_slip_pairs`): S slips where the arithmetic is hard, the synthetic slips at random
@@ -65,6 +65,7 @@ from pathlib import Path
 
 import torch
 
+from .evaluate import TEMPERATURE
 from .task import _APPLY, EVAL_SEED, check_step, eval_problems, final_value, make_problem, prefix_labels, solve
 from .tokenizer import build_tokenizer
 
@@ -475,7 +476,7 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
     tok = build_tokenizer()
     per, half = 4, cfg_t["samples"] // 8
     # S's samples at the toy job's temperature and at 1 (more varied slips)
-    data = (prm_data(BUILTIN / "toy-policy-s", half, per, seed=seed, temperature=0.4)
+    data = (prm_data(BUILTIN / "toy-policy-s", half, per, seed=seed, temperature=TEMPERATURE)
             + prm_data(BUILTIN / "toy-policy-s", half, per, seed=seed + 1, temperature=1.0))
     held = prm_data(BUILTIN / "toy-policy-s", 200, per, seed=cfg_t["seed"] + 100)
     t_data = time.perf_counter() - t_data0
@@ -492,7 +493,8 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
     held_pairs = [[prm_row(tok, q, s, l) for q, s, l in contrast_pair(held_rng)] for _ in range(200)]
     own_pairs = [[prm_row(tok, q, s, l) for q, s, l in pair] for pair in own_slip_pairs(data)]
     # S's own first slips at the toy job's temperature, mended: the steps a search must judge
-    held_own = own_slip_pairs(prm_data(BUILTIN / "toy-policy-s", 500, per, seed=cfg_t["seed"] + 300, temperature=0.4))
+    held_own = own_slip_pairs(prm_data(BUILTIN / "toy-policy-s", 500, per, seed=cfg_t["seed"] + 300,
+                                       temperature=TEMPERATURE))
     held_own_pairs = [[prm_row(tok, q, s, l) for q, s, l in pair] for pair in held_own]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg_t["lr"], weight_decay=0.01)
     rng = random.Random(seed)
