@@ -128,6 +128,28 @@ def test_prm_arithmetic_targets_are_the_right_tokens_only():
     assert targets[1] == " 7 + 5 = 12. 12 - 3 ="
 
 
+def test_teacher_view_aligns_the_arithmetic_of_both_formats():
+    """train.teacher_view: L's row is the policies' own training text (question, blank line,
+    steps joined by blank lines), and each arithmetic token of the PRM row, right or wrong, is
+    matched with the same token of L's row (also after a slip and in later steps)."""
+    from ttc_fast.toy.tokenizer import build_tokenizer
+    from ttc_fast.toy.train import policy_row, prm_row, teacher_view
+
+    tok = build_tokenizer()
+    q = "Tom has 7 apples. He buys 5 more. He gives away 3. How many apples does he have now?"
+    slip = ["He buys 5 more, so 7 + 5 = 13.", "He gives away 3, so 13 - 3 = 10.", "The answer is \\boxed{10}."]
+    row = prm_row(tok, q, slip, prefix_labels(q, slip))
+    policy, student, teacher = teacher_view(tok, q, slip, row)
+    assert tok.decode(policy, skip_special_tokens=True) == q + "\n\n" + "\n\n".join(slip)
+    predicted = lambda ids, where: "".join(tok.convert_ids_to_tokens([ids[p + 1] for p in where]))
+    assert predicted(row[0], student) == predicted(policy, teacher) == " 7 + 5 = 13. 13 - 3 = 10. \\boxed{10}."
+    assert len(student) == len(row[3])
+    problem = make_problem(random.Random(5), 4, "x")
+    steps = problem.meta["steps"]
+    view = teacher_view(tok, problem.question, steps, prm_row(tok, problem.question, steps, [1] * len(steps)))
+    assert view[0] == policy_row(tok, problem)[0][:-1]  # L's training text, without its EOS
+
+
 def test_own_slip_pairs_mend_the_first_wrong_step():
     """train.own_slip_pairs: a sample's first wrong step, cut there, paired with the same step
     mended (its words kept, the right arithmetic written); wrong answers are mended too, and a
