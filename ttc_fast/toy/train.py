@@ -38,10 +38,10 @@ forms in the last layers, a carry into the tens, left no layer to compare it wit
 one); it and the ones after it give half the slip pairs (the last, 6 of 8) to S's own first
 slips, each paired with the same step mended (`own_slip_pairs`): S slips where the arithmetic
 is hard, the synthetic slips at random digits mostly where it is easy. The two stages after
-them also distil policy L into the PRM
-(`distil_weight`): the KL divergence from L's next-token distribution, read in L's own format
-(`teacher_view`), at every arithmetic token of every row, slipped ones included; the PRM's own
-prediction of the digits it checks had stayed below L's (a result digit 97.4% against 99.2%).
+them also distil policy L into the PRM (`distil_weight`): the KL divergence from L's
+next-token distribution, read in L's own format (`teacher_view`), at every arithmetic token of
+every row, slipped ones included; the PRM's own prediction of the digits it checks had stayed
+below L's (a result digit 97.4% against 99.2%).
 Logged over training: the AUC on held-out labelled steps of S (other problems, other samples),
 how often a held-out right solution's last step outscores the same solution with a slip
 (synthetic, and S's own at the toy job's temperature, mended) and how often the PRM predicts the
