@@ -30,7 +30,9 @@ import torch  # noqa: E402
 from ttc_fast.toy.evaluate import TEMPERATURE  # noqa: E402
 from ttc_fast.toy.task import prefix_labels  # noqa: E402
 from ttc_fast.toy.tokenizer import build_tokenizer  # noqa: E402
-from ttc_fast.toy.train import BUILTIN, _fresh_problem, own_slip_pairs, policy_row, prm_data, prm_row  # noqa: E402
+from ttc_fast.toy.train import (  # noqa: E402
+    BUILTIN, _fresh_problem, own_slip_pairs, policy_row, policy_view, prm_data, prm_row,
+)
 
 
 def result_digit_targets(tokens: list[str]) -> list[int]:
@@ -80,9 +82,9 @@ def own_slip_wins(prm, policy, tok, pairs) -> dict[str, int]:
             verdict = float(logits[tags[-1], [good, bad]].softmax(-1)[0])
             begin = tags[-2] + 1 if len(tags) > 1 else len(tok(q)["input_ids"])
             in_prm = span_logprob(logits, ids, begin, tags[-1])
-            prompt = tok(q + "\n\n" + "".join(s + "\n\n" for s in steps[:-1]))["input_ids"]
-            full = tok(q + "\n\n" + "\n\n".join(steps))["input_ids"]
-            in_policy = span_logprob(logits_of(policy, full), full, len(prompt), len(full))
+            full, ends = policy_view(tok, q, steps)
+            step_start = ends[-2] + 1 if len(ends) > 1 else len(tok(q + "\n\n")["input_ids"])  # after its "\n\n"
+            in_policy = span_logprob(logits_of(policy, full), full, step_start, len(full))
             judged.append((verdict, in_prm, in_policy))
         for name, right, wrong in zip(wins, *judged):
             wins[name] += right > wrong

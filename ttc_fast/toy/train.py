@@ -336,6 +336,19 @@ def expression_targets(rows):
     return (torch.tensor([i for i, _ in pairs], dtype=torch.long), torch.tensor([p for _, p in pairs], dtype=torch.long))
 
 
+def policy_view(tok, question, steps):
+    """Token ids of a (partial) solution in the policies' format, BOS + question + "\n\n" +
+    steps joined by "\n\n" (`policy_row` without its EOS), and where each step's tokens end."""
+    ids = list(tok(question + "\n\n")["input_ids"])
+    ends = []
+    for k, step in enumerate(steps):
+        ids += tok(step.strip(), add_special_tokens=False)["input_ids"]
+        ends.append(len(ids))
+        if k + 1 < len(steps):
+            ids += tok("\n\n", add_special_tokens=False)["input_ids"]
+    return ids, ends
+
+
 def teacher_view(tok, question, steps, row):
     """Policy L's view of a `prm_row` row, for distilling L's arithmetic into the PRM: the same
     question and steps in the policies' format (BOS + question + "\n\n" + steps joined by
@@ -345,13 +358,7 @@ def teacher_view(tok, question, steps, row):
     format's leading space), so positions are matched from each step's end."""
     ids, tags, _, dense = row
     tag_len = len(tok(" ки", add_special_tokens=False)["input_ids"])
-    policy = list(tok(question + "\n\n")["input_ids"])
-    ends = []
-    for k, step in enumerate(steps):
-        policy += tok(step.strip(), add_special_tokens=False)["input_ids"]
-        ends.append(len(policy))
-        if k + 1 < len(steps):
-            policy += tok("\n\n", add_special_tokens=False)["input_ids"]
+    policy, ends = policy_view(tok, question, steps)
     student, teacher, k = [], [], 0
     for p, _ in dense:
         while tags[k] < p:
@@ -599,12 +606,12 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
         digits a verdict must check far better than the PRM's own LM (99.2% against 97.4% of
         result digits), including after a slip, where the right-steps loss has no target."""
         views = [r[4] for r in batch_rows]
-        ids, _, mask = _pad([(v[0], v[0]) for v in views], tok.pad_token_id)
-        with torch.no_grad():
-            target = teacher(input_ids=ids, attention_mask=mask).logits
         bi = torch.tensor([i for i, v in enumerate(views) for _ in v[1]], dtype=torch.long)
         if not len(bi):
             return logits.new_zeros(())
+        ids, _, mask = _pad([(v[0], v[0]) for v in views], tok.pad_token_id)
+        with torch.no_grad():
+            target = teacher(input_ids=ids, attention_mask=mask).logits
         sp = torch.tensor([p for v in views for p in v[1]], dtype=torch.long)
         tp = torch.tensor([p for v in views for p in v[2]], dtype=torch.long)
         return torch.nn.functional.kl_div(logits[bi, sp].float().log_softmax(-1), target[bi, tp].float().log_softmax(-1),
