@@ -170,6 +170,48 @@ def test_own_slip_pairs_mend_the_first_wrong_step():
         assert r[0] == w[0] == q and all(r[2]) and w[2] == [1] * (len(w[1]) - 1) + [0]
 
 
+
+def test_search_hard_pairs_keep_the_wrong_steps_a_search_would_pick():
+    """train.search_hard_pairs: a wrong candidate scored at or above its best right sibling (or
+    above the floor when no sibling is right) is a hard case, paired with the same step mended;
+    a wrong step scored below the right one is not, and copies of a step count once."""
+    from ttc_fast.toy.train import search_hard_pairs
+
+    q = "Tom has 7 apples. He buys 5 more. He gives away 3. How many apples does he have now?"
+    first = "He buys 5 more, so 7 + 5 = 12."
+    right, above, below = "He gives away 3, so 12 - 3 = 9.", "He gives away 3, so 12 - 3 = 8.", "He gives away 3, so 12 - 3 = 7."
+    alone_high, alone_low = "He buys 5 more, so 7 + 5 = 13.", "He buys 5 more, so 7 + 5 = 11."
+    scores = {right: 0.90, above: 0.95, below: 0.40, alone_high: 0.60, alone_low: 0.30}
+    seen = []
+
+    def p_good(items):
+        seen.extend(items)
+        return [scores[steps[-1]] for _, steps in items]
+
+    candidates = [(q, [first], [right, above, above, below]), (q, [], [alone_high, alone_low, alone_high])]
+    pairs = search_hard_pairs(candidates, p_good)
+    assert len(seen) == 5  # distinct candidates only
+    assert [(r[1], w[1]) for r, w in pairs] == [([first, right], [first, above]), ([first], [alone_high])]
+    for r, w in pairs:
+        assert all(r[2]) and w[2] == [1] * (len(w[1]) - 1) + [0]
+
+
+@needs_ckpt
+def test_step_candidates_sample_next_steps_from_right_partial_solutions():
+    """train.step_candidates: fresh (non-eval) problems, each a right partial solution cut before
+    one of its steps, and k one-step samples of S from it (no blank line inside a step)."""
+    from ttc_fast.toy.train import BUILTIN, step_candidates
+
+    cands = step_candidates(BUILTIN / "toy-policy-s", 6, 4, seed=5)
+    assert len(cands) == 6
+    eval_questions = {p.question for p in eval_problems()}
+    for q, prefix, steps in cands:
+        assert q not in eval_questions and len(solve(q)) >= len(prefix)
+        assert all(prefix_labels(q, prefix)) and 1 <= len(steps) <= 4
+        assert all(s and "\n\n" not in s for s in steps)
+    assert sum(check_step(q, prefix + [s]) for q, prefix, steps in cands for s in steps) > 0
+
+
 # --- tokenizer + checkpoints --------------------------------------------------------------------
 @needs_ckpt
 def test_checkpoints_load_and_tokenizer():

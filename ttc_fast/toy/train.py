@@ -41,13 +41,21 @@ is hard, the synthetic slips at random digits mostly where it is easy. The two s
 them also distil policy L into the PRM (`distil_weight`): the KL divergence from L's
 next-token distribution, read in L's own format (`teacher_view`), at every arithmetic token of
 every row, slipped ones included; the PRM's own prediction of the digits it checks had stayed
-below L's (a result digit 97.4% against 99.2%).
+below L's (a result digit 97.4% against 99.2%). The last two stages train the verdict on the
+search's own hard cases (`hard_pairs`, `search_hard_pairs`): from right partial solutions of
+fresh problems S samples 16 next steps (`step_candidates`), and each wrong one the PRM scores at
+or above its best right sibling is paired with the same step mended; they are mined again with
+the current PRM at every evaluation. Beam search had lost most of its prunable problems to
+exactly such steps, S's likeliest slips, which it writes in many candidates at once.
 Logged over training: the AUC on held-out labelled steps of S (other problems, other samples),
 how often a held-out right solution's last step outscores the same solution with a slip
-(synthetic, and S's own at the toy job's temperature, mended) and how often the PRM predicts the
-right steps' arithmetic. The checkpoint kept is the one that best ranks S's own held-out slips
-below their mended steps (the held-out AUC, which had saturated near 0.996, breaks ties; the
-first seven stages were chosen by that AUC).
+(synthetic, and S's own at the toy job's temperature, mended), how often the PRM predicts the
+right steps' arithmetic, and how often, among S's sampled next steps from right partial
+solutions of held-out problems (when some are right and some wrong), the best-scored one is
+right (`heldout_sibling_top1`). The checkpoint kept is the one that best ranks S's own held-out
+slips below their mended steps (the held-out AUC, which had saturated near 0.996, breaks ties;
+the first seven stages were chosen by that AUC); the hard-case stages keep the one that best
+picks a right sibling (`select="siblings"`).
 
 `eval` measures S and L greedy on the whole eval set and S + beam search / best-of-16 with the
 PRM (and with the exact checker, for reference) on 50 eval problems.
@@ -93,14 +101,19 @@ TRAIN = {
     # stages on fresh data with the per-token verdict loss, two that also restore the
     # arithmetic L knew (next-token loss on the right steps' arithmetic), then two on a PRM two
     # layers deeper with half the slip pairs taken from S's own slips, then two that also distil
-    # L's arithmetic into the PRM (the second, with 6 of 8 pairs S's own, found no better checkpoint)
+    # L's arithmetic into the PRM (the second, with 6 of 8 pairs S's own, found no better
+    # checkpoint), then two on the search's own hard cases, mined afresh at every evaluation
     "prm": dict(steps=6000, batch=32, pairs=8, lr=7e-4, eval_every=500, seed=3, samples=12000, extra_layers=2,
                 lm_weight=0.5, then=[dict(steps=3000, lr=3e-4, dense_weight=1.0)] * 4
                 + [dict(steps=3000, lr=3e-4, dense_weight=1.0, expr_lm_weight=2.0)] * 2
                 + [dict(steps=3000, lr=3e-4, dense_weight=1.0, expr_lm_weight=2.0, pairs=4, own_pairs=4, deepen=2),
                    dict(steps=3000, lr=3e-4, dense_weight=1.0, expr_lm_weight=2.0, pairs=4, own_pairs=4),
                    dict(steps=3000, lr=3e-4, dense_weight=1.0, expr_lm_weight=2.0, pairs=4, own_pairs=4, distil_weight=2.0),
-                   dict(steps=3000, lr=3e-4, dense_weight=1.0, expr_lm_weight=2.0, pairs=2, own_pairs=6, distil_weight=2.0)]),
+                   dict(steps=3000, lr=3e-4, dense_weight=1.0, expr_lm_weight=2.0, pairs=2, own_pairs=6, distil_weight=2.0)]
+                + [dict(steps=3000, lr=3e-4, dense_weight=1.0, expr_lm_weight=2.0, pairs=2, own_pairs=3, hard_pairs=3,
+                        distil_weight=2.0, select="siblings"),
+                   dict(steps=2000, lr=3e-4, dense_weight=1.0, expr_lm_weight=2.0, pairs=2, own_pairs=3, hard_pairs=3,
+                        distil_weight=2.0, select="siblings")]),
 }
 
 
@@ -406,9 +419,25 @@ def contrast_pair(rng: random.Random):
     return [(p.question, s, prefix_labels(p.question, s)) for s in (good, bad)]
 
 
+def mended_step(question, steps, k):
+    """Step k of `steps` (its first wrong step) with the right arithmetic: its text before ", so "
+    kept, the right "a op b = c." after it (or the right answer step); None when it has no such
+    place to mend."""
+    chain = solve(question)
+    if k < len(chain):
+        at = steps[k].find(", so ")
+        if at < 0:
+            return None
+        a, sym, b, c = chain[k]
+        return f"{steps[k][:at]}, so {a} {sym} {b} = {c}."
+    if k == len(chain):
+        return f"The answer is \\boxed{{{final_value(question, chain)}}}."
+    return None
+
+
 def own_slip_pairs(data):
     """From S's labelled samples: each first wrong step, cut there, paired with the same solution
-    whose wrong step is mended (its text before ", so " kept, the right arithmetic after it).
+    whose wrong step is mended (`mended_step`).
     S's own slips sit where S and the PRM find arithmetic hard (a carry into the tens, mostly),
     unlike synthetic slips at random digits; the pair teaches the verdict on exactly those."""
     pairs = []
@@ -416,21 +445,63 @@ def own_slip_pairs(data):
         if all(labels):
             continue
         k = labels.index(0)
-        chain = solve(q)
-        if k < len(chain):
-            at = steps[k].find(", so ")
-            if at < 0:
-                continue
-            a, sym, b, c = chain[k]
-            mended = f"{steps[k][:at]}, so {a} {sym} {b} = {c}."
-        elif k == len(chain):
-            mended = f"The answer is \\boxed{{{final_value(q, chain)}}}."
-        else:
-            continue
-        right = steps[:k] + [mended]
-        right_labels = prefix_labels(q, right)
-        if all(right_labels):
-            pairs.append([(q, right, right_labels), (q, steps[: k + 1], labels[: k + 1])])
+        pair = mended_pair(q, steps[: k + 1], labels[: k + 1])
+        if pair is not None:
+            pairs.append(pair)
+    return pairs
+
+
+def mended_pair(question, steps, labels):
+    """[(right solution, labels), (slipped, labels)] for steps whose last step is the first wrong
+    one, the right one being the same steps with the last mended; None when it cannot be mended."""
+    mended = mended_step(question, steps, len(steps) - 1)
+    if mended is None:
+        return None
+    right = steps[:-1] + [mended]
+    right_labels = prefix_labels(question, right)
+    return [(question, right, right_labels), (question, steps, labels)] if all(right_labels) else None
+
+
+def step_candidates(policy: Path, n_problems: int, k: int, seed: int, temperature: float = TEMPERATURE):
+    """The siblings a search ranks: for `n_problems` fresh problems, a right partial solution (the
+    reference cut before a random step) and `k` samples of the policy's next step from it, at the
+    toy job's temperature: [(question, prefix, [candidate steps])]."""
+    from ..engine import Engine
+    from ..loader import load_model
+    from ..sampling import SamplingParams
+    from ..search import format_prompt
+    from .evaluate import STEP_TOKENS
+
+    rng = random.Random(seed)
+    problems = [_fresh_problem(rng, f"hard-{i}") for i in range(n_problems)]
+    prefixes = [p.meta["steps"][: rng.randrange(len(p.meta["steps"]))] for p in problems]
+    engine = Engine(load_model(str(policy), device="cpu"))
+    prompts = [format_prompt(p.question, engine.tokenizer, None) + "".join(s + "\n\n" for s in pre)
+               for p, pre in zip(problems, prefixes)]
+    outs = engine.generate(prompts, SamplingParams(temperature=temperature, max_tokens=STEP_TOKENS, n=k, seed=seed,
+                                                   stop=("\n\n",)))
+    return [(p.question, pre, [c.text.strip() for c in o.outputs if c.text.strip()])
+            for p, pre, o in zip(problems, prefixes, outs)]
+
+
+def search_hard_pairs(candidates, p_good, floor: float = 0.5):
+    """The search's own hard cases: each distinct wrong candidate step that `p_good` (scores of a
+    list of (question, steps) at their last step) ranks at or above its best right sibling, or
+    above `floor` when it has none, paired with the same step mended (`mended_pair`). A search
+    keeps exactly these over the right step; S writes its likeliest slips in many candidates,
+    so one such verdict fills the beams."""
+    pairs = []
+    for q, prefix, steps in candidates:
+        distinct = sorted(set(steps))
+        labels = [prefix_labels(q, prefix + [s]) for s in distinct]
+        scores = p_good([(q, prefix + [s]) for s in distinct])
+        right = [sc for sc, l in zip(scores, labels) if l[-1]]
+        bar = max(right) if right else floor
+        for s, l, sc in zip(distinct, labels, scores):
+            if not l[-1] and sc >= bar:
+                pair = mended_pair(q, prefix + [s], l)
+                if pair is not None:
+                    pairs.append(pair)
     return pairs
 
 
@@ -498,20 +569,24 @@ def deepened(path: Path, extra: int):
 def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str | None = None,
               lr: float | None = None, dense_weight: float | None = None, expr_lm_weight: float | None = None,
               deepen: int = 0, pairs: int | None = None, own_pairs: int | None = None,
-              distil_weight: float | None = None) -> Path:
+              distil_weight: float | None = None, hard_pairs: int | None = None, select: str | None = None) -> Path:
     """Fine-tune policy L, deepened by `extra_layers`, into the math-shepherd PRM; `init`
     continues from a saved PRM on freshly sampled solutions (the log keeps its curve, steps count
     on from it, and the checkpoint is only replaced by a better one on S's held-out own slips),
     with `deepen` more identity-initialised layers on top when asked. `distil_weight` adds the
     KL divergence from policy L's next-token distribution (in its own format, `teacher_view`) to
-    the PRM's at every arithmetic token of every row."""
+    the PRM's at every arithmetic token of every row. `hard_pairs` per batch come from the
+    search's own hard cases (`search_hard_pairs`), mined again with the current PRM at every
+    evaluation; such a stage keeps the checkpoint that best picks a right step among held-out
+    siblings (`select="siblings"`)."""
     from transformers import LlamaForCausalLM
 
     torch.set_num_threads(threads)
     cfg_t = {k: v for k, v in TRAIN["prm"].items() if k != "then"}
     cfg_t.update({k: v for k, v in (("steps", steps), ("lr", lr), ("dense_weight", dense_weight),
                                     ("expr_lm_weight", expr_lm_weight), ("deepen", deepen or None),
-                                    ("pairs", pairs), ("own_pairs", own_pairs), ("distil_weight", distil_weight))
+                                    ("pairs", pairs), ("own_pairs", own_pairs), ("distil_weight", distil_weight),
+                                    ("hard_pairs", hard_pairs), ("select", select))
                   if v is not None})
     old = json.loads(LOG.read_text()).get("prm", {}) if init is not None and LOG.is_file() else {}
     step0 = old["curve"][-1]["step"] if old.get("curve") else 0
@@ -550,6 +625,12 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
     held_own = own_slip_pairs(prm_data(BUILTIN / "toy-policy-s", 500, per, seed=cfg_t["seed"] + 300,
                                        temperature=TEMPERATURE))
     held_own_pairs = [[prm_row(tok, q, s, l) for q, s, l in pair] for pair in held_own]
+    # S's next-step candidates from right partial solutions of held-out problems: the choices a search makes
+    held_siblings = [(q, pre, sorted(set(c))) for q, pre, c in
+                     step_candidates(BUILTIN / "toy-policy-s", 2000, 16, seed=cfg_t["seed"] + 400)]
+    held_siblings = [(q, [prm_row(tok, q, pre + [c], prefix_labels(q, pre + [c])) for c in cands])
+                     for q, pre, cands in held_siblings]
+    held_siblings = [rows_ for _, rows_ in held_siblings if len({r[2][-1] for r in rows_}) == 2]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg_t["lr"], weight_decay=0.01)
     rng = random.Random(seed)
     data_stats = {"data_seconds": round(t_data, 1), "train_solutions": len(data), "train_steps_labelled": len(n_lab),
@@ -620,6 +701,45 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
     def p_good(batch_rows):
         return scores_of(batch_rows)[0].softmax(-1)[:, 0].tolist()
 
+    def last_scores(rows_):
+        """P(good) at the last tag of each row (the verdict a search reads), in eval mode."""
+        was = model.training
+        model.eval()
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(rows_), 64):
+                chunk = rows_[i: i + 64]
+                ends = torch.tensor([r[1][-1] for r in chunk])
+                _, _, logits = forward(chunk)
+                out += logits[torch.arange(len(chunk)), ends][:, [good, bad]].float().softmax(-1)[:, 0].tolist()
+        model.train(was)
+        return out
+
+    def sibling_top1():
+        """Of held-out right partial solutions whose sampled next steps are partly right, partly
+        wrong: how often the best-scored distinct candidate is a right one."""
+        flat = last_scores([r for group in held_siblings for r in group])
+        hits, at = 0, 0
+        for group in held_siblings:
+            scores = flat[at: at + len(group)]
+            at += len(group)
+            hits += group[max(range(len(group)), key=scores.__getitem__)][2][-1]
+        return hits / max(1, len(held_siblings))
+
+    hard_n = cfg_t.get("hard_pairs", 0)
+    hard_pool: list = []
+
+    def mine_hard(round_: int) -> None:
+        """Add the current PRM's hard cases on fresh problems to the pool (`search_hard_pairs`)."""
+        t_mine = time.perf_counter()
+        cands = step_candidates(BUILTIN / "toy-policy-s", cfg_t.get("hard_problems", 6000), 16,
+                                seed=seed + 104729 * (round_ + 1))
+        found = search_hard_pairs(cands, lambda items: last_scores([prm_row(tok, q, st, prefix_labels(q, st))
+                                                                     for q, st in items]))
+        hard_pool.extend([row_of(q, s, l) for q, s, l in pair] for pair in found)
+        print(f"[prm] mined {len(found)} hard pairs (pool {len(hard_pool)}) in {time.perf_counter() - t_mine:.0f}s",
+              flush=True)
+
     def pair_metrics(pairs):
         """How often a (right, slipped) pair's right last step scores above the slipped one (a
         pair's tags are aligned step by step), and how many of the right rows' arithmetic tokens
@@ -653,27 +773,33 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
             slip, expr_acc = pair_metrics(held_pairs)
             own, _ = pair_metrics(held_own_pairs)
         model.train()
-        return auc(s, y), sum(y) / len(y), slip, own, expr_acc
+        return auc(s, y), sum(y) / len(y), slip, own, expr_acc, sibling_top1()
 
     # The step-level AUC saturated near 0.996 (its changes became noise): a checkpoint is kept
     # for ranking S's own held-out slips below their mended steps (AUC breaks ties); a
     # continuation first measures the checkpoint it starts from.
+    def rank(own, a, siblings):
+        return (siblings, own) if cfg_t.get("select") == "siblings" else (own, a)
+
     best = (-1.0, -1.0)
     if init is not None:
-        a, _, slip, own, expr_acc = held_metrics()
-        best = (own, a)
+        a, _, slip, own, expr_acc, sib = held_metrics()
+        best = rank(own, a, sib)
         entry["stages"][-1]["start"] = {"heldout_auc": round(a, 4), "heldout_slip_pairs": round(slip, 3),
-                                        "heldout_own_slip_pairs": round(own, 3), "heldout_arithmetic_tokens": round(expr_acc, 4)}
+                                        "heldout_own_slip_pairs": round(own, 3), "heldout_arithmetic_tokens": round(expr_acc, 4),
+                                        "heldout_sibling_top1": round(sib, 4)}
         print(f"[prm] start {entry['stages'][-1]['start']}", flush=True)
+    if hard_n:
+        mine_hard(0)
     losses = []
     for step in range(cfg_t["steps"]):
         for g in opt.param_groups:
             g["lr"] = _lr(step, cfg_t["steps"], cfg_t["lr"], warmup=50)
-        own_n = cfg_t.get("own_pairs", 0)
-        batch = rng.sample(rows, cfg_t["batch"] - 2 * cfg_t["pairs"] - 2 * own_n)
+        own_n, hard_k = cfg_t.get("own_pairs", 0), min(hard_n, len(hard_pool))
+        batch = rng.sample(rows, cfg_t["batch"] - 2 * cfg_t["pairs"] - 2 * own_n - 2 * hard_k)
         for _ in range(cfg_t["pairs"]):
             batch += [row_of(q, s, l) for q, s, l in contrast_pair(rng)]
-        for pair in rng.sample(own_pairs, own_n):
+        for pair in rng.sample(own_pairs, own_n) + rng.sample(hard_pool, hard_k):
             batch += pair
         pair, y, lm, dense, expr, logits = scores_of(batch, with_lm=True)
         loss = (torch.nn.functional.cross_entropy(pair.float(), y) + cfg_t["lm_weight"] * lm
@@ -682,23 +808,26 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
             loss = loss + distil * distil_loss(batch, logits)
         losses.append(_optimizer_step(model, opt, loss))
         if (step + 1) % cfg_t["eval_every"] == 0 or step + 1 == cfg_t["steps"]:
-            a, frac, slip, own, expr_acc = held_metrics()
+            a, frac, slip, own, expr_acc, sib = held_metrics()
             point = {"step": step0 + step + 1, "loss": sum(losses[-50:]) / len(losses[-50:]), "heldout_auc": round(a, 4),
                      "heldout_slip_pairs": round(slip, 3), "heldout_own_slip_pairs": round(own, 3),
-                     "heldout_arithmetic_tokens": round(expr_acc, 4),
+                     "heldout_arithmetic_tokens": round(expr_acc, 4), "heldout_sibling_top1": round(sib, 4),
                      "seconds": round(time.perf_counter() - t0, 1)}
             entry["curve"].append(point)
             print(f"[prm] {point}", flush=True)
             entry["train_seconds"] = round(time.perf_counter() - t0, 1)
-            if (own, a) >= best:  # the shipped checkpoint: the best on S's held-out own slips
-                best = (own, a)
+            if rank(own, a, sib) >= best:  # the shipped checkpoint: the best on S's held-out own slips (or siblings)
+                best = rank(own, a, sib)
                 entry.update(best_step=step0 + step + 1, heldout_auc=round(a, 4), heldout_slip_pairs=round(slip, 3),
                              heldout_own_slip_pairs=round(own, 3),
                              heldout_steps=len([l for r in held_rows for l in r[2]]),
-                             heldout_own_slip_pair_count=len(held_own_pairs),
+                             heldout_own_slip_pair_count=len(held_own_pairs), heldout_sibling_top1=round(sib, 4),
+                             heldout_sibling_groups=len(held_siblings),
                              heldout_good_fraction=round(frac, 3))
                 save(model, tok, BUILTIN / "toy-prm")
             write_log(log)
+            if hard_n and step + 1 < cfg_t["steps"]:
+                mine_hard((step + 1) // cfg_t["eval_every"])
     entry["train_seconds"] = round(time.perf_counter() - t0, 1)
     write_log(log)
     return BUILTIN / "toy-prm"
@@ -769,6 +898,10 @@ def main(argv=None) -> None:
                     help="PRM: S's own first slips, paired with the mended step, per batch (own_slip_pairs)")
     ap.add_argument("--distil-weight", type=float, default=None,
                     help="PRM: weight of the KL from policy L's next-token distribution at the arithmetic tokens")
+    ap.add_argument("--hard-pairs", type=int, default=None,
+                    help="PRM: the search's own hard cases (search_hard_pairs), mined at every evaluation, per batch")
+    ap.add_argument("--select", choices=["own_slips", "siblings"], default=None,
+                    help="PRM: keep the checkpoint best on held-out own slips or on picking a right sibling step")
     ap.add_argument("--deepen", type=int, default=0,
                     help="PRM with --init: add this many identity-initialised decoder layers on top first")
     ap.add_argument("--tag", default=None, help="write toy-TAG instead of toy-NAME (size sweeps)")
@@ -786,7 +919,8 @@ def main(argv=None) -> None:
     if args.what in ("all", "prm"):
         out = train_prm(log, threads=args.threads, steps=args.steps, init=args.init, lr=args.lr,
                         dense_weight=args.dense_weight, expr_lm_weight=args.expr_lm_weight, deepen=args.deepen,
-                        pairs=args.pairs, own_pairs=args.own_pairs, distil_weight=args.distil_weight)
+                        pairs=args.pairs, own_pairs=args.own_pairs, distil_weight=args.distil_weight,
+                        hard_pairs=args.hard_pairs, select=args.select)
         if args.init is None and args.steps is None:
             for stage in TRAIN["prm"].get("then", []):
                 train_prm(log, threads=args.threads, init=str(out), **stage)
