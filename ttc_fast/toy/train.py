@@ -572,7 +572,8 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
               distil_weight: float | None = None, hard_pairs: int | None = None, select: str | None = None) -> Path:
     """Fine-tune policy L, deepened by `extra_layers`, into the math-shepherd PRM; `init`
     continues from a saved PRM on freshly sampled solutions (the log keeps its curve, steps count
-    on from it, and the checkpoint is only replaced by a better one on S's held-out own slips),
+    on from it, and the checkpoint is only replaced by a better one on S's held-out own slips,
+    or on held-out siblings with `select="siblings"`),
     with `deepen` more identity-initialised layers on top when asked. `distil_weight` adds the
     KL divergence from policy L's next-token distribution (in its own format, `teacher_view`) to
     the PRM's at every arithmetic token of every row. `hard_pairs` per batch come from the
@@ -776,8 +777,9 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
         return auc(s, y), sum(y) / len(y), slip, own, expr_acc, sibling_top1()
 
     # The step-level AUC saturated near 0.996 (its changes became noise): a checkpoint is kept
-    # for ranking S's own held-out slips below their mended steps (AUC breaks ties); a
-    # continuation first measures the checkpoint it starts from.
+    # for ranking S's own held-out slips below their mended steps (AUC breaks ties), or, in the
+    # hard-case stages, for picking a right step among held-out siblings (own slips break ties);
+    # a continuation first measures the checkpoint it starts from.
     def rank(own, a, siblings):
         return (siblings, own) if cfg_t.get("select") == "siblings" else (own, a)
 
@@ -816,7 +818,7 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
             entry["curve"].append(point)
             print(f"[prm] {point}", flush=True)
             entry["train_seconds"] = round(time.perf_counter() - t0, 1)
-            if rank(own, a, sib) >= best:  # the shipped checkpoint: the best on S's held-out own slips (or siblings)
+            if rank(own, a, sib) >= best:  # the shipped checkpoint: the best by `rank`
                 best = rank(own, a, sib)
                 entry.update(best_step=step0 + step + 1, heldout_auc=round(a, 4), heldout_slip_pairs=round(slip, 3),
                              heldout_own_slip_pairs=round(own, 3),
