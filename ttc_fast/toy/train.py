@@ -626,12 +626,13 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
     held_own = own_slip_pairs(prm_data(BUILTIN / "toy-policy-s", 500, per, seed=cfg_t["seed"] + 300,
                                        temperature=TEMPERATURE))
     held_own_pairs = [[prm_row(tok, q, s, l) for q, s, l in pair] for pair in held_own]
-    # S's next-step candidates from right partial solutions of held-out problems: the choices a search makes
-    held_siblings = [(q, pre, sorted(set(c))) for q, pre, c in
-                     step_candidates(BUILTIN / "toy-policy-s", 2000, 16, seed=cfg_t["seed"] + 400)]
-    held_siblings = [(q, [prm_row(tok, q, pre + [c], prefix_labels(q, pre + [c])) for c in cands])
-                     for q, pre, cands in held_siblings]
-    held_siblings = [rows_ for _, rows_ in held_siblings if len({r[2][-1] for r in rows_}) == 2]
+    # S's distinct next steps from right partial solutions of held-out problems, kept where some
+    # are right and some wrong: the choices a search makes
+    held_siblings = []
+    for q, pre, cands in step_candidates(BUILTIN / "toy-policy-s", 2000, 16, seed=cfg_t["seed"] + 400):
+        group = [prm_row(tok, q, pre + [c], prefix_labels(q, pre + [c])) for c in sorted(set(cands))]
+        if len({r[2][-1] for r in group}) == 2:
+            held_siblings.append(group)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg_t["lr"], weight_decay=0.01)
     rng = random.Random(seed)
     data_stats = {"data_seconds": round(t_data, 1), "train_solutions": len(data), "train_steps_labelled": len(n_lab),
