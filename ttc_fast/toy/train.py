@@ -41,15 +41,18 @@ is hard, the synthetic slips at random digits mostly where it is easy. The two s
 them also distil policy L into the PRM (`distil_weight`): the KL divergence from L's
 next-token distribution, read in L's own format (`teacher_view`), at every arithmetic token of
 every row, slipped ones included; the PRM's own prediction of the digits it checks had stayed
-below L's (a result digit 97.4% against 99.2%). The last two stages train the verdict on the
+below L's (a result digit 97.4% against 99.2%). The last three stages train the verdict on the
 search's own hard cases (`hard_pairs`, `search_hard_pairs`): from right partial solutions of
 fresh problems S samples 16 next steps (`step_candidates`), and each wrong one the PRM scores at
 or above its best right sibling is paired with the same step mended; they are mined again with
 the current PRM at every evaluation. Beam search had lost most of its prunable problems to
-exactly such steps, S's likeliest slips, which it writes in many candidates at once.
+exactly such steps, S's likeliest slips, which it writes in many candidates at once. The third
+does the same at temperature 0.6 (`temperature`: S's samples, slips and next steps, mined and
+held out, are drawn at the temperature of the searches the PRM is for; 0.4 before), where S
+offers a search a right step more often, and more kinds of slip.
 Logged over training: the AUC on held-out labelled steps of S (other problems, other samples),
 how often a held-out right solution's last step outscores the same solution with a slip
-(synthetic, and S's own at the toy job's temperature, mended), how often the PRM predicts the
+(synthetic, and S's own at the stage's temperature, mended), how often the PRM predicts the
 right steps' arithmetic, and how often, among S's sampled next steps from right partial
 solutions of held-out problems (when some are right and some wrong), the best-scored one is
 right (`heldout_sibling_top1`). The checkpoint kept is the one that best ranks S's own held-out
@@ -102,9 +105,11 @@ TRAIN = {
     # arithmetic L knew (next-token loss on the right steps' arithmetic), then two on a PRM two
     # layers deeper with half the slip pairs taken from S's own slips, then two that also distil
     # L's arithmetic into the PRM (the second, with 6 of 8 pairs S's own, found no better
-    # checkpoint), then two on the search's own hard cases, mined afresh at every evaluation
+    # checkpoint), then two on the search's own hard cases, mined afresh at every evaluation,
+    # then one more on hard cases, slips and samples at temperature 0.6
+    # `temperature`: S's sampling temperature in the searches a stage trains the PRM for
     "prm": dict(steps=6000, batch=32, pairs=8, lr=7e-4, eval_every=500, seed=3, samples=12000, extra_layers=2,
-                lm_weight=0.5, then=[dict(steps=3000, lr=3e-4, dense_weight=1.0)] * 4
+                lm_weight=0.5, temperature=0.4, then=[dict(steps=3000, lr=3e-4, dense_weight=1.0)] * 4
                 + [dict(steps=3000, lr=3e-4, dense_weight=1.0, expr_lm_weight=2.0)] * 2
                 + [dict(steps=3000, lr=3e-4, dense_weight=1.0, expr_lm_weight=2.0, pairs=4, own_pairs=4, deepen=2),
                    dict(steps=3000, lr=3e-4, dense_weight=1.0, expr_lm_weight=2.0, pairs=4, own_pairs=4),
@@ -113,7 +118,9 @@ TRAIN = {
                 + [dict(steps=3000, lr=3e-4, dense_weight=1.0, expr_lm_weight=2.0, pairs=2, own_pairs=3, hard_pairs=3,
                         distil_weight=2.0, select="siblings"),
                    dict(steps=2000, lr=3e-4, dense_weight=1.0, expr_lm_weight=2.0, pairs=2, own_pairs=3, hard_pairs=3,
-                        distil_weight=2.0, select="siblings")]),
+                        distil_weight=2.0, select="siblings"),
+                   dict(steps=3000, lr=3e-4, dense_weight=1.0, expr_lm_weight=2.0, pairs=2, own_pairs=3, hard_pairs=3,
+                        distil_weight=2.0, select="siblings", temperature=0.6)]),
 }
 
 
@@ -464,8 +471,8 @@ def mended_pair(question, steps, labels):
 
 def step_candidates(policy: Path, n_problems: int, k: int, seed: int, temperature: float = TEMPERATURE):
     """The siblings a search ranks: for `n_problems` fresh problems, a right partial solution (the
-    reference cut before a random step) and `k` samples of the policy's next step from it, at the
-    toy job's temperature: [(question, prefix, [candidate steps])]."""
+    reference cut before a random step) and `k` samples of the policy's next step from it, at
+    `temperature` (default the toy job's): [(question, prefix, [candidate steps])]."""
     from ..engine import Engine
     from ..loader import load_model
     from ..sampling import SamplingParams
@@ -569,7 +576,8 @@ def deepened(path: Path, extra: int):
 def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str | None = None,
               lr: float | None = None, dense_weight: float | None = None, expr_lm_weight: float | None = None,
               deepen: int = 0, pairs: int | None = None, own_pairs: int | None = None,
-              distil_weight: float | None = None, hard_pairs: int | None = None, select: str | None = None) -> Path:
+              distil_weight: float | None = None, hard_pairs: int | None = None, select: str | None = None,
+              temperature: float | None = None) -> Path:
     """Fine-tune policy L, deepened by `extra_layers`, into the math-shepherd PRM; `init`
     continues from a saved PRM on freshly sampled solutions (the log keeps its curve, steps count
     on from it, and the checkpoint is only replaced by a better one on S's held-out own slips,
@@ -579,7 +587,9 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
     the PRM's at every arithmetic token of every row. `hard_pairs` per batch come from the
     search's own hard cases (`search_hard_pairs`), mined again with the current PRM at every
     evaluation; such a stage keeps the checkpoint that best picks a right step among held-out
-    siblings (`select="siblings"`)."""
+    siblings (`select="siblings"`). `temperature` is that of the searches the PRM is trained for:
+    S samples its solutions, slips and next steps at it, for training and for the held-out
+    measures that pick the checkpoint."""
     from transformers import LlamaForCausalLM
 
     torch.set_num_threads(threads)
@@ -587,7 +597,7 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
     cfg_t.update({k: v for k, v in (("steps", steps), ("lr", lr), ("dense_weight", dense_weight),
                                     ("expr_lm_weight", expr_lm_weight), ("deepen", deepen or None),
                                     ("pairs", pairs), ("own_pairs", own_pairs), ("distil_weight", distil_weight),
-                                    ("hard_pairs", hard_pairs), ("select", select))
+                                    ("hard_pairs", hard_pairs), ("select", select), ("temperature", temperature))
                   if v is not None})
     old = json.loads(LOG.read_text()).get("prm", {}) if init is not None and LOG.is_file() else {}
     step0 = old["curve"][-1]["step"] if old.get("curve") else 0
@@ -597,8 +607,9 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
     t_data0 = time.perf_counter()
     tok = build_tokenizer()
     per, half = 4, cfg_t["samples"] // 8
-    # S's samples at the toy job's temperature and at 1 (more varied slips)
-    data = (prm_data(BUILTIN / "toy-policy-s", half, per, seed=seed, temperature=TEMPERATURE)
+    search_t = cfg_t["temperature"]
+    # S's samples at the search's temperature and at 1 (more varied slips)
+    data = (prm_data(BUILTIN / "toy-policy-s", half, per, seed=seed, temperature=search_t)
             + prm_data(BUILTIN / "toy-policy-s", half, per, seed=seed + 1, temperature=1.0))
     held = prm_data(BUILTIN / "toy-policy-s", 200, per, seed=cfg_t["seed"] + 100)
     t_data = time.perf_counter() - t_data0
@@ -622,14 +633,15 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
     held_rng = random.Random(cfg_t["seed"] + 200)
     held_pairs = [[prm_row(tok, q, s, l) for q, s, l in contrast_pair(held_rng)] for _ in range(200)]
     own_pairs = [[row_of(q, s, l) for q, s, l in pair] for pair in own_slip_pairs(data)]
-    # S's own first slips at the toy job's temperature, mended: the steps a search must judge
+    # S's own first slips at the search's temperature, mended: the steps a search must judge
     held_own = own_slip_pairs(prm_data(BUILTIN / "toy-policy-s", 500, per, seed=cfg_t["seed"] + 300,
-                                       temperature=TEMPERATURE))
+                                       temperature=search_t))
     held_own_pairs = [[prm_row(tok, q, s, l) for q, s, l in pair] for pair in held_own]
     # S's distinct next steps from right partial solutions of held-out problems, kept where some
     # are right and some wrong: the choices a search makes
     held_siblings = []
-    for q, pre, cands in step_candidates(BUILTIN / "toy-policy-s", 2000, 16, seed=cfg_t["seed"] + 400):
+    for q, pre, cands in step_candidates(BUILTIN / "toy-policy-s", 2000, 16, seed=cfg_t["seed"] + 400,
+                                         temperature=search_t):
         group = [prm_row(tok, q, pre + [c], prefix_labels(q, pre + [c])) for c in sorted(set(cands))]
         if len({r[2][-1] for r in group}) == 2:
             held_siblings.append(group)
@@ -735,7 +747,7 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
         """Add the current PRM's hard cases on fresh problems to the pool (`search_hard_pairs`)."""
         t_mine = time.perf_counter()
         cands = step_candidates(BUILTIN / "toy-policy-s", cfg_t.get("hard_problems", 6000), 16,
-                                seed=seed + 104729 * (round_ + 1))
+                                seed=seed + 104729 * (round_ + 1), temperature=search_t)
         found = search_hard_pairs(cands, lambda items: last_scores([prm_row(tok, q, st, prefix_labels(q, st))
                                                                      for q, st in items]))
         hard_pool.extend([row_of(q, s, l) for q, s, l in pair] for pair in found)
@@ -905,6 +917,8 @@ def main(argv=None) -> None:
                     help="PRM: the search's own hard cases (search_hard_pairs), mined at every evaluation, per batch")
     ap.add_argument("--select", choices=["own_slips", "siblings"], default=None,
                     help="PRM: keep the checkpoint best on held-out own slips or on picking a right sibling step")
+    ap.add_argument("--temperature", type=float, default=None,
+                    help="PRM: the search temperature to train for (S's samples, slips and next steps; default 0.4)")
     ap.add_argument("--deepen", type=int, default=0,
                     help="PRM with --init: add this many identity-initialised decoder layers on top first")
     ap.add_argument("--tag", default=None, help="write toy-TAG instead of toy-NAME (size sweeps)")
@@ -923,7 +937,7 @@ def main(argv=None) -> None:
         out = train_prm(log, threads=args.threads, steps=args.steps, init=args.init, lr=args.lr,
                         dense_weight=args.dense_weight, expr_lm_weight=args.expr_lm_weight, deepen=args.deepen,
                         pairs=args.pairs, own_pairs=args.own_pairs, distil_weight=args.distil_weight,
-                        hard_pairs=args.hard_pairs, select=args.select)
+                        hard_pairs=args.hard_pairs, select=args.select, temperature=args.temperature)
         if args.init is None and args.steps is None:
             for stage in TRAIN["prm"].get("then", []):
                 train_prm(log, threads=args.threads, init=str(out), **stage)
