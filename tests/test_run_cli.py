@@ -264,6 +264,8 @@ def test_existing_out_without_resume_is_an_error(setup, full_run, tmp_path, caps
 def test_data_without_policy_is_refused(capsys):
     assert main(["run", "--data", "x.jsonl"]) == 2
     assert "need --policy" in capsys.readouterr().err
+    assert main(["run", "--out", "x.jsonl"]) == 2  # the toy task would ignore it
+    assert "--out-dir" in capsys.readouterr().err
 
 
 def test_search_strategy_without_verifier(setup, tmp_path, capsys):

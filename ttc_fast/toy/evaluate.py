@@ -72,7 +72,9 @@ def run_toy(out_dir: str | Path = "runs/toy", limit: int | None = None, ns=NS, r
     started = time.perf_counter()
 
     def fresh_policy():
-        return Engine(load_model("builtin:toy-policy-s", device=device), backend=backend)
+        # A fixed 256 MiB of KV cache (on the CPU, the default): on a GPU the default would size
+        # itself from free memory, which the previous run's pool may still hold
+        return Engine(load_model("builtin:toy-policy-s", device=device), backend=backend, kv_cache_bytes=256 << 20)
 
     def fresh_prm():
         # 1 GiB of PRM cache: enough for every beam of many problems in flight at N = 64
@@ -97,6 +99,7 @@ def run_toy(out_dir: str | Path = "runs/toy", limit: int | None = None, ns=NS, r
         sampling = SamplingParams(temperature=TEMPERATURE, top_p=1.0, max_tokens=SOLUTION_TOKENS if name == "best-of-n" else STEP_TOKENS, seed=seed)
         # Fresh caches for each run: on pools that earlier runs left scattered, a run gathers its
         # blocks from all over memory; beam search at N = 64 took 198 s there against 101 s.
+        policy = prm = None  # the previous run's pools go before the new ones are allocated
         policy, prm = fresh_policy(), fresh_prm()
         path = out_dir / f"{name}-n{n}.jsonl"
         if resume and path.exists():
