@@ -97,8 +97,8 @@ def run_toy(out_dir: str | Path = "runs/toy", limit: int | None = None, ns=NS, r
         if progress:
             print(f"{name}, N = {n}", flush=True)
         sampling = SamplingParams(temperature=TEMPERATURE, top_p=1.0, max_tokens=SOLUTION_TOKENS if name == "best-of-n" else STEP_TOKENS, seed=seed)
-        # Fresh caches for each run: on pools that earlier runs left scattered, a run gathers its
-        # blocks from all over memory; beam search at N = 64 took 198 s there against 101 s.
+        # Fresh caches for each run: on pools that earlier runs had used (their free blocks
+        # scattered, most likely), beam search at N = 64 took 198 s against 101 s.
         policy = prm = None  # the previous run's pools go before the new ones are allocated
         policy, prm = fresh_policy(), fresh_prm()
         path = out_dir / f"{name}-n{n}.jsonl"
