@@ -101,6 +101,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=12345)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--own-slips", type=int, default=0, metavar="N", help="also judge S's own slips on N fresh problems")
+    ap.add_argument("--temperature", type=float, default=TEMPERATURE,
+                    help="S's sampling temperature for its own slips (default: the toy job's)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tok = build_tokenizer()
@@ -113,10 +115,10 @@ def main() -> None:
         hits, total = digit_accuracy(model, rows, tok)
         print(f"{name}: result digits predicted right {hits / total:.3f} ({hits} of {total}, {args.solutions} solutions)")
     if args.own_slips:
-        samples = prm_data(BUILTIN / "toy-policy-s", args.own_slips, 4, seed=args.seed + 1, temperature=TEMPERATURE)
+        samples = prm_data(BUILTIN / "toy-policy-s", args.own_slips, 4, seed=args.seed + 1, temperature=args.temperature)
         pairs = own_slip_pairs(samples)
         for name, won in own_slip_wins(prm, policy, tok, pairs).items():
-            print(f"S's own slips ({len(pairs)} from {len(samples)} samples at T = {TEMPERATURE}): "
+            print(f"S's own slips ({len(pairs)} from {len(samples)} samples at T = {args.temperature}): "
                   f"{name} ranks the mended step first {won / len(pairs):.3f}")
 
 

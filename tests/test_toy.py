@@ -196,6 +196,42 @@ def test_search_hard_pairs_keep_the_wrong_steps_a_search_would_pick():
         assert all(r[2]) and w[2] == [1] * (len(w[1]) - 1) + [0]
 
 
+def test_pruning_hard_pairs_pair_wrong_paths_with_the_best_right_one():
+    """train.pruning_hard_pairs: in a recorded pruning, each distinct wrong path scored at or above
+    the best right one is paired with that right path, including a path whose last step is
+    right arithmetic on a value an earlier slip made wrong; a pruning without a right path gives
+    none, and a path seen in two prunings counts once."""
+    from ttc_fast.toy.train import pruning_hard_pairs
+
+    q = "Tom has 7 apples. He buys 5 more. He gives away 3. How many apples does he have now?"
+    ok1, slip1 = "He buys 5 more, so 7 + 5 = 12.", "He buys 5 more, so 7 + 5 = 13."
+    ok2, slip2, carried = "He gives away 3, so 12 - 3 = 9.", "He gives away 3, so 12 - 3 = 8.", "He gives away 3, so 13 - 3 = 10."
+    decision = [([ok1, ok2], 0.80), ([ok1, ok2], 0.80), ([ok1, slip2], 0.85), ([slip1, carried], 0.95),
+                ([ok1, "He gives away 3, so 12 - 3 = 7."], 0.30)]
+    no_right = [([slip1], 0.9), (["He buys 5 more, so 7 + 5 = 11."], 0.5)]
+    pairs = pruning_hard_pairs([(q, decision), (q, no_right), (q, decision)])
+    assert [(r[1], w[1]) for r, w in pairs] == [([ok1, ok2], [ok1, slip2]), ([ok1, ok2], [slip1, carried])]
+    assert [w[2] for _, w in pairs] == [[1, 0], [0, 0]]
+    assert all(r[0] == w[0] == q and all(r[2]) for r, w in pairs)
+
+
+@needs_ckpt
+def test_pruning_candidates_record_every_pruning_of_beam_search():
+    """train.pruning_candidates: every pruning of beam search (more live candidates than it
+    keeps) on fresh problems is recorded with each candidate's steps and its score in [0, 1]."""
+    from ttc_fast.toy.train import BUILTIN, pruning_candidates
+
+    decisions = pruning_candidates(BUILTIN / "toy-prm", 2, 4, seed=3)
+    assert decisions
+    eval_questions = {p.question for p in eval_problems()}
+    for q, cands in decisions:
+        assert q not in eval_questions and len(cands) > 1  # N = 4, width 4: one kept of up to 4
+        for steps, score in cands:
+            assert steps and all(s == s.strip() and s for s in steps) and 0.0 <= score <= 1.0
+    depths = {len(steps) for _, cands in decisions for steps, _ in cands}
+    assert len(depths) > 1  # later prunings weigh longer paths
+
+
 @needs_ckpt
 def test_step_candidates_sample_next_steps_from_right_partial_solutions():
     """train.step_candidates: fresh (non-eval) problems, each a right partial solution cut before

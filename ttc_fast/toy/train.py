@@ -29,7 +29,7 @@ Then (`then`) cosine stages continue from the checkpoint on fresh samples and pa
 `dense_weight` times the same "+"/"-" loss at every token of each step's arithmetic, labelled
 by whether the text so far can still become the right step (`expression_labels`): a slip is
 then taught at the digit where it is written, where the PRM can compare it with the digit it
-expects, instead of only through the step's tag. The last six stages add `expr_lm_weight` times a
+expects, instead of only through the step's tag. The last ten stages add `expr_lm_weight` times a
 next-token loss on the right steps' arithmetic (`expression_targets`): a verdict on a digit is
 only as good as the PRM's own prediction of it, and by then that prediction had decayed from L's
 (a result digit predicted right 93.6% of the time in the PRM's format, against L's 99.2%).
@@ -41,7 +41,7 @@ is hard, the synthetic slips at random digits mostly where it is easy. The two s
 them also distil policy L into the PRM (`distil_weight`): the KL divergence from L's
 next-token distribution, read in L's own format (`teacher_view`), at every arithmetic token of
 every row, slipped ones included; the PRM's own prediction of the digits it checks had stayed
-below L's (a result digit 97.4% against 99.2%). The last three stages train the verdict on the
+below L's (a result digit 97.4% against 99.2%). The last four stages train the verdict on the
 search's own hard cases (`hard_pairs`, `search_hard_pairs`): from right partial solutions of
 fresh problems S samples 16 next steps (`step_candidates`), and each wrong one the PRM scores at
 or above its best right sibling is paired with the same step mended; they are mined again with
@@ -49,7 +49,14 @@ the current PRM at every evaluation. Beam search had lost most of its prunable p
 exactly such steps, S's likeliest slips, which it writes in many candidates at once. The third
 does the same at temperature 0.6 (`temperature`: S's samples, slips and next steps, mined and
 held out, are drawn at the temperature of the searches the PRM is for; 0.4 before), where S
-offers a search a right step more often, and more kinds of slip.
+offers a search a right step more often, and more kinds of slip. The fourth takes two pairs a
+batch from the siblings' hard cases and two from hard cases of beam search's own prunings (`prune_pairs`, `pruning_candidates`,
+`pruning_hard_pairs`): S searches fresh problems (levels 3 to 5) with the current PRM, and each
+wrong path a pruning scored at or above its best right path is paired with that path, mined
+again at every evaluation, at temperatures 0.4 and 0.6 in turn. A pruning also weighs other
+beams' paths, whose earlier slips one prefix's siblings never show: half the tenth recipe's
+pruning misses were a right step losing to right arithmetic on a value an earlier slip had made
+wrong, the verdict read at the last step having forgotten the slip.
 Logged over training: the AUC on held-out labelled steps of S (other problems, other samples),
 how often a held-out right solution's last step outscores the same solution with a slip
 (synthetic, and S's own at the stage's temperature, mended), how often the PRM predicts the
@@ -106,7 +113,8 @@ TRAIN = {
     # layers deeper with half the slip pairs taken from S's own slips, then two that also distil
     # L's arithmetic into the PRM (the second, with 6 of 8 pairs S's own, found no better
     # checkpoint), then two on the search's own hard cases, mined afresh at every evaluation,
-    # then one more on hard cases, slips and samples at temperature 0.6
+    # then one more on hard cases, slips and samples at temperature 0.6, then one that adds hard
+    # cases from beam search's own prunings (`prune_pairs`), mined at 0.4 and 0.6 in turn
     # `temperature`: S's sampling temperature in the searches a stage trains the PRM for
     "prm": dict(steps=6000, batch=32, pairs=8, lr=7e-4, eval_every=500, seed=3, samples=12000, extra_layers=2,
                 lm_weight=0.5, temperature=0.4, then=[dict(steps=3000, lr=3e-4, dense_weight=1.0)] * 4
@@ -120,7 +128,9 @@ TRAIN = {
                    dict(steps=2000, lr=3e-4, dense_weight=1.0, expr_lm_weight=2.0, pairs=2, own_pairs=3, hard_pairs=3,
                         distil_weight=2.0, select="siblings"),
                    dict(steps=3000, lr=3e-4, dense_weight=1.0, expr_lm_weight=2.0, pairs=2, own_pairs=3, hard_pairs=3,
-                        distil_weight=2.0, select="siblings", temperature=0.6)]),
+                        distil_weight=2.0, select="siblings", temperature=0.6),
+                   dict(steps=3000, lr=3e-4, dense_weight=1.0, expr_lm_weight=2.0, pairs=2, own_pairs=3, hard_pairs=2,
+                        prune_pairs=2, prune_temperatures=(0.4, 0.6), distil_weight=2.0, select="siblings")]),
 }
 
 
@@ -158,10 +168,10 @@ def _eval_questions() -> set[str]:
     return _EVAL_QUESTIONS
 
 
-def _fresh_problem(rng: random.Random, index: str = "prm"):
-    """A problem of a random level that is not in the eval set."""
+def _fresh_problem(rng: random.Random, index: str = "prm", lowest_level: int = 1):
+    """A problem of a random level (from `lowest_level` to 5) that is not in the eval set."""
     while True:
-        p = make_problem(rng, rng.randint(1, 5), index)
+        p = make_problem(rng, rng.randint(lowest_level, 5), index)
         if p.question not in _eval_questions():
             return p
 
@@ -512,6 +522,62 @@ def search_hard_pairs(candidates, p_good, floor: float = 0.5):
     return pairs
 
 
+def pruning_candidates(prm_path: Path, n_problems: int, n: int, seed: int, temperature: float = TEMPERATURE):
+    """The choices beam search itself makes: S searches `n_problems` fresh problems (beam search,
+    N = `n`, width 4, the toy job's settings) with the PRM at `prm_path`, and every pruning that
+    drops candidates is recorded: [(question, [(steps, aggregated score)] of every live candidate)].
+    Unlike one prefix's siblings (`step_candidates`), a pruning also weighs other beams' paths,
+    including those an earlier slip has already made wrong."""
+    from ..engine import Engine
+    from ..loader import load_model
+    from ..prm import aggregate, load_prm
+    from ..sampling import SamplingParams
+    from ..search import TreeSearch
+    from ..strategies import BeamSearch
+    from .evaluate import ITERATIONS, STEP_TOKENS
+
+    class RecordingSearch(TreeSearch):
+        def _keep_top(self, flight, live):
+            for st in flight:
+                nodes = live[id(st)]
+                if len(nodes) > self.strategy.keep:
+                    decisions.append((st.problem.question, [([s.strip() for s in node.steps],
+                                                             aggregate(node.scores, self.strategy.aggregation))
+                                                            for node in nodes]))
+            super()._keep_top(flight, live)
+
+    decisions: list = []
+    rng = random.Random(seed)
+    # levels 1 and 2 gave almost no hard cases: S rarely slips there
+    problems = [_fresh_problem(rng, f"prune-{i}", lowest_level=3) for i in range(n_problems)]
+    engine = Engine(load_model(str(BUILTIN / "toy-policy-s"), device="cpu"), kv_cache_bytes=256 << 20)
+    prm = load_prm(str(prm_path), kind="math-shepherd", device="cpu", kv_cache_bytes=1 << 30)
+    sampling = SamplingParams(temperature=temperature, top_p=1.0, max_tokens=STEP_TOKENS, seed=seed)
+    for _ in RecordingSearch(engine, prm, BeamSearch(n=n, width=4, iterations=ITERATIONS), sampling).run(problems):
+        pass
+    return decisions
+
+
+def pruning_hard_pairs(decisions):
+    """The hard cases of recorded prunings (`pruning_candidates`): each distinct wrong candidate
+    path scored at or above the best right one of its pruning, paired with that right path (both
+    labelled step by step, `prefix_labels`). The wrong path may have slipped steps before its
+    last: a score read at the last step must carry that slip along."""
+    pairs, seen = [], set()
+    for q, cands in decisions:
+        distinct = {tuple(steps): score for steps, score in cands}
+        labelled = [(list(steps), prefix_labels(q, list(steps)), score) for steps, score in distinct.items()]
+        right = [c for c in labelled if c[1][-1]]
+        if not right:
+            continue
+        best_right = max(right, key=lambda c: c[2])
+        for steps, labels, score in labelled:
+            if not labels[-1] and score >= best_right[2] and (q, tuple(steps)) not in seen:
+                seen.add((q, tuple(steps)))
+                pairs.append([(q, best_right[0], best_right[1]), (q, steps, labels)])
+    return pairs
+
+
 def _wrong_result(rng: random.Random, c: int) -> int:
     """c with one digit moved by 1 to 3 (S's own slips: a wrong units or tens digit, mostly)."""
     while True:
@@ -577,7 +643,8 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
               lr: float | None = None, dense_weight: float | None = None, expr_lm_weight: float | None = None,
               deepen: int = 0, pairs: int | None = None, own_pairs: int | None = None,
               distil_weight: float | None = None, hard_pairs: int | None = None, select: str | None = None,
-              temperature: float | None = None) -> Path:
+              temperature: float | None = None, prune_pairs: int | None = None,
+              prune_temperatures: tuple[float, ...] | None = None) -> Path:
     """Fine-tune policy L, deepened by `extra_layers`, into the math-shepherd PRM; `init`
     continues from a saved PRM on freshly sampled solutions (the log keeps its curve, steps count
     on from it, and the checkpoint is only replaced by a better one on S's held-out own slips,
@@ -589,7 +656,9 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
     evaluation; such a stage keeps the checkpoint that best picks a right step among held-out
     siblings (`select="siblings"`). `temperature` is that of the searches the PRM is trained for:
     S samples its solutions, slips and next steps at it, for training and for the held-out
-    measures that pick the checkpoint."""
+    measures that pick the checkpoint. `prune_pairs` per batch come from beam search's own
+    prunings with the current PRM (`pruning_hard_pairs`), mined at every evaluation, each round
+    at the next of `prune_temperatures` (default: the stage's temperature)."""
     from transformers import LlamaForCausalLM
 
     torch.set_num_threads(threads)
@@ -597,7 +666,9 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
     cfg_t.update({k: v for k, v in (("steps", steps), ("lr", lr), ("dense_weight", dense_weight),
                                     ("expr_lm_weight", expr_lm_weight), ("deepen", deepen or None),
                                     ("pairs", pairs), ("own_pairs", own_pairs), ("distil_weight", distil_weight),
-                                    ("hard_pairs", hard_pairs), ("select", select), ("temperature", temperature))
+                                    ("hard_pairs", hard_pairs), ("select", select), ("temperature", temperature),
+                                    ("prune_pairs", prune_pairs),
+                                    ("prune_temperatures", list(prune_temperatures) if prune_temperatures else None))
                   if v is not None})
     old = json.loads(LOG.read_text()).get("prm", {}) if init is not None and LOG.is_file() else {}
     step0 = old["curve"][-1]["step"] if old.get("curve") else 0
@@ -754,6 +825,23 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
         print(f"[prm] mined {len(found)} hard pairs (pool {len(hard_pool)}) in {time.perf_counter() - t_mine:.0f}s",
               flush=True)
 
+    prune_n = cfg_t.get("prune_pairs", 0)
+    prune_pool: list = []
+
+    def mine_prunings(round_: int) -> None:
+        """Add the hard cases of beam search's own prunings with the current PRM (saved for the
+        engine to load) on fresh problems to their pool (`pruning_hard_pairs`)."""
+        t_mine = time.perf_counter()
+        temps = cfg_t.get("prune_temperatures") or [search_t]
+        with tempfile.TemporaryDirectory() as current:
+            save(model, tok, Path(current))
+            decisions = pruning_candidates(Path(current), cfg_t.get("prune_problems", 200), 64,
+                                           seed=seed + 15485863 * (round_ + 1), temperature=temps[round_ % len(temps)])
+        found = pruning_hard_pairs(decisions)
+        prune_pool.extend([row_of(q, s, l) for q, s, l in pair] for pair in found)
+        print(f"[prm] mined {len(found)} pruning pairs at T={temps[round_ % len(temps)]} (pool {len(prune_pool)}) "
+              f"from {len(decisions)} prunings in {time.perf_counter() - t_mine:.0f}s", flush=True)
+
     def pair_metrics(pairs):
         """How often a (right, slipped) pair's right last step scores above the slipped one (a
         pair's tags are aligned step by step), and how many of the right rows' arithmetic tokens
@@ -806,15 +894,17 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
         print(f"[prm] start {entry['stages'][-1]['start']}", flush=True)
     if hard_n:
         mine_hard(0)
+    if prune_n:
+        mine_prunings(0)
     losses = []
     for step in range(cfg_t["steps"]):
         for g in opt.param_groups:
             g["lr"] = _lr(step, cfg_t["steps"], cfg_t["lr"], warmup=50)
-        own_n, hard_k = cfg_t.get("own_pairs", 0), min(hard_n, len(hard_pool))
-        batch = rng.sample(rows, cfg_t["batch"] - 2 * cfg_t["pairs"] - 2 * own_n - 2 * hard_k)
+        own_n, hard_k, prune_k = cfg_t.get("own_pairs", 0), min(hard_n, len(hard_pool)), min(prune_n, len(prune_pool))
+        batch = rng.sample(rows, cfg_t["batch"] - 2 * cfg_t["pairs"] - 2 * own_n - 2 * hard_k - 2 * prune_k)
         for _ in range(cfg_t["pairs"]):
             batch += [row_of(q, s, l) for q, s, l in contrast_pair(rng)]
-        for pair in rng.sample(own_pairs, own_n) + rng.sample(hard_pool, hard_k):
+        for pair in rng.sample(own_pairs, own_n) + rng.sample(hard_pool, hard_k) + rng.sample(prune_pool, prune_k):
             batch += pair
         pair, y, lm, dense, expr, logits = scores_of(batch, with_lm=True)
         loss = (torch.nn.functional.cross_entropy(pair.float(), y) + cfg_t["lm_weight"] * lm
@@ -843,6 +933,8 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
             write_log(log)
             if hard_n and step + 1 < cfg_t["steps"]:
                 mine_hard((step + 1) // cfg_t["eval_every"])
+            if prune_n and step + 1 < cfg_t["steps"]:
+                mine_prunings((step + 1) // cfg_t["eval_every"])
     entry["train_seconds"] = round(time.perf_counter() - t0, 1)
     write_log(log)
     return BUILTIN / "toy-prm"
@@ -919,6 +1011,10 @@ def main(argv=None) -> None:
                     help="PRM: keep the checkpoint best on held-out own slips or on picking a right sibling step")
     ap.add_argument("--temperature", type=float, default=None,
                     help="PRM: the search temperature to train for (S's samples, slips and next steps; default 0.4)")
+    ap.add_argument("--prune-pairs", type=int, default=None,
+                    help="PRM: hard cases of beam search's own prunings (pruning_hard_pairs), mined at every evaluation, per batch")
+    ap.add_argument("--prune-temperatures", type=float, nargs="+", default=None,
+                    help="PRM: the temperatures the pruning mining rounds take in turn (default: --temperature)")
     ap.add_argument("--deepen", type=int, default=0,
                     help="PRM with --init: add this many identity-initialised decoder layers on top first")
     ap.add_argument("--tag", default=None, help="write toy-TAG instead of toy-NAME (size sweeps)")
@@ -937,7 +1033,8 @@ def main(argv=None) -> None:
         out = train_prm(log, threads=args.threads, steps=args.steps, init=args.init, lr=args.lr,
                         dense_weight=args.dense_weight, expr_lm_weight=args.expr_lm_weight, deepen=args.deepen,
                         pairs=args.pairs, own_pairs=args.own_pairs, distil_weight=args.distil_weight,
-                        hard_pairs=args.hard_pairs, select=args.select, temperature=args.temperature)
+                        hard_pairs=args.hard_pairs, select=args.select, temperature=args.temperature,
+                        prune_pairs=args.prune_pairs, prune_temperatures=args.prune_temperatures)
         if args.init is None and args.steps is None:
             for stage in TRAIN["prm"].get("then", []):
                 train_prm(log, threads=args.threads, init=str(out), **stage)
