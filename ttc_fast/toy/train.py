@@ -50,10 +50,10 @@ exactly such steps, S's likeliest slips, which it writes in many candidates at o
 does the same at temperature 0.6 (`temperature`: S's samples, slips and next steps, mined and
 held out, are drawn at the temperature of the searches the PRM is for; 0.4 before), where S
 offers a search a right step more often, and more kinds of slip. The fourth takes two pairs a
-batch from the siblings' hard cases and two from hard cases of beam search's own prunings (`prune_pairs`, `pruning_candidates`,
-`pruning_hard_pairs`): S searches fresh problems (levels 3 to 5) with the current PRM, and each
-wrong path a pruning scored at or above its best right path is paired with that path, mined
-again at every evaluation, at temperatures 0.4 and 0.6 in turn. A pruning also weighs other
+batch from the siblings' hard cases and two from hard cases of beam search's own prunings
+(`prune_pairs`, `pruning_candidates`, `pruning_hard_pairs`): S searches fresh problems (levels
+3 to 5) with the current PRM, and each wrong path a pruning scored at or above its best right
+path is paired with that path, mined again at every evaluation, at 0.4 and 0.6 in turn. A pruning also weighs other
 beams' paths, whose earlier slips one prefix's siblings never show: half the tenth recipe's
 pruning misses were a right step losing to right arithmetic on a value an earlier slip had made
 wrong, the verdict read at the last step having forgotten the slip.
