@@ -8,8 +8,8 @@
 
 It separates the two things the toy table measures: whether search over S's samples can reach
 policy L at all (it can, with an exact verifier), and how much of that the learned PRM delivers.
-`--temperatures` asks the same question at other sampling temperatures (the toy job's 0.4 suits
-the learned PRM; an exact verifier gains from more varied samples); `--verifier prm` runs the
+`--temperatures` asks the same question at other sampling temperatures (the toy job runs at 0.6,
+where an exact verifier passes L; it gains from more varied samples); `--verifier prm` runs the
 learned PRM under the same settings; `--aggregations` compares ways of turning step scores into
 a path score.
 """

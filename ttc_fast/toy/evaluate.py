@@ -24,8 +24,9 @@ SOLUTION_TOKENS = 192  # longest whole solution
 ITERATIONS = 10  # toy solutions have at most 7 steps
 # Sampling temperature of every search. At 0.4 (the job's setting until the twelfth PRM recipe)
 # even the exact checker's beam search stays below L greedy (0.912 at N = 64); from 0.6 up it
-# passes it (0.944 at 0.6), and the PRMs since the tenth recipe lose nothing there. Search-and-
-# learn's 0.8 suits real models; tiny S samples worse there (one sample right 25-50% of the time).
+# passes it (0.944 at 0.6), and the PRMs since the tenth recipe score about as well there or
+# better. Search-and-learn's 0.8 suits real models; tiny S samples worse there (one sample right
+# 25-50% of the time).
 TEMPERATURE = 0.6
 
 

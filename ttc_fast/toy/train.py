@@ -16,7 +16,7 @@ PRM (math-shepherd format, kind="math-shepherd"): policy L (as real PRMs are fin
 strong LM) with two more decoder layers on top, each starting as the identity. Checking a result
 digit means comparing the digit the policy would write with the one written, a position after
 the policy's prediction is formed: the extra layers give room for that comparison. Trained on
-policy S's own samples (at temperature 0.4, the toy job's, and 1) and, in every batch, fresh
+policy S's own samples (at temperature 0.4, the toy job's until the twelfth recipe, and 1) and, in every batch, fresh
 pairs of a reference solution and the same solution with one slip (a wrong result, operand or
 running value, continued from there), both cut after the same step: S's own slips are all wrong
 results, mostly one wrong digit, and the slip data is drawn like them. Each step is labelled
