@@ -157,3 +157,32 @@ def test_best_of_n_keeps_sample_order_so_picks_at_small_n_read_the_first_samples
         unsorted += scores != sorted(scores, reverse=True)
         assert r.picks[1]["naive"] == r.completions[0].answer
     assert unsorted >= 2  # 8 scores in sample order are (almost) never sorted
+
+
+def test_children_that_wrote_the_same_step_are_scored_once(engine, tmp_path, monkeypatch):
+    """Greedy expansion makes every child of a branch write the same step: the PRM scores one per
+    branch (the copies fork its sequence and take its score), and every completion's step scores
+    still equal the same steps scored one by one on a fresh sequence."""
+    from ttc_fast.testing_prm import build_math_shepherd_prm
+
+    prm = tf.load_prm(build_math_shepherd_prm(tmp_path / "prm", seed=3), kind="math-shepherd", device="cpu", dtype="float32")
+    expansions = record_expansions(engine, monkeypatch)
+    scored = []
+    real = prm.score_steps
+
+    def spy(handles, steps):
+        scored.append(len(handles))
+        return real(handles, steps)
+
+    monkeypatch.setattr(prm, "score_steps", spy)
+    greedy = tf.SamplingParams(temperature=0.0, max_tokens=10, seed=0)
+    strategy = tf.BeamSearch(n=8, width=4, iterations=3, delimiter=DELIM)
+    results = engine.search(problems(2), strategy, greedy, prm=prm)
+    assert scored == [len(counts) for counts in expansions]  # one new step per expanded branch
+    monkeypatch.setattr(prm, "score_steps", real)
+    for r in results:
+        for c in r.completions:
+            handle = prm.start(r.question)
+            fresh = [real([handle], [step])[0] for step in c.steps]
+            prm.free(handle)
+            assert fresh == pytest.approx(c.step_scores, abs=1e-4)

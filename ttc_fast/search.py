@@ -204,7 +204,8 @@ class TreeSearch:
         results = self.engine.expand(branches, counts, samplings, seeds)
 
         children: list[tuple[_Problem, _Node]] = []
-        for (st, parent), res in zip(owners, results):
+        parents: list[int] = []  # which expanded branch each child came from
+        for k, ((st, parent), res) in enumerate(zip(owners, results)):
             prm_parent = st.prm_root if parent is None else parent.prm
             prm_children = self.prm.fork(prm_parent, len(res)) if self.prm is not None else [None] * len(res)
             if parent is not None and self.prm is not None:
@@ -219,10 +220,11 @@ class TreeSearch:
                 text = out.text if out.text is not None else " ".join(map(str, out.token_ids))
                 node = _Node(branch, prm_handle, base.steps + [text], base.scores, base.tokens + len(out.token_ids), group, finish)
                 children.append((st, node))
+                parents.append(k)
         for st in flight:
             st.frontier = []
             st.iteration += 1
-        self._score(children)
+        self._score(children, parents)
         if getattr(self.strategy, "lookahead", 0):
             self._lookahead([(st, node) for st, node in children if not self._is_done(st, node)])
         self._prune(flight, children)
@@ -243,15 +245,13 @@ class TreeSearch:
         return node.finish_reason != "stop" or not self._stepwise() or st.iteration >= self.strategy.iterations
 
     # --- score ---------------------------------------------------------------------------------
-    def _score(self, children: list[tuple[_Problem, _Node]]) -> None:
+    def _score(self, children: list[tuple[_Problem, _Node]], parents: list[int]) -> None:
         if self.prm is None or not children:
             for _, node in children:
                 node.scores = node.scores + [0.0]
             return
         if self._stepwise():
-            new_scores = self._score_batch([(st, node.prm, node.steps[-1]) for st, node in children])
-            for (_, node), score in zip(children, new_scores):
-                node.scores = node.scores + [score]
+            self._score_new_steps(children, parents)
             return
         # Best-of-N: whole solutions; their steps are scored one step index at a time, each index
         # in one batch over every solution of every problem.
@@ -265,6 +265,29 @@ class TreeSearch:
             for ((_, node), step), score in zip(live, scores):
                 node.steps.append(step)
                 node.scores.append(score)
+
+    def _score_new_steps(self, children: list[tuple[_Problem, _Node]], parents: list[int]) -> None:
+        """Score each child's new step. Children of one branch that wrote the same step text are
+        the same PRM input: the PRM scores one of them, and the copies take a fork of its
+        sequence and its score (small policies at low temperature repeat their likeliest step
+        in many samples)."""
+        first: dict[tuple[int, str], int] = {}
+        unique, copies = [], []
+        for i, ((_, node), parent) in enumerate(zip(children, parents)):
+            key = (parent, node.steps[-1])
+            if key in first:
+                copies.append((i, first[key]))
+            else:
+                first[key] = i
+                unique.append(i)
+        scores = self._score_batch([(children[i][0], children[i][1].prm, children[i][1].steps[-1]) for i in unique])
+        for i, score in zip(unique, scores):
+            children[i][1].scores = children[i][1].scores + [score]
+        for i, j in copies:
+            node, scored = children[i][1], children[j][1]
+            self.prm.free(node.prm)
+            node.prm = self.prm.fork(scored.prm, 1)[0]
+            node.scores = node.scores + [scored.scores[-1]]
 
     def _score_batch(self, items: list[tuple[_Problem, object, str]]) -> list[float]:
         """One batched PRM call; its tokens are attributed to problems in proportion to their items."""
