@@ -1,7 +1,8 @@
 """The search loop: expand (fork + sample one step), score (PRM on the new step), prune.
 
 All problems in flight advance together: one `Engine.expand` call decodes the live beams of every
-problem, one `score_steps` call scores every new step in the PRM's own prefix-shared cache, and
+problem, one `score_steps` call scores every new step in the PRM's own prefix-shared cache (a
+step several children of one branch wrote alike is scored once, the copies forking it), and
 one segmented top-k keeps the best candidates of every problem (beam search) or subtree (DVTS).
 How many problems are in flight is bounded by the KV pool: a new problem starts only while the
 pool keeps enough free blocks for the problems already running.
