@@ -57,12 +57,29 @@ def _configs(ns):
             yield "particle-filtering", n, ParticleFiltering(n=n, iterations=ITERATIONS)
 
 
+def policy_s(device: str | None = None, backend: str = "auto"):
+    """A fresh engine for policy S, as every toy search runs it."""
+    from ..engine import Engine
+    from ..loader import load_model
+
+    # A fixed 256 MiB of KV cache (on the CPU, the default): on a GPU the default would size
+    # itself from free memory, which the previous run's pool may still hold
+    return Engine(load_model("builtin:toy-policy-s", device=device), backend=backend, kv_cache_bytes=256 << 20)
+
+
+def toy_prm(path: str | Path = "builtin:toy-prm", device: str | None = None, backend: str = "auto"):
+    """A fresh math-shepherd PRM (the shipped toy PRM by default), as every toy search runs it."""
+    from ..prm import load_prm
+
+    # 1 GiB of PRM cache: enough for every beam of many problems in flight at N = 64
+    return load_prm(str(path), kind="math-shepherd", device=device, backend=backend, kv_cache_bytes=1 << 30)
+
+
 def run_toy(out_dir: str | Path = "runs/toy", limit: int | None = None, ns=NS, resume: bool = False,
             progress: bool = True, seed: int = 0, device: str | None = None, backend: str = "auto") -> dict:
     """Run the whole toy evaluation; returns the accuracy table (also written to summary.json)."""
     from ..engine import Engine
     from ..loader import load_model
-    from ..prm import load_prm
     from ..run import run_search
     from ..sampling import SamplingParams
     from .task import eval_problems
@@ -73,17 +90,7 @@ def run_toy(out_dir: str | Path = "runs/toy", limit: int | None = None, ns=NS, r
     if limit is not None:
         problems = problems[:limit]
     started = time.perf_counter()
-
-    def fresh_policy():
-        # A fixed 256 MiB of KV cache (on the CPU, the default): on a GPU the default would size
-        # itself from free memory, which the previous run's pool may still hold
-        return Engine(load_model("builtin:toy-policy-s", device=device), backend=backend, kv_cache_bytes=256 << 20)
-
-    def fresh_prm():
-        # 1 GiB of PRM cache: enough for every beam of many problems in flight at N = 64
-        return load_prm("builtin:toy-prm", kind="math-shepherd", device=device, backend=backend, kv_cache_bytes=1 << 30)
-
-    policy = fresh_policy()
+    policy = policy_s(device, backend)
     larger = Engine(load_model("builtin:toy-policy-l", device=device), backend=backend)
 
     table: dict[str, dict[int, float]] = {}
@@ -103,7 +110,7 @@ def run_toy(out_dir: str | Path = "runs/toy", limit: int | None = None, ns=NS, r
         # Fresh caches for each run: on pools that earlier runs had used (their free blocks
         # scattered, most likely), beam search at N = 64 took 198 s against 101 s.
         policy = prm = None  # the previous run's pools go before the new ones are allocated
-        policy, prm = fresh_policy(), fresh_prm()
+        policy, prm = policy_s(device, backend), toy_prm(device=device, backend=backend)
         path = out_dir / f"{name}-n{n}.jsonl"
         if resume and path.exists():
             records = run_search(policy, prm, strategy, sampling, problems, path, resume=True, progress=progress)

@@ -16,15 +16,16 @@ PRM (math-shepherd format, kind="math-shepherd"): policy L (as real PRMs are fin
 strong LM) with two more decoder layers on top, each starting as the identity. Checking a result
 digit means comparing the digit the policy would write with the one written, a position after
 the policy's prediction is formed: the extra layers give room for that comparison. Trained on
-policy S's own samples (at temperature 0.4, the toy job's until the twelfth recipe, and 1) and, in every batch, fresh
-pairs of a reference solution and the same solution with one slip (a wrong result, operand or
-running value, continued from there), both cut after the same step: S's own slips are all wrong
-results, mostly one wrong digit, and the slip data is drawn like them. Each step is labelled
-good iff it and every step before it pass the checker (Math-Shepherd's label: a correct
-continuation from it reaches the right answer). Text = question + " " + step0 + " ки" + "\n" +
-step1 + " ки" ..., tokenized segment by segment exactly as `load_prm` does; the loss is the
-cross-entropy of "+" vs "-" at each tag plus `lm_weight` times the next-token loss on the fully
-right solutions (keeping the arithmetic L learnt as a policy, which checking a result needs).
+policy S's own samples (at temperature 0.4, the toy job's until the twelfth recipe, and 1) and,
+in every batch, fresh pairs of a reference solution and the same solution with one slip (a wrong
+result, operand or running value, continued from there), both cut after the same step: S's own
+slips are all wrong results, mostly one wrong digit, and the slip data is drawn like them. Each
+step is labelled good iff it and every step before it pass the checker (Math-Shepherd's label: a
+correct continuation from it reaches the right answer). Text = question + " " + step0 + " ки" +
+"\n" + step1 + " ки" ..., tokenized segment by segment exactly as `load_prm` does; the loss is
+the cross-entropy of "+" vs "-" at each tag plus `lm_weight` times the next-token loss on the
+fully right solutions (keeping the arithmetic L learnt as a policy, which checking a result
+needs).
 Then (`then`) cosine stages continue from the checkpoint on fresh samples and pairs, adding
 `dense_weight` times the same "+"/"-" loss at every token of each step's arithmetic, labelled
 by whether the text so far can still become the right step (`expression_labels`): a slip is
@@ -53,10 +54,10 @@ offers a search a right step more often, and more kinds of slip. The fourth take
 batch from the siblings' hard cases and two from hard cases of beam search's own prunings
 (`prune_pairs`, `pruning_candidates`, `pruning_hard_pairs`): S searches fresh problems (levels
 3 to 5) with the current PRM, and each wrong path a pruning scored at or above its best right
-path is paired with that path, mined again at every evaluation, at 0.4 and 0.6 in turn. A pruning also weighs other
-beams' paths, whose earlier slips one prefix's siblings never show: half the tenth recipe's
-pruning misses were a right step losing to right arithmetic on a value an earlier slip had made
-wrong, the verdict read at the last step having forgotten the slip.
+path is paired with that path, mined again at every evaluation, at 0.4 and 0.6 in turn. A
+pruning also weighs other beams' paths, whose earlier slips one prefix's siblings never show:
+half the tenth recipe's pruning misses were a right step losing to right arithmetic on a value
+an earlier slip had made wrong, the verdict read at the last step having forgotten the slip.
 Logged over training: the AUC on held-out labelled steps of S (other problems, other samples),
 how often a held-out right solution's last step outscores the same solution with a slip
 (synthetic, and S's own at the stage's temperature, mended), how often the PRM predicts the
@@ -528,13 +529,11 @@ def pruning_candidates(prm_path: Path, n_problems: int, n: int, seed: int, tempe
     drops candidates is recorded: [(question, [(steps, aggregated score)] of every live candidate)].
     Unlike one prefix's siblings (`step_candidates`), a pruning also weighs other beams' paths,
     including those an earlier slip has already made wrong."""
-    from ..engine import Engine
-    from ..loader import load_model
-    from ..prm import aggregate, load_prm
+    from ..prm import aggregate
     from ..sampling import SamplingParams
     from ..search import TreeSearch
     from ..strategies import BeamSearch
-    from .evaluate import ITERATIONS, STEP_TOKENS
+    from .evaluate import ITERATIONS, STEP_TOKENS, policy_s, toy_prm
 
     class RecordingSearch(TreeSearch):
         def _keep_top(self, flight, live):
@@ -550,8 +549,7 @@ def pruning_candidates(prm_path: Path, n_problems: int, n: int, seed: int, tempe
     rng = random.Random(seed)
     # levels 1 and 2 gave almost no hard cases: S rarely slips there
     problems = [_fresh_problem(rng, f"prune-{i}", lowest_level=3) for i in range(n_problems)]
-    engine = Engine(load_model(str(BUILTIN / "toy-policy-s"), device="cpu"), kv_cache_bytes=256 << 20)
-    prm = load_prm(str(prm_path), kind="math-shepherd", device="cpu", kv_cache_bytes=1 << 30)
+    engine, prm = policy_s("cpu"), toy_prm(prm_path, "cpu")
     sampling = SamplingParams(temperature=temperature, top_p=1.0, max_tokens=STEP_TOKENS, seed=seed)
     for _ in RecordingSearch(engine, prm, BeamSearch(n=n, width=4, iterations=ITERATIONS), sampling).run(problems):
         pass
@@ -833,13 +831,14 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
         engine to load) on fresh problems to their pool (`pruning_hard_pairs`)."""
         t_mine = time.perf_counter()
         temps = cfg_t.get("prune_temperatures") or [search_t]
+        temperature_ = temps[round_ % len(temps)]
         with tempfile.TemporaryDirectory() as current:
             save(model, tok, Path(current))
             decisions = pruning_candidates(Path(current), cfg_t.get("prune_problems", 200), 64,
-                                           seed=seed + 15485863 * (round_ + 1), temperature=temps[round_ % len(temps)])
+                                           seed=seed + 15485863 * (round_ + 1), temperature=temperature_)
         found = pruning_hard_pairs(decisions)
         prune_pool.extend([row_of(q, s, l) for q, s, l in pair] for pair in found)
-        print(f"[prm] mined {len(found)} pruning pairs at T={temps[round_ % len(temps)]} (pool {len(prune_pool)}) "
+        print(f"[prm] mined {len(found)} pruning pairs at T={temperature_} (pool {len(prune_pool)}) "
               f"from {len(decisions)} prunings in {time.perf_counter() - t_mine:.0f}s", flush=True)
 
     def pair_metrics(pairs):
