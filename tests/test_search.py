@@ -159,6 +159,35 @@ def test_best_of_n_keeps_sample_order_so_picks_at_small_n_read_the_first_samples
     assert unsorted >= 2  # 8 scores in sample order are (almost) never sorted
 
 
+def test_best_of_n_solutions_that_agree_up_to_a_step_are_scored_once_there(engine, tmp_path, monkeypatch):
+    """Greedy best-of-N samples one solution N times: each step index is scored once per problem
+    (the copies fork the scored sequence), and every completion's step scores still equal the
+    same steps scored one by one on a fresh sequence."""
+    from ttc_fast.testing_prm import build_math_shepherd_prm
+
+    prm = tf.load_prm(build_math_shepherd_prm(tmp_path / "prm", seed=3), kind="math-shepherd", device="cpu", dtype="float32")
+    scored = []
+    real = prm.score_steps
+
+    def spy(handles, steps):
+        scored.append(len(handles))
+        return real(handles, steps)
+
+    monkeypatch.setattr(prm, "score_steps", spy)
+    greedy = tf.SamplingParams(temperature=0.0, max_tokens=24, seed=0)
+    results = engine.search(problems(2), tf.BestOfN(n=4, delimiter=DELIM), greedy, prm=prm)
+    lengths = [len(r.completions[0].steps) for r in results]
+    assert max(lengths) > 1  # several step indices, or the test shows nothing
+    assert scored == [sum(n > k for n in lengths) for k in range(max(lengths))]
+    monkeypatch.setattr(prm, "score_steps", real)
+    for r in results:
+        for c in r.completions:
+            handle = prm.start(r.question)
+            fresh = [real([handle], [step])[0] for step in c.steps]
+            prm.free(handle)
+            assert fresh == pytest.approx(c.step_scores, abs=1e-4)
+
+
 def test_children_that_wrote_the_same_step_are_scored_once(engine, tmp_path, monkeypatch):
     """Greedy expansion makes every child of a branch write the same step: the PRM scores one per
     branch (the copies fork its sequence and take its score), and every completion's step scores

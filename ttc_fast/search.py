@@ -2,10 +2,11 @@
 
 All problems in flight advance together: one `Engine.expand` call decodes the live beams of every
 problem, one `score_steps` call scores every new step in the PRM's own prefix-shared cache (a
-step several children of one branch wrote alike is scored once, the copies forking it), and
-one segmented top-k keeps the best candidates of every problem (beam search) or subtree (DVTS).
-How many problems are in flight is bounded by the KV pool: a new problem starts only while the
-pool keeps enough free blocks for the problems already running.
+step several children of one branch wrote alike is scored once, the copies forking it; so is a
+best-of-N step after the same steps in another sample of the problem), and one segmented
+top-k keeps the best candidates of every problem (beam search) or subtree (DVTS). How many
+problems are in flight is bounded by the KV pool: a new problem starts only while the pool
+keeps enough free blocks for the problems already running.
 """
 from __future__ import annotations
 
@@ -255,40 +256,47 @@ class TreeSearch:
             self._score_new_steps(children, parents)
             return
         # Best-of-N: whole solutions; their steps are scored one step index at a time, each index
-        # in one batch over every solution of every problem.
-        texts = [node.steps[-1] for _, node in children]
-        steps = [split_steps(text, self.strategy.delimiter) for text in texts]
+        # in one batch over every solution of every problem. Solutions of one problem that agree
+        # up to a step are one PRM input there (`_score_once`): `group` names that shared prefix.
+        steps = [split_steps(node.steps[-1], self.strategy.delimiter) for _, node in children]
         for _, node in children:
             node.steps, node.scores = [], []
+        group: list[object] = [id(st) for st, _ in children]
         for k in range(max(len(s) for s in steps)):
-            live = [(c, s[k]) for c, s in zip(children, steps) if k < len(s)]
-            scores = self._score_batch([(st, node.prm, step) for (st, node), step in live])
-            for ((_, node), step), score in zip(live, scores):
-                node.steps.append(step)
-                node.scores.append(score)
+            live = [i for i, s in enumerate(steps) if k < len(s)]
+            scores, first = self._score_once([children[i] for i in live], [(group[i], steps[i][k]) for i in live],
+                                             [steps[i][k] for i in live])
+            for i, score, j in zip(live, scores, first):
+                children[i][1].steps.append(steps[i][k])
+                children[i][1].scores.append(score)
+                group[i] = live[j]
 
     def _score_new_steps(self, children: list[tuple[_Problem, _Node]], parents: list[int]) -> None:
         """Score each child's new step. Children of one branch that wrote the same step text are
-        the same PRM input: the PRM scores one of them, and the copies take a fork of its
-        sequence and its score (small policies at low temperature repeat their likeliest step
-        in many samples)."""
-        first: dict[tuple[int, str], int] = {}
-        unique, copies = [], []
-        for i, ((_, node), parent) in enumerate(zip(children, parents)):
-            key = (parent, node.steps[-1])
-            if key in first:
-                copies.append((i, first[key]))
-            else:
-                first[key] = i
-                unique.append(i)
-        scores = self._score_batch([(children[i][0], children[i][1].prm, children[i][1].steps[-1]) for i in unique])
-        for i, score in zip(unique, scores):
-            children[i][1].scores = children[i][1].scores + [score]
-        for i, j in copies:
-            node, scored = children[i][1], children[j][1]
-            self.prm.free(node.prm)
-            node.prm = self.prm.fork(scored.prm, 1)[0]
-            node.scores = node.scores + [scored.scores[-1]]
+        the same PRM input (`_score_once`): small policies at low temperature repeat their
+        likeliest step in many samples."""
+        scores, _ = self._score_once(children, [(parent, node.steps[-1]) for (_, node), parent in zip(children, parents)],
+                                     [node.steps[-1] for _, node in children])
+        for (_, node), score in zip(children, scores):
+            node.scores = node.scores + [score]
+
+    def _score_once(self, children: list[tuple[_Problem, _Node]], keys: list, steps: list[str]) -> tuple[list[float], list[int]]:
+        """Score `steps[i]` on `children[i]`'s PRM sequence, once per distinct key: a key names a
+        PRM input (the sequence's content and the step), and each copy frees its sequence, takes
+        a fork of the scored one (extended by the step) and its score. Returns the scores and,
+        per child, the position of the child that was scored for it."""
+        first: dict[object, int] = {}
+        for i, key in enumerate(keys):
+            first.setdefault(key, i)
+        scored = [first[key] for key in keys]
+        unique = [i for i, j in enumerate(scored) if i == j]
+        scores = dict(zip(unique, self._score_batch([(children[i][0], children[i][1].prm, steps[i]) for i in unique])))
+        for i, j in enumerate(scored):
+            if i != j:
+                node = children[i][1]
+                self.prm.free(node.prm)
+                node.prm = self.prm.fork(children[j][1].prm, 1)[0]
+        return [scores[j] for j in scored], scored
 
     def _score_batch(self, items: list[tuple[_Problem, object, str]]) -> list[float]:
         """One batched PRM call; its tokens are attributed to problems in proportion to their items."""
