@@ -218,10 +218,16 @@ def test_pruning_hard_pairs_pair_wrong_paths_with_the_best_right_one():
 @needs_ckpt
 def test_pruning_candidates_record_every_pruning_of_beam_search():
     """train.pruning_candidates: every pruning of beam search (more live candidates than it
-    keeps) on fresh problems is recorded with each candidate's steps and its score in [0, 1]."""
+    keeps) on fresh problems is recorded with each candidate's steps and its score in [0, 1];
+    with final_picks, each problem's finished paths follow as one more decision."""
     from ttc_fast.toy.train import BUILTIN, pruning_candidates
 
-    decisions = pruning_candidates(BUILTIN / "toy-prm", 2, 4, seed=3)
+    decisions, accuracy = pruning_candidates(BUILTIN / "toy-prm", 2, 4, seed=3, final_picks=True)
+    assert 0.0 <= accuracy <= 1.0
+    finals = [d for d in decisions if any("\\boxed" in steps[-1] for steps, _ in d[1])]
+    # a finished path ends in its answer step and is never pruned: the final picks are apart
+    assert len(finals) == 2 and all("\\boxed" in steps[-1] for _, cands in finals for steps, _ in cands)
+    decisions = [d for d in decisions if d not in finals]
     assert decisions
     eval_questions = {p.question for p in eval_problems()}
     for q, cands in decisions:

@@ -523,12 +523,16 @@ def search_hard_pairs(candidates, p_good, floor: float = 0.5):
     return pairs
 
 
-def pruning_candidates(prm_path: Path, n_problems: int, n: int, seed: int, temperature: float = TEMPERATURE):
+def pruning_candidates(prm_path: Path, n_problems: int, n: int, seed: int, temperature: float = TEMPERATURE,
+                       final_picks: bool = False):
     """The choices beam search itself makes: S searches `n_problems` fresh problems (beam search,
     N = `n`, width 4, the toy job's settings) with the PRM at `prm_path`, and every pruning that
     drops candidates is recorded: [(question, [(steps, aggregated score)] of every live candidate)].
     Unlike one prefix's siblings (`step_candidates`), a pruning also weighs other beams' paths,
-    including those an earlier slip has already made wrong."""
+    including those an earlier slip has already made wrong. With `final_picks`, each problem's
+    finished paths are recorded as one more decision: the final pick weighs them as a pruning
+    weighs live ones, and it is where a right solution, once found, can still be lost.
+    Returns (decisions, the search's accuracy on these problems: its pick among the n)."""
     from ..prm import aggregate
     from ..sampling import SamplingParams
     from ..search import TreeSearch
@@ -551,9 +555,12 @@ def pruning_candidates(prm_path: Path, n_problems: int, n: int, seed: int, tempe
     problems = [_fresh_problem(rng, f"prune-{i}", lowest_level=3) for i in range(n_problems)]
     engine, prm = policy_s("cpu"), toy_prm(prm_path, "cpu")
     sampling = SamplingParams(temperature=temperature, top_p=1.0, max_tokens=STEP_TOKENS, seed=seed)
-    for _ in RecordingSearch(engine, prm, BeamSearch(n=n, width=4, iterations=ITERATIONS), sampling).run(problems):
-        pass
-    return decisions
+    right = 0
+    for result in RecordingSearch(engine, prm, BeamSearch(n=n, width=4, iterations=ITERATIONS), sampling).run(problems):
+        right += result.correct[n]["naive"]
+        if final_picks and len(result.completions) > 1:
+            decisions.append((result.question, [([s.strip() for s in c.steps], c.score) for c in result.completions]))
+    return decisions, right / len(problems)
 
 
 def pruning_hard_pairs(decisions):
@@ -642,7 +649,7 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
               deepen: int = 0, pairs: int | None = None, own_pairs: int | None = None,
               distil_weight: float | None = None, hard_pairs: int | None = None, select: str | None = None,
               temperature: float | None = None, prune_pairs: int | None = None,
-              prune_temperatures: tuple[float, ...] | None = None) -> Path:
+              prune_temperatures: tuple[float, ...] | None = None, prune_final: bool | None = None) -> Path:
     """Fine-tune policy L, deepened by `extra_layers`, into the math-shepherd PRM; `init`
     continues from a saved PRM on freshly sampled solutions (the log keeps its curve, steps count
     on from it, and the checkpoint is only replaced by a better one on S's held-out own slips,
@@ -656,7 +663,8 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
     S samples its solutions, slips and next steps at it, for training and for the held-out
     measures that pick the checkpoint. `prune_pairs` per batch come from beam search's own
     prunings with the current PRM (`pruning_hard_pairs`), mined at every evaluation, each round
-    at the next of `prune_temperatures` (default: the stage's temperature)."""
+    at the next of `prune_temperatures` (default: the stage's temperature); with `prune_final`,
+    the final picks among finished paths are mined too."""
     from transformers import LlamaForCausalLM
 
     torch.set_num_threads(threads)
@@ -665,7 +673,7 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
                                     ("expr_lm_weight", expr_lm_weight), ("deepen", deepen or None),
                                     ("pairs", pairs), ("own_pairs", own_pairs), ("distil_weight", distil_weight),
                                     ("hard_pairs", hard_pairs), ("select", select), ("temperature", temperature),
-                                    ("prune_pairs", prune_pairs),
+                                    ("prune_pairs", prune_pairs), ("prune_final", prune_final),
                                     ("prune_temperatures", list(prune_temperatures) if prune_temperatures else None))
                   if v is not None})
     old = json.loads(LOG.read_text()).get("prm", {}) if init is not None and LOG.is_file() else {}
@@ -834,12 +842,17 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
         temperature_ = temps[round_ % len(temps)]
         with tempfile.TemporaryDirectory() as current:
             save(model, tok, Path(current))
-            decisions = pruning_candidates(Path(current), cfg_t.get("prune_problems", 200), 64,
-                                           seed=seed + 15485863 * (round_ + 1), temperature=temperature_)
+            decisions, accuracy = pruning_candidates(Path(current), cfg_t.get("prune_problems", 200), 64,
+                                                     seed=seed + 15485863 * (round_ + 1), temperature=temperature_,
+                                                     final_picks=cfg_t.get("prune_final", False))
         found = pruning_hard_pairs(decisions)
         prune_pool.extend([row_of(q, s, l) for q, s, l in pair] for pair in found)
+        # the accuracy is on other problems each round: a trace, too noisy to pick checkpoints by
+        (entry["stages"][-1] if "stages" in entry else entry).setdefault("mining_search_accuracy", []).append(
+            {"round": round_, "temperature": temperature_, "accuracy": round(accuracy, 3)})
         print(f"[prm] mined {len(found)} pruning pairs at T={temperature_} (pool {len(prune_pool)}) "
-              f"from {len(decisions)} prunings in {time.perf_counter() - t_mine:.0f}s", flush=True)
+              f"from {len(decisions)} decisions in {time.perf_counter() - t_mine:.0f}s; "
+              f"beam search picked right on {accuracy:.3f} of them", flush=True)
 
     def pair_metrics(pairs):
         """How often a (right, slipped) pair's right last step scores above the slipped one (a
@@ -1014,6 +1027,8 @@ def main(argv=None) -> None:
                     help="PRM: hard cases of beam search's own prunings (pruning_hard_pairs), mined at every evaluation, per batch")
     ap.add_argument("--prune-temperatures", type=float, nargs="+", default=None,
                     help="PRM: the temperatures the pruning mining rounds take in turn (default: --temperature)")
+    ap.add_argument("--prune-final", action="store_true", default=None,
+                    help="PRM: with --prune-pairs, also mine beam search's final pick among its finished paths")
     ap.add_argument("--deepen", type=int, default=0,
                     help="PRM with --init: add this many identity-initialised decoder layers on top first")
     ap.add_argument("--tag", default=None, help="write toy-TAG instead of toy-NAME (size sweeps)")
@@ -1033,7 +1048,8 @@ def main(argv=None) -> None:
                         dense_weight=args.dense_weight, expr_lm_weight=args.expr_lm_weight, deepen=args.deepen,
                         pairs=args.pairs, own_pairs=args.own_pairs, distil_weight=args.distil_weight,
                         hard_pairs=args.hard_pairs, select=args.select, temperature=args.temperature,
-                        prune_pairs=args.prune_pairs, prune_temperatures=args.prune_temperatures)
+                        prune_pairs=args.prune_pairs, prune_temperatures=args.prune_temperatures,
+                        prune_final=args.prune_final)
         if args.init is None and args.steps is None:
             for stage in TRAIN["prm"].get("then", []):
                 train_prm(log, threads=args.threads, init=str(out), **stage)
