@@ -11,7 +11,8 @@ policy L at all (it can, with an exact verifier), and how much of that the learn
 `--temperatures` asks the same question at other sampling temperatures (the toy job runs at 0.6,
 where an exact verifier passes L; it gains from more varied samples); `--verifier prm` runs the
 learned PRM under the same settings; `--aggregations` compares ways of turning step scores into
-a path score.
+a path score. `--problems dev` runs the development set instead of the eval set: settings are
+chosen there, so that the eval set only reports.
 """
 import argparse
 import sys
@@ -21,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ttc_fast import DVTS, BeamSearch, Engine, SamplingParams, load_model, load_prm  # noqa: E402
-from ttc_fast.toy import eval_problems  # noqa: E402
+from ttc_fast.toy import dev_problems, eval_problems  # noqa: E402
 from ttc_fast.toy.evaluate import ITERATIONS, STEP_TOKENS, TEMPERATURE  # noqa: E402
 
 STRATEGIES = {"beam": BeamSearch, "dvts": DVTS}
@@ -35,8 +36,10 @@ def main() -> None:
     ap.add_argument("--ns", type=int, nargs="+", default=[4, 16, 64])
     ap.add_argument("--aggregations", choices=("last", "min", "prod", "mean"), nargs="+", default=["last"],
                     help="step scores -> path score (the toy job uses last)")
+    ap.add_argument("--problems", choices=("eval", "dev"), default="eval",
+                    help="the eval set (the toy job's) or the development set (for choosing settings)")
     args = ap.parse_args()
-    problems = eval_problems()
+    problems = eval_problems() if args.problems == "eval" else dev_problems()
     engine = Engine(load_model("builtin:toy-policy-s", device="cpu"))
     if args.verifier == "checker":
         verifier = load_prm("builtin:toy-checker")
@@ -52,7 +55,7 @@ def main() -> None:
                     results = engine.search(problems, strategy, sampling, prm=verifier)
                     accuracy = sum(bool(r.correct[n]["weighted"]) for r in results) / len(results)
                     print(f"{name} + toy-{args.verifier}, temperature {temperature}, N = {n}, aggregation {how}: "
-                          f"accuracy {accuracy:.3f} on {len(problems)} problems ({time.perf_counter() - started:.0f} s)",
+                          f"accuracy {accuracy:.3f} on {len(problems)} {args.problems} problems ({time.perf_counter() - started:.0f} s)",
                           flush=True)
 
 

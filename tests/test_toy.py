@@ -57,6 +57,18 @@ def test_eval_set_fixed():
     assert {p.meta["level"] for p in ev} == set(LEVELS)
 
 
+def test_dev_set_fixed_and_apart_from_the_eval_set():
+    from collections import Counter
+
+    from ttc_fast.toy import dev_problems
+
+    dev = dev_problems()
+    assert [p.question for p in dev] == [p.question for p in dev_problems()]
+    assert len({p.question for p in dev}) == len(dev) == len(eval_problems())
+    assert not {p.question for p in dev} & {p.question for p in eval_problems()}
+    assert Counter(p.meta["level"] for p in dev) == Counter(p.meta["level"] for p in eval_problems())
+
+
 # --- checker ------------------------------------------------------------------------------------
 def test_checker_accepts_correct_steps():
     for p in make_dataset(50, seed=11):

@@ -7,9 +7,10 @@
 Trained checkpoints ship as builtin:toy-policy-s, builtin:toy-policy-l and builtin:toy-prm
 (math-shepherd format); `benchmarks/train_toy.py` (ttc_fast.toy.train) rebuilds them.
 """
-from .task import EVAL_SEED, LEVELS, check_step, eval_problems, make_dataset, make_problem, prefix_labels, solve
+from .task import (DEV_SEED, EVAL_SEED, LEVELS, check_step, dev_problems, eval_problems, make_dataset, make_problem,
+                   prefix_labels, solve)
 
 toy_checker = check_step  # builtin:toy-checker
 
-__all__ = ["EVAL_SEED", "LEVELS", "check_step", "eval_problems", "make_dataset", "make_problem", "prefix_labels",
-           "solve", "toy_checker"]
+__all__ = ["DEV_SEED", "EVAL_SEED", "LEVELS", "check_step", "dev_problems", "eval_problems", "make_dataset", "make_problem",
+           "prefix_labels", "solve", "toy_checker"]

@@ -45,6 +45,7 @@ LEVELS = {
 DEFAULT_LEVELS = (1, 2, 3, 4, 5)
 EVAL_SEED = 20261124
 EVAL_SIZE = 250
+DEV_SEED = 20261125  # the development set: for choosing settings without looking at the eval set
 
 # operation -> (question sentence, step phrase); "{p}" is the pronoun, "{b}" the operand
 OPS = {
@@ -126,6 +127,20 @@ def eval_problems(n: int = EVAL_SIZE) -> list[Problem]:
     for i in range(n):
         p = make_problem(rng, DEFAULT_LEVELS[i % len(DEFAULT_LEVELS)], f"eval-{i}")
         out.append(p)
+    return out
+
+
+def dev_problems(n: int = EVAL_SIZE) -> list[Problem]:
+    """A development set like the eval set (n problems of seed DEV_SEED, 50 per level), none of
+    them in it: search settings and checkpoints are compared here, so that the eval set only
+    reports."""
+    rng = random.Random(DEV_SEED)
+    evals = {p.question for p in eval_problems()}
+    out: list[Problem] = []
+    while len(out) < n:
+        p = make_problem(rng, DEFAULT_LEVELS[len(out) % len(DEFAULT_LEVELS)], f"dev-{len(out)}")
+        if p.question not in evals:
+            out.append(p)
     return out
 
 
