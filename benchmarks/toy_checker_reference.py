@@ -12,7 +12,7 @@ policy L at all (it can, with an exact verifier), and how much of that the learn
 where an exact verifier passes L; it gains from more varied samples); `--verifier prm` runs the
 learned PRM under the same settings; `--aggregations` compares ways of turning step scores into
 a path score. `--problems dev` runs the development set instead of the eval set: settings are
-chosen there, so that the eval set only reports.
+chosen there, so that the eval set only reports; `--prm` compares a training run's checkpoints.
 """
 import argparse
 import sys
@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--ns", type=int, nargs="+", default=[4, 16, 64])
     ap.add_argument("--aggregations", choices=("last", "min", "prod", "mean"), nargs="+", default=["last"],
                     help="step scores -> path score (the toy job uses last)")
+    ap.add_argument("--prm", default="builtin:toy-prm",
+                    help="with --verifier prm: the PRM checkpoint (a training run's --checkpoints step-N/)")
     ap.add_argument("--problems", choices=("eval", "dev"), default="eval",
                     help="the eval set (the toy job's) or the development set (for choosing settings)")
     args = ap.parse_args()
@@ -44,7 +46,7 @@ def main() -> None:
     if args.verifier == "checker":
         verifier = load_prm("builtin:toy-checker")
     else:
-        verifier = load_prm("builtin:toy-prm", kind="math-shepherd", device="cpu", kv_cache_bytes=1 << 30)
+        verifier = load_prm(args.prm, kind="math-shepherd", device="cpu", kv_cache_bytes=1 << 30)
     for temperature in args.temperatures:
         sampling = SamplingParams(temperature=temperature, max_tokens=STEP_TOKENS, seed=0)
         for name in args.strategies:

@@ -532,7 +532,7 @@ def pruning_candidates(prm_path: Path, n_problems: int, n: int, seed: int, tempe
     including those an earlier slip has already made wrong. With `final_picks`, each problem's
     finished paths are recorded as one more decision: the final pick weighs them as a pruning
     weighs live ones, and it is where a right solution, once found, can still be lost.
-    Returns (decisions, the search's accuracy on these problems: its pick among the n)."""
+    Returns (decisions, how often the best-scored finished path's answer is right)."""
     from ..prm import aggregate
     from ..sampling import SamplingParams
     from ..search import TreeSearch
@@ -649,7 +649,8 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
               deepen: int = 0, pairs: int | None = None, own_pairs: int | None = None,
               distil_weight: float | None = None, hard_pairs: int | None = None, select: str | None = None,
               temperature: float | None = None, prune_pairs: int | None = None,
-              prune_temperatures: tuple[float, ...] | None = None, prune_final: bool | None = None) -> Path:
+              prune_temperatures: tuple[float, ...] | None = None, prune_final: bool | None = None,
+              checkpoints: str | None = None) -> Path:
     """Fine-tune policy L, deepened by `extra_layers`, into the math-shepherd PRM; `init`
     continues from a saved PRM on freshly sampled solutions (the log keeps its curve, steps count
     on from it, and the checkpoint is only replaced by a better one on S's held-out own slips,
@@ -664,7 +665,8 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
     measures that pick the checkpoint. `prune_pairs` per batch come from beam search's own
     prunings with the current PRM (`pruning_hard_pairs`), mined at every evaluation, each round
     at the next of `prune_temperatures` (default: the stage's temperature); with `prune_final`,
-    the final picks among finished paths are mined too."""
+    the final picks among finished paths are mined too. `checkpoints`: a folder that keeps every
+    evaluated checkpoint (step-N/), to be compared afterwards by search on the development set."""
     from transformers import LlamaForCausalLM
 
     torch.set_num_threads(threads)
@@ -932,6 +934,8 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
                      "seconds": round(time.perf_counter() - t0, 1)}
             entry["curve"].append(point)
             print(f"[prm] {point}", flush=True)
+            if checkpoints:
+                save(model, tok, Path(checkpoints) / f"step-{step0 + step + 1}")
             entry["train_seconds"] = round(time.perf_counter() - t0, 1)
             if rank(own, a, sib) >= best:  # the shipped checkpoint: the best by `rank`
                 best = rank(own, a, sib)
@@ -1029,6 +1033,8 @@ def main(argv=None) -> None:
                     help="PRM: the temperatures the pruning mining rounds take in turn (default: --temperature)")
     ap.add_argument("--prune-final", action="store_true", default=None,
                     help="PRM: with --prune-pairs, also mine beam search's final pick among its finished paths")
+    ap.add_argument("--checkpoints", default=None,
+                    help="PRM: also save every evaluated checkpoint under this folder (step-N/)")
     ap.add_argument("--deepen", type=int, default=0,
                     help="PRM with --init: add this many identity-initialised decoder layers on top first")
     ap.add_argument("--tag", default=None, help="write toy-TAG instead of toy-NAME (size sweeps)")
@@ -1049,7 +1055,7 @@ def main(argv=None) -> None:
                         pairs=args.pairs, own_pairs=args.own_pairs, distil_weight=args.distil_weight,
                         hard_pairs=args.hard_pairs, select=args.select, temperature=args.temperature,
                         prune_pairs=args.prune_pairs, prune_temperatures=args.prune_temperatures,
-                        prune_final=args.prune_final)
+                        prune_final=args.prune_final, checkpoints=args.checkpoints)
         if args.init is None and args.steps is None:
             for stage in TRAIN["prm"].get("then", []):
                 train_prm(log, threads=args.threads, init=str(out), **stage)
