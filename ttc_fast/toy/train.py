@@ -42,7 +42,7 @@ is hard, the synthetic slips at random digits mostly where it is easy. The two s
 them also distil policy L into the PRM (`distil_weight`): the KL divergence from L's
 next-token distribution, read in L's own format (`teacher_view`), at every arithmetic token of
 every row, slipped ones included; the PRM's own prediction of the digits it checks had stayed
-below L's (a result digit 97.4% against 99.2%). The last four stages train the verdict on the
+below L's (a result digit 97.4% against 99.2%). The last five stages train the verdict on the
 search's own hard cases (`hard_pairs`, `search_hard_pairs`): from right partial solutions of
 fresh problems S samples 16 next steps (`step_candidates`), and each wrong one the PRM scores at
 or above its best right sibling is paired with the same step mended; they are mined again with
@@ -58,6 +58,10 @@ path is paired with that path, mined again at every evaluation, at 0.4 and 0.6 i
 pruning also weighs other beams' paths, whose earlier slips one prefix's siblings never show:
 half the tenth recipe's pruning misses were a right step losing to right arithmetic on a value
 an earlier slip had made wrong, the verdict read at the last step having forgotten the slip.
+The fifth mines at 0.6 only, with S's samples, slips and next steps at 0.6 too, and also mines
+the final pick (`prune_final`): the finished paths of each searched problem are one more
+decision, where a right solution, once found, can still lose to a wrong one. Its checkpoints
+were also compared by beam search and DVTS on the development set (`dev_problems`, RESULTS).
 Logged over training: the AUC on held-out labelled steps of S (other problems, other samples),
 how often a held-out right solution's last step outscores the same solution with a slip
 (synthetic, and S's own at the stage's temperature, mended), how often the PRM predicts the
@@ -115,7 +119,8 @@ TRAIN = {
     # L's arithmetic into the PRM (the second, with 6 of 8 pairs S's own, found no better
     # checkpoint), then two on the search's own hard cases, mined afresh at every evaluation,
     # then one more on hard cases, slips and samples at temperature 0.6, then one that adds hard
-    # cases from beam search's own prunings (`prune_pairs`), mined at 0.4 and 0.6 in turn
+    # cases from beam search's own prunings (`prune_pairs`), mined at 0.4 and 0.6 in turn, then
+    # one at 0.6 that also mines beam search's final picks among its finished paths (`prune_final`)
     # `temperature`: S's sampling temperature in the searches a stage trains the PRM for
     "prm": dict(steps=6000, batch=32, pairs=8, lr=7e-4, eval_every=500, seed=3, samples=12000, extra_layers=2,
                 lm_weight=0.5, temperature=0.4, then=[dict(steps=3000, lr=3e-4, dense_weight=1.0)] * 4
@@ -131,7 +136,10 @@ TRAIN = {
                    dict(steps=3000, lr=3e-4, dense_weight=1.0, expr_lm_weight=2.0, pairs=2, own_pairs=3, hard_pairs=3,
                         distil_weight=2.0, select="siblings", temperature=0.6),
                    dict(steps=3000, lr=3e-4, dense_weight=1.0, expr_lm_weight=2.0, pairs=2, own_pairs=3, hard_pairs=2,
-                        prune_pairs=2, prune_temperatures=(0.4, 0.6), distil_weight=2.0, select="siblings")]),
+                        prune_pairs=2, prune_temperatures=(0.4, 0.6), distil_weight=2.0, select="siblings"),
+                   dict(steps=3000, lr=3e-4, dense_weight=1.0, expr_lm_weight=2.0, pairs=2, own_pairs=3, hard_pairs=2,
+                        prune_pairs=2, prune_temperatures=(0.6,), prune_final=True, distil_weight=2.0,
+                        select="siblings", temperature=0.6)]),
 }
 
 
