@@ -40,8 +40,10 @@ def main() -> None:
                     help="with --verifier prm: the PRM checkpoint (a training run's --checkpoints step-N/)")
     ap.add_argument("--problems", choices=("eval", "dev"), default="eval",
                     help="the eval set (the toy job's) or the development set (for choosing settings)")
+    ap.add_argument("--dev-size", type=int, default=None,
+                    help="with --problems dev: this many problems (default 250; the first 250 are always the same)")
     args = ap.parse_args()
-    problems = eval_problems() if args.problems == "eval" else dev_problems()
+    problems = eval_problems() if args.problems == "eval" else dev_problems(args.dev_size or 250)
     engine = Engine(load_model("builtin:toy-policy-s", device="cpu"))
     if args.verifier == "checker":
         verifier = load_prm("builtin:toy-checker")
