@@ -43,7 +43,14 @@ def main() -> None:
     ap.add_argument("--dev-size", type=int, default=None,
                     help="with --problems dev: this many problems (default 250; the first 250 are always the same)")
     args = ap.parse_args()
-    problems = eval_problems() if args.problems == "eval" else dev_problems(args.dev_size or 250)
+    if args.dev_size is not None and args.problems != "dev":
+        ap.error("--dev-size sizes the development set: add --problems dev")
+    if args.prm != "builtin:toy-prm" and args.verifier != "prm":
+        ap.error("--prm names the learned PRM to search with: add --verifier prm")
+    if args.problems == "eval":
+        problems = eval_problems()
+    else:
+        problems = dev_problems() if args.dev_size is None else dev_problems(args.dev_size)
     engine = Engine(load_model("builtin:toy-policy-s", device="cpu"))
     if args.verifier == "checker":
         verifier = load_prm("builtin:toy-checker")
@@ -58,8 +65,9 @@ def main() -> None:
                     strategy = STRATEGIES[name](n=n, width=min(4, n), iterations=ITERATIONS, aggregation=how)
                     results = engine.search(problems, strategy, sampling, prm=verifier)
                     accuracy = sum(bool(r.correct[n]["weighted"]) for r in results) / len(results)
+                    seconds = time.perf_counter() - started
                     print(f"{name} + toy-{args.verifier}, temperature {temperature}, N = {n}, aggregation {how}: "
-                          f"accuracy {accuracy:.3f} on {len(problems)} {args.problems} problems ({time.perf_counter() - started:.0f} s)",
+                          f"accuracy {accuracy:.3f} on {len(problems)} {args.problems} problems ({seconds:.0f} s)",
                           flush=True)
 
 

@@ -159,13 +159,16 @@ def test_best_of_n_keeps_sample_order_so_picks_at_small_n_read_the_first_samples
     assert unsorted >= 2  # 8 scores in sample order are (almost) never sorted
 
 
-def test_best_of_n_solutions_that_agree_up_to_a_step_are_scored_once_there(engine, tmp_path, monkeypatch):
-    """Greedy best-of-N samples one solution N times: each step index is scored once per problem
-    (the copies fork the scored sequence), and every completion's step scores still equal the
-    same steps scored one by one on a fresh sequence."""
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_best_of_n_solutions_that_agree_up_to_a_step_are_scored_once_there(engine, tmp_path, monkeypatch, temperature):
+    """Best-of-N scores step k once per distinct run of steps 0..k in a problem's samples (greedy:
+    one solution N times, so once per problem; sampled: samples that differ before k are not
+    merged even where step k agrees), and every completion's step scores still equal the same
+    steps scored one by one on a fresh sequence."""
     from ttc_fast.testing_prm import build_math_shepherd_prm
 
-    prm = tf.load_prm(build_math_shepherd_prm(tmp_path / "prm", seed=3), kind="math-shepherd", device="cpu", dtype="float32")
+    path = build_math_shepherd_prm(tmp_path / "prm", seed=3)
+    prm = tf.load_prm(path, kind="math-shepherd", device="cpu", dtype="float32")
     scored = []
     real = prm.score_steps
 
@@ -174,11 +177,14 @@ def test_best_of_n_solutions_that_agree_up_to_a_step_are_scored_once_there(engin
         return real(handles, steps)
 
     monkeypatch.setattr(prm, "score_steps", spy)
-    greedy = tf.SamplingParams(temperature=0.0, max_tokens=24, seed=0)
-    results = engine.search(problems(2), tf.BestOfN(n=4, delimiter=DELIM), greedy, prm=prm)
-    lengths = [len(r.completions[0].steps) for r in results]
-    assert max(lengths) > 1  # several step indices, or the test shows nothing
-    assert scored == [sum(n > k for n in lengths) for k in range(max(lengths))]
+    sampling = tf.SamplingParams(temperature=temperature, max_tokens=24, seed=0)
+    results = engine.search(problems(2), tf.BestOfN(n=6, delimiter=DELIM), sampling, prm=prm)
+    steps = [[c.steps for c in r.completions] for r in results]
+    depth = max(len(s) for per in steps for s in per)
+    assert depth > 1  # several step indices, or the test shows nothing
+    assert scored == [sum(len({tuple(s[: k + 1]) for s in per if len(s) > k}) for per in steps) for k in range(depth)]
+    if temperature == 0.0:
+        assert scored == [sum(len(per[0]) > k for per in steps) for k in range(depth)]
     monkeypatch.setattr(prm, "score_steps", real)
     for r in results:
         for c in r.completions:

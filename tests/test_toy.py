@@ -227,6 +227,27 @@ def test_pruning_hard_pairs_pair_wrong_paths_with_the_best_right_one():
     assert all(r[0] == w[0] == q and all(r[2]) for r, w in pairs)
 
 
+def test_final_pick_is_a_decision_only_when_the_finished_paths_differ():
+    """train.final_pick: a search result's completions become one decision (stripped steps and
+    aggregated scores, in order), unless every completion is the same path."""
+    from ttc_fast.search import Completion, SearchResult
+    from ttc_fast.toy.train import final_pick
+
+    q = "Tom has 7 apples. He buys 5 more. How many apples does he have now?"
+
+    def result(paths):
+        completions = [Completion(text="", steps=steps, step_scores=[score], score=score, answer=None,
+                                  finish_reason="stop", policy_tokens=0) for steps, score in paths]
+        return SearchResult(problem_id="p", question=q, gold="12", strategy="beam", completions=completions, picks={},
+                            correct={}, policy_tokens=0, prm_tokens=0, seconds=0.0)
+
+    right = [" He buys 5 more, so 7 + 5 = 12.", "\nThe answer is \\boxed{12}."]
+    wrong = [" He buys 5 more, so 7 + 5 = 13.", "\nThe answer is \\boxed{13}."]
+    assert final_pick(result([(right, 0.9)] * 4)) is None
+    assert final_pick(result([(right, 0.4), (wrong, 0.8), (right, 0.4)])) == (
+        q, [([s.strip() for s in right], 0.4), ([s.strip() for s in wrong], 0.8), ([s.strip() for s in right], 0.4)])
+
+
 @needs_ckpt
 def test_pruning_candidates_record_every_pruning_of_beam_search():
     """train.pruning_candidates: every pruning of beam search (more live candidates than it
@@ -234,13 +255,8 @@ def test_pruning_candidates_record_every_pruning_of_beam_search():
     with final_picks, each problem's finished paths follow as one more decision."""
     from ttc_fast.toy.train import BUILTIN, pruning_candidates
 
-    decisions, accuracy = pruning_candidates(BUILTIN / "toy-prm", 2, 4, seed=3, final_picks=True)
-    assert 0.0 <= accuracy <= 1.0
-    finals = [d for d in decisions if any("\\boxed" in steps[-1] for steps, _ in d[1])]
-    # a finished path ends in its answer step and is never pruned: the final picks are apart
-    assert len(finals) == 2 and all("\\boxed" in steps[-1] for _, cands in finals for steps, _ in cands)
-    decisions = [d for d in decisions if d not in finals]
-    assert decisions
+    decisions, accuracy = pruning_candidates(BUILTIN / "toy-prm", 2, 4, seed=3)
+    assert decisions and 0.0 <= accuracy <= 1.0
     eval_questions = {p.question for p in eval_problems()}
     for q, cands in decisions:
         assert q not in eval_questions and len(cands) > 1  # N = 4, width 4: one kept of up to 4

@@ -257,30 +257,33 @@ class TreeSearch:
             return
         # Best-of-N: whole solutions; their steps are scored one step index at a time, each index
         # in one batch over every solution of every problem. Solutions of one problem that agree
-        # up to a step are one PRM input there (`_score_once`): `group` names that shared prefix.
+        # up to a step are one PRM input there (`_score_once`). `prefix[i]` names solution i's
+        # steps so far: its problem before the first step, then the child scored for them (each
+        # index's keys are all of one kind, since a solution live at k was live at k - 1).
         steps = [split_steps(node.steps[-1], self.strategy.delimiter) for _, node in children]
         for _, node in children:
             node.steps, node.scores = [], []
-        group: list[object] = [id(st) for st, _ in children]
+        prefix: list[int] = [id(st) for st, _ in children]
         for k in range(max(len(s) for s in steps)):
             live = [i for i, s in enumerate(steps) if k < len(s)]
-            scores, first = self._score_once([children[i] for i in live], [(group[i], steps[i][k]) for i in live],
-                                             [steps[i][k] for i in live])
-            for i, score, j in zip(live, scores, first):
+            keys = [(prefix[i], steps[i][k]) for i in live]
+            scores, scored_for = self._score_once([children[i] for i in live], keys, [steps[i][k] for i in live])
+            for i, score, j in zip(live, scores, scored_for):
                 children[i][1].steps.append(steps[i][k])
                 children[i][1].scores.append(score)
-                group[i] = live[j]
+                prefix[i] = live[j]
 
     def _score_new_steps(self, children: list[tuple[_Problem, _Node]], parents: list[int]) -> None:
         """Score each child's new step. Children of one branch that wrote the same step text are
         the same PRM input (`_score_once`): small policies at low temperature repeat their
         likeliest step in many samples."""
-        scores, _ = self._score_once(children, [(parent, node.steps[-1]) for (_, node), parent in zip(children, parents)],
-                                     [node.steps[-1] for _, node in children])
+        new_steps = [node.steps[-1] for _, node in children]
+        scores, _ = self._score_once(children, list(zip(parents, new_steps)), new_steps)
         for (_, node), score in zip(children, scores):
             node.scores = node.scores + [score]
 
-    def _score_once(self, children: list[tuple[_Problem, _Node]], keys: list, steps: list[str]) -> tuple[list[float], list[int]]:
+    def _score_once(self, children: list[tuple[_Problem, _Node]], keys: list,
+                    steps: list[str]) -> tuple[list[float], list[int]]:
         """Score `steps[i]` on `children[i]`'s PRM sequence, once per distinct key: a key names a
         PRM input (the sequence's content and the step), and each copy frees its sequence, takes
         a fork of the scored one (extended by the step) and its score. Returns the scores and,

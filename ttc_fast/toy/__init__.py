@@ -12,5 +12,5 @@ from .task import (DEV_SEED, EVAL_SEED, LEVELS, check_step, dev_problems, eval_p
 
 toy_checker = check_step  # builtin:toy-checker
 
-__all__ = ["DEV_SEED", "EVAL_SEED", "LEVELS", "check_step", "dev_problems", "eval_problems", "make_dataset", "make_problem",
-           "prefix_labels", "solve", "toy_checker"]
+__all__ = ["DEV_SEED", "EVAL_SEED", "LEVELS", "check_step", "dev_problems", "eval_problems", "make_dataset",
+           "make_problem", "prefix_labels", "solve", "toy_checker"]

@@ -538,8 +538,9 @@ def pruning_candidates(prm_path: Path, n_problems: int, n: int, seed: int, tempe
     drops candidates is recorded: [(question, [(steps, aggregated score)] of every live candidate)].
     Unlike one prefix's siblings (`step_candidates`), a pruning also weighs other beams' paths,
     including those an earlier slip has already made wrong. With `final_picks`, each problem's
-    finished paths are recorded as one more decision: the final pick weighs them as a pruning
-    weighs live ones, and it is where a right solution, once found, can still be lost.
+    finished paths are recorded as one more decision, where a right solution, once found, can
+    still be lost. A proxy: the toy job picks by weighted score (the answer whose paths' scores
+    sum highest), and a pair here only says a wrong path scored at or above the best right one.
     Returns (decisions, how often the best-scored finished path's answer is right)."""
     from ..prm import aggregate
     from ..sampling import SamplingParams
@@ -566,9 +567,18 @@ def pruning_candidates(prm_path: Path, n_problems: int, n: int, seed: int, tempe
     right = 0
     for result in RecordingSearch(engine, prm, BeamSearch(n=n, width=4, iterations=ITERATIONS), sampling).run(problems):
         right += result.correct[n]["naive"]
-        if final_picks and len(result.completions) > 1:
-            decisions.append((result.question, [([s.strip() for s in c.steps], c.score) for c in result.completions]))
+        decision = final_pick(result) if final_picks else None
+        if decision is not None:
+            decisions.append(decision)
     return decisions, right / len(problems)
+
+
+def final_pick(result):
+    """A search result's finished paths as a decision (question, [(steps, aggregated score)]), or
+    None when they are all one path (beam search often returns n copies of its best path)."""
+    if len({tuple(c.steps) for c in result.completions}) < 2:
+        return None
+    return result.question, [([s.strip() for s in c.steps], c.score) for c in result.completions]
 
 
 def pruning_hard_pairs(decisions):
@@ -862,7 +872,7 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
             {"round": round_, "temperature": temperature_, "accuracy": round(accuracy, 3)})
         print(f"[prm] mined {len(found)} pruning pairs at T={temperature_} (pool {len(prune_pool)}) "
               f"from {len(decisions)} decisions in {time.perf_counter() - t_mine:.0f}s; "
-              f"beam search picked right on {accuracy:.3f} of them", flush=True)
+              f"the search's best-scored path was right on {accuracy:.3f} of its problems", flush=True)
 
     def pair_metrics(pairs):
         """How often a (right, slipped) pair's right last step scores above the slipped one (a
@@ -1066,7 +1076,7 @@ def main(argv=None) -> None:
                         prune_final=args.prune_final, checkpoints=args.checkpoints)
         if args.init is None and args.steps is None:
             for stage in TRAIN["prm"].get("then", []):
-                train_prm(log, threads=args.threads, init=str(out), **stage)
+                train_prm(log, threads=args.threads, init=str(out), checkpoints=args.checkpoints, **stage)
     if args.what in ("all", "eval"):
         evaluate(log, threads=args.threads)
 
