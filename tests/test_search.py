@@ -46,6 +46,29 @@ def record_expansions(engine, monkeypatch) -> list[list[int]]:
     return calls
 
 
+def record_scored_items(prm, monkeypatch) -> list[int]:
+    """How many (sequence, step) items each `score_steps` call of `prm` scores."""
+    sizes = []
+    real = prm.score_steps
+
+    def spy(handles, steps):
+        sizes.append(len(handles))
+        return real(handles, steps)
+
+    monkeypatch.setattr(prm, "score_steps", spy)
+    return sizes
+
+
+def assert_scores_match_fresh_scoring(prm, results) -> None:
+    """Every completion's step scores equal its steps scored one by one on a fresh sequence."""
+    for r in results:
+        for c in r.completions:
+            handle = prm.start(r.question)
+            fresh = [prm.score_steps([handle], [step])[0] for step in c.steps]
+            prm.free(handle)
+            assert fresh == pytest.approx(c.step_scores, abs=1e-4)
+
+
 @pytest.mark.parametrize("strategy", [
     tf.BestOfN(n=8), tf.MajorityVote(n=4), tf.WeightedBestOfN(n=8),
     tf.BeamSearch(n=8, width=4, iterations=4, delimiter=DELIM), tf.DVTS(n=8, width=2, iterations=4, delimiter=DELIM),
@@ -169,14 +192,7 @@ def test_best_of_n_solutions_that_agree_up_to_a_step_are_scored_once_there(engin
 
     path = build_math_shepherd_prm(tmp_path / "prm", seed=3)
     prm = tf.load_prm(path, kind="math-shepherd", device="cpu", dtype="float32")
-    scored = []
-    real = prm.score_steps
-
-    def spy(handles, steps):
-        scored.append(len(handles))
-        return real(handles, steps)
-
-    monkeypatch.setattr(prm, "score_steps", spy)
+    scored = record_scored_items(prm, monkeypatch)
     sampling = tf.SamplingParams(temperature=temperature, max_tokens=24, seed=0)
     results = engine.search(problems(2), tf.BestOfN(n=6, delimiter=DELIM), sampling, prm=prm)
     steps = [[c.steps for c in r.completions] for r in results]
@@ -185,13 +201,7 @@ def test_best_of_n_solutions_that_agree_up_to_a_step_are_scored_once_there(engin
     assert scored == [sum(len({tuple(s[: k + 1]) for s in per if len(s) > k}) for per in steps) for k in range(depth)]
     if temperature == 0.0:
         assert scored == [sum(len(per[0]) > k for per in steps) for k in range(depth)]
-    monkeypatch.setattr(prm, "score_steps", real)
-    for r in results:
-        for c in r.completions:
-            handle = prm.start(r.question)
-            fresh = [real([handle], [step])[0] for step in c.steps]
-            prm.free(handle)
-            assert fresh == pytest.approx(c.step_scores, abs=1e-4)
+    assert_scores_match_fresh_scoring(prm, results)
 
 
 def test_children_that_wrote_the_same_step_are_scored_once(engine, tmp_path, monkeypatch):
@@ -202,22 +212,9 @@ def test_children_that_wrote_the_same_step_are_scored_once(engine, tmp_path, mon
 
     prm = tf.load_prm(build_math_shepherd_prm(tmp_path / "prm", seed=3), kind="math-shepherd", device="cpu", dtype="float32")
     expansions = record_expansions(engine, monkeypatch)
-    scored = []
-    real = prm.score_steps
-
-    def spy(handles, steps):
-        scored.append(len(handles))
-        return real(handles, steps)
-
-    monkeypatch.setattr(prm, "score_steps", spy)
+    scored = record_scored_items(prm, monkeypatch)
     greedy = tf.SamplingParams(temperature=0.0, max_tokens=10, seed=0)
     strategy = tf.BeamSearch(n=8, width=4, iterations=3, delimiter=DELIM)
     results = engine.search(problems(2), strategy, greedy, prm=prm)
     assert scored == [len(counts) for counts in expansions]  # one new step per expanded branch
-    monkeypatch.setattr(prm, "score_steps", real)
-    for r in results:
-        for c in r.completions:
-            handle = prm.start(r.question)
-            fresh = [real([handle], [step])[0] for step in c.steps]
-            prm.free(handle)
-            assert fresh == pytest.approx(c.step_scores, abs=1e-4)
+    assert_scores_match_fresh_scoring(prm, results)

@@ -553,9 +553,9 @@ def pruning_candidates(prm_path: Path, n_problems: int, n: int, seed: int, tempe
             for st in flight:
                 nodes = live[id(st)]
                 if len(nodes) > self.strategy.keep:
-                    decisions.append((st.problem.question, [([s.strip() for s in node.steps],
-                                                             aggregate(node.scores, self.strategy.aggregation))
-                                                            for node in nodes]))
+                    agg = self.strategy.aggregation
+                    decisions.append(_decision(st.problem.question,
+                                               [(node.steps, aggregate(node.scores, agg)) for node in nodes]))
             super()._keep_top(flight, live)
 
     decisions: list = []
@@ -578,7 +578,12 @@ def final_pick(result):
     None when they are all one path (beam search often returns n copies of its best path)."""
     if len({tuple(c.steps) for c in result.completions}) < 2:
         return None
-    return result.question, [([s.strip() for s in c.steps], c.score) for c in result.completions]
+    return _decision(result.question, [(c.steps, c.score) for c in result.completions])
+
+
+def _decision(question, paths):
+    """A recorded decision: (question, [(stripped steps, aggregated score)] of its paths)."""
+    return question, [([s.strip() for s in steps], score) for steps, score in paths]
 
 
 def pruning_hard_pairs(decisions):
