@@ -129,30 +129,67 @@ def word_engine(tmp_path_factory):
 
 
 def test_beam_search_finds_the_rewarded_pattern_far_more_often_than_best_of_n(word_engine, verifier):
-    """Steps are words; score = min over steps of "the word holds PATTERN", so a path scores 1
-    only if every word does. Beam search prunes towards such paths word by word; best-of-N must
-    be lucky in every word of one of its n solutions."""
-    n, qs = 8, problems(12)
+    """Steps are words and the verifier rewards a word that holds PATTERN. Found: some completion
+    of the problem whose first K words all hold it, read the same way from both strategies'
+    texts. Beam search prunes towards such words one by one (its first K words are K search
+    steps); best-of-N must be lucky in K words of one of its n samples."""
+    n, k, qs = 8, 8, problems(12)
     sampling = tf.SamplingParams(temperature=1.0, max_tokens=80, seed=0)  # ~13 words per solution
-    beam = word_engine.search(qs, tf.BeamSearch(n=n, width=2, iterations=6, delimiter=" ", aggregation="min"), sampling, prm=verifier)
+    beam = word_engine.search(qs, tf.BeamSearch(n=n, width=2, iterations=k + 2, delimiter=" ", aggregation="min"),
+                              sampling, prm=verifier)
     best = word_engine.search(qs, tf.BestOfN(n=n, delimiter=" ", aggregation="min"), sampling, prm=verifier)
 
     def found(results):
-        # share of problems whose best completion has the pattern in each of its (>= 2) steps
-        return sum(max((c.score for c in r.completions if len(c.steps) >= 2), default=0.0) == 1.0 for r in results) / len(results)
+        def first_words_hold_it(text):
+            words = [w for w in text.split(" ") if w][:k]
+            return len(words) == k and all(PATTERN in w for w in words)
+
+        return sum(any(first_words_hold_it(c.text) for c in r.completions) for r in results) / len(results)
 
     assert found(beam) >= found(best) + 0.5, (found(beam), found(best))
 
 
-def test_blocks_in_use_stay_within_the_beam_bound(engine, verifier):
-    bs, n = engine.runner.block_size, 8
-    engine.stats["peak_used_blocks"] = 0
-    strategy = tf.BeamSearch(n=n, width=4, iterations=4, delimiter=DELIM)
-    [result] = engine.search(problems(1), strategy, SAMPLING, prm=verifier)
-    prompt_tokens = len(engine.tokenizer(tf.search.format_prompt(result.question, engine.tokenizer))["input_ids"])
-    longest_suffix = max(c.policy_tokens for c in result.completions)
-    bound = -(-prompt_tokens // bs) + n * (-(-longest_suffix // bs) + 1)
-    assert 0 < engine.stats["peak_used_blocks"] <= bound
+def test_blocks_in_use_stay_within_the_beam_bound(engine, tmp_path):
+    """Policy pool: prompt blocks + N x (blocks of the longest path the search wrote, pruned ones
+    included, + 1); the PRM's pool likewise in PRM tokens (question + format prefix, then each
+    path's step tokens), watched after every forward of either model."""
+    from ttc_fast.search import TreeSearch
+    from ttc_fast.testing_prm import build_math_shepherd_prm
+
+    prm = tf.load_prm(build_math_shepherd_prm(tmp_path / "prm", seed=3), kind="math-shepherd", device="cpu",
+                      dtype="float32", num_blocks=1024, block_size=4)
+    n = 8
+    peaks = {"policy": 0, "prm": 0}
+    for name, runner in (("policy", engine.runner), ("prm", prm.runner)):
+        real = runner.forward
+
+        def watched(*args, _real=real, _name=name, _runner=runner, **kwargs):
+            out = _real(*args, **kwargs)
+            peaks[_name] = max(peaks[_name], _runner.blocks.num_used_blocks)
+            return out
+
+        runner.forward = watched
+    longest = {"policy": 0, "prm": 0}
+
+    class Watching(TreeSearch):
+        def _prune(self, flight, children):
+            for _, node in children:  # every path written, before pruning
+                longest["policy"] = max(longest["policy"], node.tokens)
+                ids, _ = prm.full_ids(flight[0].problem.question, node.steps)
+                longest["prm"] = max(longest["prm"], len(ids) - len(prm.fmt.prefix_ids(flight[0].problem.question)))
+            super()._prune(flight, children)
+
+    try:
+        search = Watching(engine, prm, tf.BeamSearch(n=n, width=4, iterations=4, delimiter=DELIM), SAMPLING)
+        [result] = list(search.run(problems(1)))
+    finally:
+        del engine.runner.forward
+    prompt = {"policy": len(engine.tokenizer(tf.search.format_prompt(result.question, engine.tokenizer))["input_ids"]),
+              "prm": len(prm.fmt.prefix_ids(result.question))}
+    for name, bs in (("policy", engine.runner.block_size), ("prm", prm.runner.block_size)):
+        bound = -(-prompt[name] // bs) + n * (-(-longest[name] // bs) + 1)
+        assert 0 < peaks[name] <= bound, (name, peaks[name], bound)
+    assert prm.runner.blocks.num_sequences == 0
 
 
 def test_strategy_arguments_are_checked():
@@ -217,4 +254,20 @@ def test_children_that_wrote_the_same_step_are_scored_once(engine, tmp_path, mon
     strategy = tf.BeamSearch(n=8, width=4, iterations=3, delimiter=DELIM)
     results = engine.search(problems(2), strategy, greedy, prm=prm)
     assert scored == [len(counts) for counts in expansions]  # one new step per expanded branch
+    assert_scores_match_fresh_scoring(prm, results)
+
+
+def test_policy_and_prm_with_different_tokenizers(tmp_path):
+    """The PRM tokenizes the step text itself: a policy whose tokenizer splits text otherwise
+    (another BPE vocabulary) searches with it, and every step score equals the PRM's own
+    scoring of the same step texts."""
+    from ttc_fast.testing_prm import build_math_shepherd_prm
+
+    policy = tf.Engine(tf.load_model(build_tiny_model(tmp_path / "policy", "llama", seed=5, vocab_size=272), device="cpu"),
+                       num_blocks=1024, block_size=4)
+    prm = tf.load_prm(build_math_shepherd_prm(tmp_path / "prm", seed=3), kind="math-shepherd", device="cpu", dtype="float32")
+    text = "What is 3 plus 5? Add them: 3 + 5 = 8."
+    assert policy.tokenizer(text)["input_ids"] != prm.tokenizer(text)["input_ids"]
+    results = policy.search(problems(2), tf.BeamSearch(n=4, width=2, iterations=3, delimiter=DELIM), SAMPLING, prm=prm)
+    assert any(len(c.steps) > 1 for r in results for c in r.completions)  # steps scored one after another
     assert_scores_match_fresh_scoring(prm, results)

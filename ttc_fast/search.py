@@ -302,12 +302,15 @@ class TreeSearch:
         return [scores[j] for j in scored], scored
 
     def _score_batch(self, items: list[tuple[_Problem, object, str]]) -> list[float]:
-        """One batched PRM call; its tokens are attributed to problems in proportion to their items."""
+        """One batched PRM call; each problem is charged the tokens its rows ran (a verifier
+        object that does not report them per row: the call's tokens split evenly over its items)."""
         before = self.prm.tokens_processed
         scores = self.prm.score_steps([handle for _, handle, _ in items], [step for _, _, step in items])
-        per_item = (self.prm.tokens_processed - before) / max(1, len(items))
-        for st, _, _ in items:
-            st.prm_tokens += per_item
+        per_row = getattr(self.prm, "last_row_tokens", None)
+        if per_row is None or len(per_row) != len(items):
+            per_row = [(self.prm.tokens_processed - before) / max(1, len(items))] * len(items)
+        for (st, _, _), tokens in zip(items, per_row):
+            st.prm_tokens += tokens
         return [float(s) for s in scores]
 
     def _lookahead(self, children: list[tuple[_Problem, _Node]]) -> None:
@@ -345,16 +348,35 @@ class TreeSearch:
                 self._drop(node)
             else:
                 live[id(st)].append(node)
-        for st in flight:
-            if len(st.completed) >= self.strategy.n:  # enough finished paths: stop this problem
-                for node in live[id(st)]:
-                    self._drop(node)
-                live[id(st)] = []
+        if isinstance(self.strategy, DVTS):
+            self._end_finished_subtrees(children, live)
+        else:
+            for st in flight:
+                if len(st.completed) >= self.strategy.n:  # enough finished paths: stop this problem
+                    for node in live[id(st)]:
+                        self._drop(node)
+                    live[id(st)] = []
         if isinstance(self.strategy, ParticleFiltering):
             for st in flight:
                 st.frontier = self._resample(st, live[id(st)])
             return
         self._keep_top(flight, live)
+
+    def _end_finished_subtrees(self, children: list[tuple[_Problem, _Node]], live: dict[int, list[_Node]]) -> None:
+        """DVTS: a subtree keeps its best candidate, finished or not; when that one is finished the
+        subtree is done and its other candidates go. Subtrees never stop one another."""
+        agg = self.strategy.aggregation
+        best: dict[tuple[int, int], tuple[float, bool]] = {}
+        for st, node in children:  # the first of equal scores wins, as argmax
+            score = aggregate(node.scores, agg)
+            key = (id(st), node.group)
+            if key not in best or score > best[key][0]:
+                best[key] = (score, self._is_done(st, node))
+        for st_id, nodes in live.items():
+            ended = [node for node in nodes if best[(st_id, node.group)][1]]
+            for node in ended:
+                self._drop(node)
+            live[st_id] = [node for node in nodes if not best[(st_id, node.group)][1]]
 
     def _keep_top(self, flight: list[_Problem], live: dict[int, list[_Node]]) -> None:
         """Beam search / DVTS: one segmented top-k over the groups of every problem in flight."""
@@ -415,15 +437,16 @@ class TreeSearch:
             self.prm.free(st.prm_root)
             st.prm_root = None
         agg = self.strategy.aggregation
-        n = self.strategy.n
-        # Exactly n completions, as search-and-learn: the n best by aggregated score; if fewer
-        # finished (every path ended early), the finished ones are repeated in order. They stay
-        # in the order they finished (best-of-N: sample order), so that the picks at n < N read
-        # the first n samples, not the n best.
-        best = sorted(range(len(st.completed)), key=lambda i: aggregate(st.completed[i].scores, agg), reverse=True)[:n]
-        done = [st.completed[i] for i in sorted(best)]
-        if done and len(done) < n:
-            done = [node for node in done for _ in range(-(-n // len(done)))][:n]
+        if isinstance(self.strategy, DVTS):
+            # width completions per subtree, subtree by subtree: the picks at n < N read the
+            # first n / width subtrees, a DVTS of n
+            groups: dict[int, list[_Node]] = {}
+            for node in st.completed:
+                groups.setdefault(node.group, []).append(node)
+            done = [node for g in sorted(groups) for node in _best_in_order(groups[g], self.strategy.width, agg)]
+            done = _best_in_order(done, self.strategy.n, agg)
+        else:
+            done = _best_in_order(st.completed, self.strategy.n, agg)
         completions = [
             Completion(
                 text=self.strategy.delimiter.join(node.steps), steps=node.steps, step_scores=node.scores,
@@ -436,6 +459,8 @@ class TreeSearch:
         scores = [c.score for c in completions]
         ns = [n for n in _powers_of_two(len(completions))]
         picks = picks_at_n(answers, scores, ns) if completions else {}
+        if self.prm is None:  # no verifier, no scores: only the majority pick means anything
+            picks = {k: {"maj": p["maj"]} for k, p in picks.items()}
         kind = st.problem.kind
         correct = {n: {k: (a is not None and grade(a, st.problem.answer, kind)) for k, a in p.items()} for n, p in picks.items()}
         return SearchResult(
@@ -443,6 +468,17 @@ class TreeSearch:
             completions=completions, picks=picks, correct=correct, policy_tokens=st.policy_tokens,
             prm_tokens=int(round(st.prm_tokens)), seconds=time.perf_counter() - st.started,
         )
+
+
+def _best_in_order(nodes: list[_Node], n: int, aggregation: str) -> list[_Node]:
+    """Exactly n of `nodes`, as search-and-learn: the n best by aggregated score, kept in the
+    order they finished (best-of-N: sample order, so that the picks at n < N read the first n
+    samples, not the n best); if fewer finished, they are repeated in turn (a, b, a, b, ...)."""
+    best = sorted(range(len(nodes)), key=lambda i: aggregate(nodes[i].scores, aggregation), reverse=True)[:n]
+    done = [nodes[i] for i in sorted(best)]
+    if done and len(done) < n:
+        done = (done * -(-n // len(done)))[:n]
+    return done
 
 
 def _powers_of_two(n: int) -> list[int]:

@@ -76,7 +76,8 @@ class BeamSearch(Strategy):
 @dataclass(frozen=True)
 class DVTS(BeamSearch):
     """Diverse verifier tree search: n/width independent subtrees; each keeps its best candidate
-    per step and expands it `width` times."""
+    per step and expands it `width` times. A subtree is done when its best candidate has
+    finished (or at the last iteration); it returns its `width` best finished paths."""
 
     @property
     def keep(self) -> int:

@@ -1,0 +1,234 @@
+"""Each strategy's own rule, checked decision by decision on a tiny random policy: DVTS's
+independent subtrees, particle filtering's softmax resampling, lookahead's rollout score, the
+last iteration running to EOS, the defaults, and admission bounded by the KV pool.
+
+As in test_search.py, the random policy never writes "\\n\\n", so the step delimiter is "e".
+"""
+import zlib
+from collections import Counter
+
+import pytest
+import torch
+
+import ttc_fast as tf
+from ttc_fast.data import Problem
+from ttc_fast.prm import aggregate
+from ttc_fast.search import TreeSearch, _Node, _Problem
+from ttc_fast.testing import build_tiny_model
+
+DELIM = "e"
+SAMPLING = tf.SamplingParams(temperature=1.0, max_tokens=10, seed=0)
+
+
+def path_score(question: str, steps: list[str]) -> float:
+    """A verifier whose score is a hash of the whole path: every path scores differently."""
+    return (zlib.crc32("\x00".join([question, *steps]).encode("utf-8")) % 1000) / 1000
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("llama"), "llama", seed=5)
+
+
+@pytest.fixture(scope="module")
+def engine(model_path):
+    return tf.Engine(tf.load_model(model_path, device="cpu"), num_blocks=1024, block_size=4)
+
+
+def problems(k: int) -> list[Problem]:
+    return [Problem(f"p{i}", f"What is {i} times {i + 4}?", str(i * (i + 4)), "math", {}) for i in range(k)]
+
+
+class RecordingSearch(TreeSearch):
+    """Records every pruning: the candidates (problem, subtree, aggregated score, finished?) and
+    the frontier it left (problem -> [(candidate, subtree, times to expand)])."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prunings = []
+        self.completed_groups = {}
+
+    def _prune(self, flight, children):
+        agg = self.strategy.aggregation
+        candidates = [(st.index, node.group, aggregate(node.scores, agg), self._is_done(st, node), id(node))
+                      for st, node in children]
+        super()._prune(flight, children)
+        frontier = {st.index: [(id(node), node.group, count) for node, count in st.frontier] for st in flight}
+        self.prunings.append((candidates, frontier))
+
+    def _result(self, st):
+        self.completed_groups[st.index] = Counter(node.group for node in st.completed)
+        return super()._result(st)
+
+
+def test_dvts_subtrees_keep_their_best_candidate_and_end_on_their_own(engine):
+    """Each subtree keeps its best candidate, finished or not: when it has finished the subtree
+    ends (its other candidates go), else that one candidate is expanded `width` times; a subtree
+    never stops because others finished; each returns `width` paths."""
+    n, width = 8, 2
+    strategy = tf.DVTS(n=n, width=width, iterations=5, delimiter=DELIM)
+    search = RecordingSearch(engine, tf.load_prm(path_score), strategy, SAMPLING)
+    results = [r for r in search.run(problems(3))]
+    ended_on_a_finished_best = continued_after_another_ended = 0
+    ended: set[tuple[int, int]] = set()
+    for candidates, frontier in search.prunings:
+        by_subtree = {}
+        for problem, group, score, done, node in candidates:
+            by_subtree.setdefault((problem, group), []).append((score, done, node))
+        assert all(len(c) == width for c in by_subtree.values())  # `width` children per kept node
+        for (problem, group), cands in by_subtree.items():
+            assert (problem, group) not in ended  # an ended subtree is never expanded again
+            score, done, node = max(cands, key=lambda c: c[0])  # the first of equal scores, as argmax
+            kept = [(i, c) for i, g, c in frontier[problem] if g == group]
+            if done:
+                assert kept == []
+                ended.add((problem, group))
+                ended_on_a_finished_best += 1
+            else:
+                assert kept == [(node, width)]
+                continued_after_another_ended += any(p == problem for p, _ in ended)
+    assert ended_on_a_finished_best > 0 and continued_after_another_ended > 0  # both rules were exercised
+    for r in results:
+        assert len(r.completions) == n
+    for groups in search.completed_groups.values():
+        assert sorted(groups) == list(range(n // width))  # every subtree ran to a finished path
+
+
+def test_beam_search_keeps_the_top_n_over_width_of_the_whole_problem(engine):
+    n, width = 8, 4
+    strategy = tf.BeamSearch(n=n, width=width, iterations=4, delimiter=DELIM)
+    search = RecordingSearch(engine, tf.load_prm(path_score), strategy, SAMPLING)
+    list(search.run(problems(2)))
+    checked = 0
+    for candidates, frontier in search.prunings:
+        for problem in {c[0] for c in candidates}:
+            live = sorted((c for c in candidates if c[0] == problem and not c[3]), key=lambda c: -c[2])
+            kept = frontier[problem]
+            if not kept:
+                continue  # the problem had n finished paths
+            assert [count for _, _, count in kept] == [width] * len(kept)
+            assert len(kept) == min(n // width, len(live))
+            kept_ids = {node for node, _, _ in kept}
+            kept_scores = sorted((c[2] for c in live if c[4] in kept_ids), reverse=True)
+            assert kept_scores == [c[2] for c in live[: len(kept)]]  # the best live candidates
+            checked += 1
+    assert checked > 0
+
+
+def test_particle_filtering_resamples_in_proportion_to_softmax_of_the_scores(engine):
+    """Draw after draw, how often each particle is expanded matches softmax(score / T)."""
+    scores, temperature = [0.1, 0.5, 0.9, 0.2], 0.5
+    search = TreeSearch(engine, tf.load_prm(path_score), tf.ParticleFiltering(n=4, temperature=temperature), SAMPLING)
+    st = _Problem(0, problems(1)[0], None, None, 0.0)
+    nodes = [_Node(None, None, ["step"], [s], 1, 0) for s in scores]
+    drawn = torch.zeros(len(nodes))
+    for iteration in range(2000):
+        st.iteration = iteration
+        frontier = search._resample(st, nodes)
+        assert sum(count for _, count in frontier) == len(nodes)  # as many particles as before
+        for node, count in frontier:
+            drawn[nodes.index(node)] += count
+    expected = torch.softmax(torch.tensor(scores) / temperature, dim=0)
+    assert torch.allclose(drawn / drawn.sum(), expected, atol=0.02), (drawn / drawn.sum(), expected)
+
+
+def test_lookahead_scores_each_step_at_the_end_of_its_greedy_rollout(engine):
+    """With lookahead 1, every step a path went on from carries the score of a path one step
+    longer (the candidate plus its greedy rollout), not its own."""
+    seen: dict[tuple, float] = {}
+
+    def recording(question, steps):
+        seen[(question, *steps)] = path_score(question, steps)
+        return seen[(question, *steps)]
+
+    strategy = tf.BeamSearch(n=4, width=2, iterations=3, delimiter=DELIM, lookahead=1)
+    results = tf.Engine.search(engine, problems(2), strategy, SAMPLING, prm=tf.load_prm(recording))
+    checked = 0
+    for r in results:
+        for c in r.completions:
+            for k, score in enumerate(c.step_scores[:-1]):  # the last step was not rolled out
+                path = (r.question, *c.steps[: k + 1])
+                rolled = {v for p, v in seen.items() if len(p) == len(path) + 1 and p[: len(path)] == path}
+                assert score in rolled and score != seen[path]
+                checked += 1
+    assert checked > 0
+
+
+def test_steps_end_at_the_delimiter_and_the_last_iteration_runs_to_eos(engine, monkeypatch):
+    iterations = 3
+    stops = []
+    real = engine.expand
+
+    def spy(branches, counts, sampling, seeds=None):
+        stops.append({p.stop for p in sampling})
+        return real(branches, counts, sampling, seeds)
+
+    monkeypatch.setattr(engine, "expand", spy)
+    strategy = tf.BeamSearch(n=4, width=2, iterations=iterations, delimiter=DELIM)
+    results = engine.search(problems(2), strategy, tf.SamplingParams(temperature=1.0, max_tokens=16, seed=1),
+                            prm=tf.load_prm(path_score))
+    assert stops[: iterations - 1] == [{(DELIM,)}] * (iterations - 1)
+    assert stops[iterations - 1] == {()}  # no step delimiter: the last step runs to EOS / max tokens
+    finals = [c.steps[-1] for r in results for c in r.completions if len(c.steps) == iterations]
+    assert finals and any(DELIM in step for step in finals)  # it ran past the delimiter
+    for r in results:
+        for c in r.completions:
+            assert not any(DELIM in step for step in c.steps[: iterations - 1][: len(c.steps) - 1])
+
+
+def test_defaults_are_search_and_learns():
+    for strategy in (tf.BeamSearch(), tf.DVTS()):
+        assert (strategy.n, strategy.width, strategy.iterations, strategy.aggregation, strategy.delimiter,
+                strategy.lookahead) == (16, 4, 40, "last", "\n\n", 0)
+    assert tf.ParticleFiltering().iterations == 40
+    sampling = TreeSearch(None, tf.load_prm(path_score), tf.BeamSearch()).sampling
+    assert (sampling.temperature, sampling.top_p, sampling.max_tokens) == (0.8, 1.0, 2048)
+
+
+class InFlightSearch(TreeSearch):
+    """Records the most problems in flight at once."""
+
+    most = 0
+
+    def _iterate(self, flight):
+        self.most = max(self.most, len(flight))
+        super()._iterate(flight)
+
+
+def _search_on_a_pool(model_path, num_blocks: int, k: int):
+    engine = tf.Engine(tf.load_model(model_path, device="cpu"), num_blocks=num_blocks, block_size=4)
+    strategy = tf.BeamSearch(n=4, width=2, iterations=3, delimiter=DELIM)
+    search = InFlightSearch(engine, tf.load_prm(path_score), strategy, SAMPLING)
+    results = {r.problem_id: [c.text for c in r.completions] for r in search.run(problems(k))}
+    assert engine.runner.blocks.num_used_blocks == 0
+    return search.most, results
+
+
+def test_problems_in_flight_are_bounded_by_the_pool_not_a_batch_size(model_path):
+    """A larger pool runs more problems at once; a pool that holds only one problem's beams
+    still finishes every problem, with the same completions (seeds are per problem)."""
+    k = 8
+    small, small_results = _search_on_a_pool(model_path, 32, k)
+    large, large_results = _search_on_a_pool(model_path, 2048, k)
+    assert small < large == k
+    assert small_results == large_results and len(large_results) == k
+
+
+def test_a_pool_too_small_for_the_beams_evicts_and_recomputes_instead_of_failing(model_path):
+    """The beams of one problem outgrow a pool of 40 blocks; the engine evicts branches and
+    recomputes them, and the search ends with the completions a large pool gives."""
+    engine = tf.Engine(tf.load_model(model_path, device="cpu"), num_blocks=40, block_size=4)
+    strategy = tf.BeamSearch(n=8, width=2, iterations=4, delimiter=DELIM)
+    verifier = tf.load_prm(path_score)
+    tight = engine.search(problems(2), strategy, SAMPLING, prm=verifier)
+    assert engine.stats["evictions"] + engine.stats["preemptions"] > 0
+    roomy = tf.Engine(tf.load_model(model_path, device="cpu"), num_blocks=2048, block_size=4)
+    wide = roomy.search(problems(2), strategy, SAMPLING, prm=verifier)
+    assert [[c.text for c in r.completions] for r in tight] == [[c.text for c in r.completions] for r in wide]
+
+
+def test_a_pool_that_cannot_hold_one_sequence_raises_out_of_blocks(model_path):
+    engine = tf.Engine(tf.load_model(model_path, device="cpu"), num_blocks=6, block_size=4)
+    with pytest.raises(tf.OutOfBlocks, match="kv_cache_bytes"):
+        engine.search(problems(1), tf.BeamSearch(n=4, width=2, iterations=3, delimiter=DELIM),
+                      tf.SamplingParams(temperature=1.0, max_tokens=40, seed=0), prm=tf.load_prm(path_score))
