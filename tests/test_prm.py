@@ -43,11 +43,12 @@ def test_incremental_matches_full(prm_case):
     for it in range(3):
         steps = [STEPS[p][b][it] for p in range(2) for b in range(3)]
         new_tokens = sum(len(prm.fmt.step_ids(s.strip(), it)[0]) for s in steps)
-        fw, st = prm.stats["forwards"], prm.stats["step_tokens"]
+        fw, st, tp = prm.stats["forwards"], prm.stats["step_tokens"], prm.tokens_processed
         if it == 2:
             prm.max_batch_tokens = 16  # chunked: several forwards, same scores
         got = prm.score_steps(handles, steps)
         prm.max_batch_tokens = 8192
+        assert sum(prm.last_row_tokens) == prm.tokens_processed - tp == new_tokens
         # Only the new step tokens were run; one forward for all handles of both problems.
         assert prm.stats["step_tokens"] - st == new_tokens
         if it < 2:
@@ -137,53 +138,159 @@ def test_tokens_match_reference_format(prm_case):
         assert ids == ref and positions == flags
 
 
-def test_outcome_mode(prm_case):
+@pytest.fixture(scope="module")
+def outcome_case(prm_case):
     kind, path, prm = prm_case
     out = load_prm(path, kind=f"outcome:{kind}", device="cpu", dtype="float32", num_blocks=512, block_size=4)
-    assert out.outcome and out.default_aggregation == "last"
+    return kind, path, prm, out
+
+
+def _outcome_kept_len(prm, question, steps):
+    """prefix + every step's body: what an outcome handle's cached sequence must hold."""
+    return len(prm.fmt.prefix_ids(question)) + sum(len(prm.fmt.outcome_ids(s.strip(), k)[0]) for k, s in enumerate(steps))
+
+
+def test_outcome_mode(outcome_case):
+    kind, _, prm, out = outcome_case
+    assert out.outcome and out.default_aggregation == "last" and out.kind == f"outcome:{kind}"
     steps = STEPS[0][0]
     per_step = prm.score_full(QUESTIONS[0], steps)
     whole = out.score_full(QUESTIONS[0], steps)
-    assert len(whole) == 1 and abs(whole[0] - per_step[-1]) < ATOL
+    assert len(whole) == 1 and out.score(QUESTIONS[0], steps) == whole[0]
+    step_ids, step_positions = prm.full_ids(QUESTIONS[0], steps)
+    if kind == "skywork":  # no tags: the same tokens as step mode, scored at the last step's end
+        assert out.full_ids(QUESTIONS[0], steps) == (step_ids, step_positions[-1:])
+        assert abs(whole[0] - per_step[-1]) < ATOL
+    else:  # the whole solution with one tag at its end, not the step-by-step text
+        assert out.full_ids(QUESTIONS[0], steps)[0] != step_ids
     h = out.start(QUESTIONS[0])
     inc = [out.score_steps([h], [s])[0] for s in steps]
     assert abs(inc[-1] - whole[0]) < ATOL
     out.free(h)
+    assert out.runner.blocks.num_sequences == 0
 
 
-def test_pool_short_evicts_and_rescores_exactly(prm_case):
+def test_outcome_incremental_matches_full_and_transformers(outcome_case):
+    """Outcome mode, cached: each call appends the new bodies, probes the tag on forks and drops
+    them; every score equals score_full of the same partial solution, which equals transformers."""
+    kind, path, _, prm = outcome_case
+    tagged = kind != "skywork"
+    roots = prm.start_many(QUESTIONS)
+    beams = [prm.fork(r, 3) for r in roots]
+    for r in roots:
+        prm.free(r)
+    handles = [h for bs in beams for h in bs]
+    for it in range(3):
+        steps = [STEPS[p][b][it] for p in range(2) for b in range(3)]
+        segs = [prm.fmt.outcome_ids(s.strip(), it) for s in steps]
+        fw, before, probe = prm.stats["forwards"], prm.tokens_processed, prm.stats["probe_tokens"]
+        if it == 2:
+            prm.max_batch_tokens = 16  # chunked: several forwards, same scores
+        got = prm.score_steps(handles, steps)
+        prm.max_batch_tokens = 8192
+        assert sum(prm.last_row_tokens) == prm.tokens_processed - before
+        assert prm.last_row_tokens == [len(body) + len(tag) for body, tag, _ in segs]
+        assert prm.stats["probe_tokens"] - probe == sum(len(tag) for _, tag, _ in segs)
+        if it < 2:
+            assert prm.stats["forwards"] - fw == (2 if tagged else 1)  # bodies, then the tags on forks
+        assert prm.runner.blocks.num_sequences == len(handles)  # the probe forks were freed
+        for h, g in zip(handles, got):
+            assert h.num_steps == it + 1
+            assert prm.runner.seq_len(h.seq) == _outcome_kept_len(prm, h.question, h.steps)  # no tag left behind
+            assert abs(g - prm.score_full(h.question, h.steps)[0]) < ATOL
+    for p in range(2):
+        ids, positions = prm.full_ids(QUESTIONS[p], STEPS[p][1])
+        assert len(positions) == 1 and positions[0] == len(ids) - 1
+        expected = _reference_scores(kind, path, prm, ids, positions)
+        torch.testing.assert_close(torch.tensor(prm.score_full(QUESTIONS[p], STEPS[p][1])), expected, atol=ATOL, rtol=0)
+    for h in handles:
+        prm.free(h)
+    assert prm.runner.blocks.num_sequences == 0
+
+
+def test_outcome_tokens_match_format(outcome_case):
+    """The outcome text is the question and the whole solution, with the scoring tag once."""
+    kind, path, step_prm, prm = outcome_case
+    tok = AutoTokenizer.from_pretrained(str(path))
+    q, steps = QUESTIONS[0], ["Step 1: add 2 and 3.", " So 2 + 3 = 5. ", "The answer is 5."]
+    clean = [s.strip() for s in steps]
+    ids, positions = prm.full_ids(q, steps)
+    assert positions == [len(ids) - 1]
+    if kind == "math-shepherd":
+        text = f"{q} " + "\n".join(clean) + " ки"
+        body = ids[1:] if ids[0] == tok.bos_token_id else ids
+        assert tok.decode(body) == text
+        assert ids == tok.encode(text)
+        tag = tok.encode("ки", add_special_tokens=False)[-1]
+        assert ids.count(tag) == 1 and ids[-1] == tag
+    elif kind == "rlhflow":
+        conv = [{"role": "user", "content": f"{q} " + "\n\n".join(clean)}]
+        ref = tok.encode(tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True), add_special_tokens=False)
+        assert ids == ref
+        start, end = tok.convert_tokens_to_ids("<|start_header_id|>"), tok.convert_tokens_to_ids("<|end_header_id|>")
+        roles = [tok.decode(ids[i + 1: ids.index(end, i)]) for i, t in enumerate(ids) if t == start]
+        assert roles == ["system", "user", "assistant"]  # one user turn, one assistant header, no "+" turns
+        assert tok.decode(ids).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    elif kind == "qwen-prm":
+        msgs = [{"role": "system", "content": "Please reason step by step, and put your final answer within \\boxed{}."},
+                {"role": "user", "content": q}, {"role": "assistant", "content": "\n\n".join(clean) + "<extra_0>"}]
+        ref = tok.encode(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)
+        tag = tok.convert_tokens_to_ids("<extra_0>")
+        assert ref[: len(ids)] == ids and ids.count(tag) == 1 and ids[-1] == tag
+    else:  # skywork: no tags, the step-mode tokens
+        assert ids == step_prm.full_ids(q, steps)[0]
+
+
+@pytest.mark.parametrize("mode", ["", "outcome:"])
+def test_pool_short_evicts_and_rescores_exactly(prm_case, mode):
     """A pool too small for a call's rows: other handles are evicted and the rows are scored in
-    chunks; evicted handles are re-encoded on their next step. Every score equals a full re-encode."""
+    chunks; evicted handles are re-encoded on their next step. Every score equals a full re-encode
+    (outcome mode too: the tag probes on forks need room as well)."""
     kind, path, prm_big = prm_case
+    if mode:
+        prm_big = load_prm(path, kind=mode + kind, device="cpu", dtype="float32", num_blocks=512, block_size=4)
     first = [f"step {i} " + "with quite a few words in it " * 2 for i in range(4)]
     prefix = len(prm_big.fmt.prefix_ids(QUESTIONS[0]))
-    row = max(len(prm_big.fmt.step_ids(f, 0)[0]) for f in first)
+    row = max(-(-len(body + tag) // 4) + bool(tag) for body, tag, _ in (prm_big._row_ids(f, 0) for f in first))
     # Room for the prefix and about two of the four rows: the call must evict and chunk.
-    prm = load_prm(path, kind=kind, device="cpu", dtype="float32", num_blocks=-(-prefix // 4) + 2 * -(-row // 4) + 6,
+    prm = load_prm(path, kind=mode + kind, device="cpu", dtype="float32", num_blocks=-(-prefix // 4) + 2 * row + 6,
                    block_size=4)
     h = prm.start(QUESTIONS[0])
     idle = prm.fork(h, 2)  # held, never scored in this test: evicted first
     beams = prm.fork(h, 4)
     prm.free(h)
-    got = prm.score_steps(beams, first)
+
+    def call(handles, steps):
+        before = prm.tokens_processed
+        got = prm.score_steps(handles, steps)
+        assert sum(prm.last_row_tokens) == prm.tokens_processed - before
+        live = [b for b in beams + idle if b.seq is not None]
+        assert prm.runner.blocks.num_sequences == len(live)  # probe forks freed
+        for b in live:
+            if mode:
+                assert prm.runner.seq_len(b.seq) == _outcome_kept_len(prm, b.question, b.steps)
+        return got
+
+    got = call(beams, first)
     assert prm.stats["evictions"] > 0
     assert all(b.seq is None for b in idle)
     for b, step, g in zip(beams, first, got):
         assert abs(g - prm_big.score_full(QUESTIONS[0], [step])[-1]) < ATOL
     second = [f"then {i} more" for i in range(4)]
-    got2 = prm.score_steps(beams, second)
+    got2 = call(beams, second)
     assert prm.stats["recomputed_tokens"] > 0
     for step1, step2, g in zip(first, second, got2):
         assert abs(g - prm_big.score_full(QUESTIONS[0], [step1, step2])[-1]) < ATOL
-    assert abs(prm.score_steps(idle[:1], ["late"])[0] - prm_big.score_full(QUESTIONS[0], ["late"])[-1]) < ATOL
+    assert abs(call(idle[:1], ["late"])[0] - prm_big.score_full(QUESTIONS[0], ["late"])[-1]) < ATOL
     for b in beams + idle:
         prm.free(b)
     assert prm.runner.blocks.num_used_blocks == 0
 
 
-def test_row_longer_than_pool_raises_and_changes_nothing(prm_case):
+@pytest.mark.parametrize("mode", ["", "outcome:"])
+def test_row_longer_than_pool_raises_and_changes_nothing(prm_case, mode):
     kind, path, _ = prm_case
-    prm = load_prm(path, kind=kind, device="cpu", dtype="float32", num_blocks=64, block_size=4)
+    prm = load_prm(path, kind=mode + kind, device="cpu", dtype="float32", num_blocks=64, block_size=4)
     h = prm.start(QUESTIONS[0])
     beams = prm.fork(h, 2)
     n = prm.runner.seq_len(beams[0].seq)

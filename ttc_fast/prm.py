@@ -45,13 +45,36 @@ whitespace first. Formats (text of each segment; `|` marks the scored token):
   non-empty line of the step tokenized separately, each followed by the id of "\n"; scored at the
   final "\n". Score = sigmoid(v_head.summary(h)).
 
-Outcome mode (kind="outcome" or "outcome:<kind>"): the partial solution is judged as a whole.
-For a model kind the token sequence and the incremental path are the same (so the cost is the
-same), and the score of the latest step's end is returned as the solution's score: `score_steps`
-returns the same number, `score_full` returns a one-element list [score at the last step] and
-`default_aggregation` is "last". For a callable it is called as fn(question, [joined]) with the
-steps joined by `step_separator` ("\n\n"). kind="outcome" alone means a callable, or a checkpoint
-whose architecture names its kind (Qwen2ForProcessRewardModel, Qwen2ForPrmModel).
+Outcome mode (kind="outcome" or "outcome:<kind>"): the partial solution is judged as a whole:
+the text is the question plus its steps joined as one solution, with the format's scoring tag
+once, at the end, and one score read there. Step k contributes a body, kept in the sequence, and
+a tag that only probes its score (`_Format.outcome_ids(step, k) -> (body, tag, score offset)`;
+each segment tokenized on its own, as above):
+
+    ids(question, steps) = prefix_ids(question) + body(steps[0], 0) + ... + body(steps[n-1], n-1) + tag(n-1)
+
+* "math-shepherd": question + " " + step0 + sep + step1 + ... + " ки" (sep = step_separator, "\n");
+  body k = (k == 0: " " | else sep) + step, tag = " ки" (scored at "ки").
+* "rlhflow": ONE user turn question + " " + step0 + "\n\n" + step1 ..., then end-of-turn +
+  assistant header (the tag; scored at its last token, where the label would be generated); no
+  "+" label turns. body k = (k == 0: " " | else "\n\n") + step.
+* "qwen-prm": assistant content step0 + "\n\n" + step1 + ... + "<extra_0>" (the tag, scored);
+  body k = (k == 0: "" | else "\n\n") + step.
+* "skywork": no tags: body k = step k's segment of step mode, scored at its last "\n" (the same
+  tokens and score as step mode).
+
+A handle's cached sequence holds prefix + bodies only. `score_steps` appends every handle's new
+body in one ragged forward (chunked, under pool pressure evicted and re-encoded exactly as in step
+mode, a re-encoded handle getting prefix + bodies), then forks each handle's sequence (no KV copied
+but a shared partial last block, copied on write), runs the tags on the forks in one more ragged
+forward reading the score at the tag, and frees the forks. The cost over step mode: one more forward
+per call (none for skywork, whose score is read in the first) and the tag tokens per row
+(`stats["probe_tokens"]`, counted in `tokens_processed`); the pool room a call needs includes the
+probes (a copied block + the tag's blocks per row). `full_ids` / `score_full` give prefix + all
+bodies + the last step's tag and one score ([score]); the cached and uncached paths see the same
+ids. `default_aggregation` is "last". For a callable it is called as fn(question, [joined]) with
+the steps joined by `step_separator` ("\n\n"). kind="outcome" alone means a callable, or a
+checkpoint whose architecture names its kind (Qwen2ForProcessRewardModel, Qwen2ForPrmModel).
 
 A callable verifier: fn(question, steps) -> float (the latest step's score) or list[float] (one
 per step; the last is taken in score_steps). No tokens, no KV cache.
@@ -82,6 +105,7 @@ AGGREGATIONS = ("last", "min", "prod", "mean")
 QWEN_PRM_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 _ARCH_KIND = {"Qwen2ForProcessRewardModel": "qwen-prm", "Qwen2ForPrmModel": "skywork"}
 _SENTINEL_Q, _SENTINEL_S, _SENTINEL_L = "QSENTINEL7Q", "SSENTINEL7S", "LSENTINEL7L"
+OUTCOME_JOIN = "\n\n"  # joins the steps of an outcome-mode solution (rlhflow, qwen-prm)
 
 
 class PRMOutOfBlocks(OutOfBlocks):
@@ -155,7 +179,9 @@ class _Segmenter:
 
 
 class _Format:
-    """prefix_ids(question) and step_ids(step, k) -> (ids, score offset within ids)."""
+    """prefix_ids(question), step_ids(step, k) -> (ids, score offset within ids) and, for outcome
+    mode, outcome_ids(step, k) -> (body, tag, score offset within body + tag): the body stays in
+    the sequence, the tag (the format's scoring tag, once, after the last body) only probes."""
 
     kind = ""
     needs = "logits"  # or "hidden"
@@ -164,6 +190,9 @@ class _Format:
         raise NotImplementedError
 
     def step_ids(self, step: str, index: int) -> tuple[list[int], int]:
+        raise NotImplementedError
+
+    def outcome_ids(self, step: str, index: int) -> tuple[list[int], list[int], int]:
         raise NotImplementedError
 
 
@@ -208,6 +237,12 @@ class _RLHFlowFormat(_Format):
         label = self.seg.encode("+" + self.after_label)
         return body + label, len(body) - 1
 
+    def outcome_ids(self, step, index):
+        # One user turn: question + " " + step0 + "\n\n" + step1 ...; the tag closes it.
+        body = self.seg.encode((" " if index == 0 else OUTCOME_JOIN) + step)
+        tag = self.seg.encode(self.after_step)
+        return body, tag, len(body) + len(tag) - 1
+
 
 class _MathShepherdFormat(_Format):
     kind = "math-shepherd"
@@ -225,8 +260,12 @@ class _MathShepherdFormat(_Format):
         return self.seg.encode(question, first=True, special=True)
 
     def step_ids(self, step, index):
+        body, tag, off = self.outcome_ids(step, index)
+        return body + tag, off
+
+    def outcome_ids(self, step, index):
         body = self.seg.encode((" " if index == 0 else self.sep) + step)
-        return body + self.tag_ids, len(body) + len(self.tag_ids) - 1
+        return body, list(self.tag_ids), len(body) + len(self.tag_ids) - 1
 
 
 class _QwenPRMFormat(_Format):
@@ -250,6 +289,10 @@ class _QwenPRMFormat(_Format):
         ids = self.seg.encode(step) + [self.tag]
         return ids, len(ids) - 1
 
+    def outcome_ids(self, step, index):
+        body = self.seg.encode(step if index == 0 else OUTCOME_JOIN + step)
+        return body, [self.tag], len(body)
+
 
 class _SkyworkFormat(_Format):
     kind = "skywork"
@@ -272,14 +315,22 @@ class _SkyworkFormat(_Format):
             ids = [self.newline]
         return ids, len(ids) - 1
 
+    def outcome_ids(self, step, index):  # no tags: the score is read at the body's last "\n"
+        ids, off = self.step_ids(step, index)
+        return ids, [], off
+
 
 # --- the scorer --------------------------------------------------------------------------------
 class PRM:
     """Common interface; see the module docstring. `tokens_processed` counts every token this PRM
-    ran through its model (prefix + steps + score_full); `stats` splits it."""
+    ran through its model (prefix + steps + outcome probes + re-encodes + score_full); `stats`
+    splits it."""
 
     kind: str
     outcome: bool = False
+    # Tokens the model ran for each handle of the latest `score_steps` call (a search charges
+    # them to the handle's problem)
+    last_row_tokens: list[int]
 
     @property
     def default_aggregation(self) -> str:
@@ -349,6 +400,7 @@ class CallablePRM(PRM):
 
     def score_steps(self, handles, steps):
         self._check(handles, steps)
+        self.last_row_tokens = [0] * len(handles)
         out = []
         for h, s in zip(handles, steps):
             h.steps.append(s)
@@ -374,22 +426,47 @@ class ModelPRM(PRM):
         self.max_batch_tokens = max_batch_tokens
         self.runner = ModelRunner(loaded, kv_cache_bytes=kv_cache_bytes, block_size=block_size, backend=backend,
                                   enable_prefix_cache=True, num_blocks=num_blocks)
-        self.stats = {"prefix_tokens": 0, "prefix_tokens_cached": 0, "step_tokens": 0, "full_tokens": 0, "forwards": 0,
-                      "evictions": 0, "recomputed_tokens": 0}
+        self.stats = {"prefix_tokens": 0, "prefix_tokens_cached": 0, "step_tokens": 0, "probe_tokens": 0,
+                      "full_tokens": 0, "forwards": 0, "evictions": 0, "recomputed_tokens": 0}
         # Handles holding KV, least recently scored first: the eviction order when the pool is short.
         self._resident: OrderedDict[int, PRMHandle] = OrderedDict()
 
     @property
     def tokens_processed(self) -> int:
         s = self.stats
-        return s["prefix_tokens"] + s["step_tokens"] + s["full_tokens"] + s["recomputed_tokens"]
+        return s["prefix_tokens"] + s["step_tokens"] + s["probe_tokens"] + s["full_tokens"] + s["recomputed_tokens"]
 
     # --- scoring rows ------------------------------------------------------------------------------
     def _forward(self, seqs, tokens, offsets) -> torch.Tensor:
-        want_hidden = self.fmt.needs == "hidden"
-        out = self.runner.forward(seqs, tokens, offsets, want_logits=not want_hidden, want_hidden=want_hidden)
+        """Append and run; the scores at `offsets` (rows may list none: no outputs at all when
+        none does)."""
+        want = any(offsets)
+        want_hidden = want and self.fmt.needs == "hidden"
+        out = self.runner.forward(seqs, tokens, offsets if want else None, want_logits=want and not want_hidden,
+                                  want_hidden=want_hidden)
         self.stats["forwards"] += 1
-        return self._scores(out.hidden if want_hidden else out.logits)
+        return self._scores(out.hidden if want_hidden else out.logits) if want else torch.empty(0)
+
+    def _run(self, items) -> list[list[float]]:
+        """Items (seq, new tokens, offsets): appended and run in ragged forwards of at most
+        `max_batch_tokens` tokens (a longer item alone); an item with no tokens is skipped. Returns
+        each item's scores at its offsets."""
+        out: list[list[float]] = [[] for _ in items]
+        todo = [k for k, (_, toks, _) in enumerate(items) if toks]
+        start = 0
+        while start < len(todo):
+            end, total = start, 0
+            while end < len(todo) and (end == start or total + len(items[todo[end]][1]) <= self.max_batch_tokens):
+                total += len(items[todo[end]][1])
+                end += 1
+            chunk = todo[start:end]
+            vals = self._forward([items[k][0] for k in chunk], [items[k][1] for k in chunk],
+                                 [items[k][2] for k in chunk]).tolist()
+            for k in chunk:
+                n = len(items[k][2])
+                out[k], vals = vals[:n], vals[n:]
+            start = end
+        return out
 
     def _scores(self, rows: torch.Tensor) -> torch.Tensor:
         kind = self.fmt.kind
@@ -464,47 +541,80 @@ class ModelPRM(PRM):
             )
 
     # --- scoring ----------------------------------------------------------------------------------
+    def _row_ids(self, step: str, index: int) -> tuple[list[int], list[int], int]:
+        """What step `index` adds: (ids kept in the handle's sequence, tag ids run only on a
+        throwaway fork to probe the score (outcome mode), score offset within kept + tag)."""
+        if self.outcome:
+            return self.fmt.outcome_ids(step.strip(), index)
+        ids, off = self.fmt.step_ids(step.strip(), index)
+        return ids, [], off
+
+    def _kept_ids(self, question: str, steps: list[str]) -> tuple[list[int], list[int], list[int]]:
+        """The ids a handle's sequence holds after `steps` (prefix + every step's kept ids), the
+        steps' score positions (in ids + that step's tag) and the last step's tag ids."""
+        ids, positions, tag = self.fmt.prefix_ids(question), [], []
+        for k, s in enumerate(steps):
+            kept, tag, off = self._row_ids(s, k)
+            positions.append(len(ids) + off)
+            ids = ids + kept
+        return ids, positions, tag
+
+    def _probe_blocks(self, seq_len: int, tag_len: int) -> int:
+        """Blocks a fork of a `seq_len`-token sequence takes to run `tag_len` tag tokens: a copy of
+        a partial last block plus the new blocks."""
+        if not tag_len:
+            return 0
+        copy = int(seq_len % self.runner.block_size != 0)
+        return copy + self.runner.blocks_for(seq_len + tag_len) - self.runner.blocks_for(seq_len)
+
     def score_steps(self, handles, steps):
         """Append each handle's new step segment (only those tokens) and return its score; all
         handles go through one ragged forward (chunked by max_batch_tokens) when the pool holds
-        them, else in as few chunks as it holds (see the module docstring)."""
+        them, else in as few chunks as it holds (see the module docstring). Outcome mode appends
+        the new bodies the same way, then runs the tags on forks of the handles (one more forward)."""
         self._check(handles, steps)
-        segs = [self.fmt.step_ids(s.strip(), h.num_steps) for h, s in zip(handles, steps)]
+        segs = [self._row_ids(s, h.num_steps) for h, s in zip(handles, steps)]
         blocks = self.runner.blocks
-        for h, (seg, _) in zip(handles, segs):
-            context = self.runner.seq_len(h.seq) if h.seq is not None else len(self.full_ids(h.question, h.steps)[0])
-            if self.runner.blocks_for(context + len(seg)) > blocks.num_blocks:
+        for h, (kept, tag, _) in zip(handles, segs):
+            context = self.runner.seq_len(h.seq) if h.seq is not None else len(self._kept_ids(h.question, h.steps)[0])
+            n = context + len(kept)
+            if self.runner.blocks_for(n) + self._probe_blocks(n, len(tag)) > blocks.num_blocks:
                 raise PRMOutOfBlocks(
                     f"the PRM's KV pool ({blocks.num_blocks} blocks of {blocks.block_size} tokens) cannot hold one "
-                    f"partial solution of {context + len(seg)} tokens even when empty; nothing was appended: "
+                    f"partial solution of {n + len(tag)} tokens even when empty; nothing was appended: "
                     f"raise kv_cache_bytes (or num_blocks)"
                 )
         scores = [0.0] * len(handles)
+        self.last_row_tokens = [0] * len(handles)
         # Rows holding KV first: under pressure they need only their new tokens.
         pending = sorted(range(len(handles)), key=lambda i: handles[i].seq is None)
         while pending:
             rows = self._make_room(handles, steps, segs, pending)
-            start = 0
-            while start < len(rows):
-                end, total = start, 0
-                while end < len(rows) and (end == start or total + len(rows[end][1]) <= self.max_batch_tokens):
-                    total += len(rows[end][1])
-                    end += 1
-                chunk = rows[start:end]
-                vals = self._forward([handles[i].seq for i, _, _ in chunk], [feed for _, feed, _ in chunk],
-                                     [[off] for _, _, off in chunk])
-                for (i, feed, _), v in zip(chunk, vals.tolist()):
-                    scores[i] = v
-                    handles[i].steps.append(steps[i])
-                    self._resident.move_to_end(id(handles[i]))
-                start = end
+            vals = self._run([(handles[i].seq, feed, [off] if off < len(feed) else []) for i, feed, off in rows])
+            # Outcome mode: the score is at the tag, run on a fork of the handle (its KV copied on
+            # write for a shared partial last block only) and dropped with it.
+            probes = [(i, off - len(feed)) for i, feed, off in rows if off >= len(feed)]
+            forks = [self.runner.fork(handles[i].seq, 1)[0] for i, _ in probes]
+            try:
+                tag_vals = self._run([(f, segs[i][1], [off]) for f, (i, off) in zip(forks, probes)])
+            finally:
+                for f in forks:
+                    self.runner.free(f)
+            self.stats["probe_tokens"] += sum(len(segs[i][1]) for i, _ in probes)
+            for i, v in [(r[0], v) for r, v in zip(rows, vals)] + [(p[0], v) for p, v in zip(probes, tag_vals)]:
+                if v:  # the body's score, or (outcome mode) the tag's
+                    scores[i] = v[0]
+            for i, feed, off in rows:  # new step tokens, or a re-encoded evicted text; and the tag
+                self.last_row_tokens[i] = len(feed) + (len(segs[i][1]) if off >= len(feed) else 0)
+                handles[i].steps.append(steps[i])
+                self._resident.move_to_end(id(handles[i]))
             pending = pending[len(rows):]
         return scores
 
     def _make_room(self, handles, steps, segs, pending):
-        """Rows (index, new tokens, score offset) for the longest head of `pending` that fits the
-        pool after evicting other handles (the rest of `pending` last); evicted handles in it get
-        sequences again."""
+        """Rows (index, new tokens, score offset within the new tokens + the step's tag) for the
+        longest head of `pending` that fits the pool, tag probes included, after evicting other
+        handles (the rest of `pending` last); evicted handles in it get sequences again."""
         blocks = self.runner.blocks
         take = len(pending)
         while True:
@@ -513,16 +623,18 @@ class ModelPRM(PRM):
             rows, fresh = [], []
             for i in pending[:take]:
                 h = handles[i]
-                seg, off = segs[i]
+                kept, _, off = segs[i]
                 if h.seq is not None:
-                    rows.append((i, seg, off))
+                    rows.append((i, kept, off))
                     continue
                 # Evicted: re-encode its whole text (cached full blocks of it are reused).
-                ids, positions = self.full_ids(h.question, h.steps + [steps[i]])
+                ids, positions, _ = self._kept_ids(h.question, h.steps + [steps[i]])
                 h.seq, cached = self.runner.new_sequence(ids[: positions[-1]])
                 fresh.append(h)
                 rows.append((i, ids[cached:], positions[-1] - cached))
-            need = sum(blocks.blocks_needed(handles[i].seq, len(feed)) for i, feed, _ in rows)
+            need = sum(blocks.blocks_needed(handles[i].seq, len(feed))
+                       + self._probe_blocks(self.runner.seq_len(handles[i].seq) + len(feed), len(segs[i][1]))
+                       for i, feed, _ in rows)
             pending_ids = {id(h) for h in later}
             victims = iter([h for h in self._resident.values() if id(h) not in keep and id(h) not in pending_ids] + later)
             while need > blocks.num_available_blocks:
@@ -545,13 +657,11 @@ class ModelPRM(PRM):
             take = (take + 1) // 2
 
     def full_ids(self, question: str, steps: list[str]) -> tuple[list[int], list[int]]:
-        """The whole token sequence of (question, steps) and the positions of the step scores."""
-        ids = self.fmt.prefix_ids(question)
-        positions = []
-        for k, s in enumerate(steps):
-            seg, off = self.fmt.step_ids(s.strip(), k)
-            positions.append(len(ids) + off)
-            ids = ids + seg
+        """The whole token sequence of (question, steps) and the positions of the step scores
+        (outcome mode: prefix + every step's body + the last step's tag, and the one position)."""
+        ids, positions, tag = self._kept_ids(question, steps)
+        if self.outcome:
+            return ids + tag, positions[-1:]
         return ids, positions
 
     def score_full(self, question, steps):
@@ -560,8 +670,6 @@ class ModelPRM(PRM):
         if not steps:
             raise ValueError("score_full: no steps")
         ids, positions = self.full_ids(question, steps)
-        if self.outcome:
-            positions = positions[-1:]
         seq, _ = self.runner.new_sequence()
         try:
             self._check_room([seq], [ids])
