@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 
 from ttc_fast.grading import (
-    answer_key,
     extract_answer,
     grade,
     gsm8k_equal,
@@ -16,6 +15,7 @@ from ttc_fast.grading import (
     pick_majority,
     pick_weighted,
     picks_at_n,
+    same_answer,
 )
 
 DATA = Path("/work/shared/data")
@@ -135,12 +135,15 @@ def test_math_equal_off_main_thread():
     def work():
         out["eq"] = math_equal("0.5", r"\frac{1}{2}")
         out["ne"] = math_equal("0.4", r"\frac{1}{2}")
-        out["key"] = answer_key(r"\dfrac{2}{4}")
+        # uncached pairs, so the parser and verify really run off the main thread
+        out["same"] = same_answer(r"\dfrac{2}{4}", "0.50")
+        out["diff"] = same_answer(r"\dfrac{2}{4}", "0.49")
+        out["maj"] = pick_majority(["0.49", r"\dfrac{3}{6}", "0.500"])
 
     t = threading.Thread(target=work)
     t.start()
     t.join(30)
-    assert out == {"eq": True, "ne": False, "key": answer_key("0.5")}
+    assert out == {"eq": True, "ne": False, "same": True, "diff": False, "maj": r"\dfrac{3}{6}"}
 
 
 # ------------------------------------------------------------------ extraction
@@ -232,21 +235,80 @@ def test_grade_kind_checked():
 # ------------------------------------------------------------------ picks
 
 
-def test_answer_key_groups_equivalent_forms():
-    assert answer_key(r"\frac12") == answer_key("0.5") == answer_key(r"\dfrac{1}{2}")
-    assert answer_key(r"\left( 3, \frac{\pi}{2} \right)") == answer_key(r"(3,\frac{\pi}{2})")
-    assert answer_key("x=5") == answer_key("5")
-    assert answer_key("x^2+2x") == answer_key("x(x+2)")
-    assert answer_key(r"\{2,1\}") == answer_key(r"\{1,2\}")
-    assert answer_key("1") != answer_key("2")
-    assert answer_key(None) is None and answer_key("  ") is None
-    assert answer_key("not math {{") == "str:notmath{{"
+def test_same_answer_equivalent_forms():
+    assert same_answer(r"\frac12", "0.5") and same_answer("0.5", r"\dfrac{1}{2}")
+    assert same_answer(r"\frac12", r"\dfrac{1}{2}")
+    assert same_answer(r"\left( 3, \frac{\pi}{2} \right)", r"(3,\frac{\pi}{2})")
+    assert same_answer("x=5", "5") and same_answer("5", "x=5")
+    assert same_answer("x^2+2x", "x(x+2)")
+    assert same_answer(r"\{2,1\}", r"\{1,2\}")
+    assert same_answer(" 12 ", "12") and same_answer("007", "7")  # plain-integer fast path
+    assert not same_answer("1", "2")
+    assert not same_answer(r"\frac12", "0.4")
+
+
+def test_same_answer_is_symmetric_although_verify_is_not():
+    # math_verify accepts gold "(-\infty,2)" for prediction "x<2" but not the other way round
+    assert math_equal("x<2", r"(-\infty,2)") != math_equal(r"(-\infty,2)", "x<2")
+    assert same_answer("x<2", r"(-\infty,2)") and same_answer(r"(-\infty,2)", "x<2")
+
+
+@pytest.mark.parametrize("bad", [None, "", "   ", 5])
+def test_same_answer_none_and_blank(bad):
+    for other in (bad, "5", "", None):
+        assert same_answer(bad, other) is False
+        assert same_answer(other, bad) is False
+
+
+def test_same_answer_unparsable_only_equals_itself():
+    assert same_answer("not math {{", "notmath{{")  # equal after whitespace squashing
+    assert same_answer("not math {{", " not  math {{ ")
+    assert not same_answer("not math {{", "not math {{{")
+    assert not same_answer("not math {{", "5")
+    assert not same_answer(r"\frac{", "}{")
+
+
+# (prediction, MATH-500 gold) pairs that math_equal grades correct; grouping must agree with it
+GROUPING_AGREES = [
+    (r"\frac{1}{2}\sqrt{3}", r"\frac{\sqrt{3}}{2}"),
+    ("10", r"10\%"),
+    ("C", r"\text{(C)}"),
+    ("(E)", r"\text{(E)}"),
+    (r"\text{East}", r"\text{east}"),
+    ("1.5", r"\frac{3}{2}"),
+    (r"\sqrt{117}", r"3\sqrt{13}"),
+    ("90", r"90^\circ"),
+    ("32348", r"\$32,\!348"),
+    ("y=3+2x", "y = 2x + 3"),
+    (r"-2, 1-\sqrt{5}, 1+\sqrt{5}", r"\{1\pm\sqrt{5},-2\}"),
+    (r"\frac{270}{7}", r"\frac{270}7\text{ degrees}"),
+]
+
+
+@pytest.mark.parametrize("pred,gold", GROUPING_AGREES)
+def test_grouping_agrees_with_grading(pred, gold):
+    assert math_equal(pred, gold)
+    assert same_answer(pred, gold) == math_equal(pred, gold)
+    assert same_answer(gold, pred)
+    # two surface forms of the gold outvote a single different answer that comes first
+    assert pick_majority(["17", pred, gold]) == pred
+    assert pick_weighted(["17", gold, pred], [0.9, 0.5, 0.5]) == gold
+
+
+def test_grouping_is_against_the_first_member():
+    # 10\% ~ 10 and 10\% ~ 0.1 (math_verify), but 10 !~ 0.1: the representative decides
+    assert same_answer(r"10\%", "10") and same_answer(r"10\%", "0.1") and not same_answer("10", "0.1")
+    assert pick_majority(["10", r"10\%", "0.1"]) == "10"  # groups {10, 10\%}, {0.1}
+    assert pick_majority([r"10\%", "10", "0.1"]) == r"10\%"  # one group of three
+    assert pick_majority(["0.1", "10", r"10\%"]) == "0.1"  # groups {0.1, 10\%}, {10}
 
 
 def test_pick_majority():
     assert pick_majority(["1", "2", "2", "1"]) == "1"  # tie: earliest first occurrence wins
     assert pick_majority(["2", "1", "1", "2"]) == "2"
     assert pick_majority(["1", "0.5", r"\frac12"]) == "0.5"  # equivalent forms share a group
+    assert pick_majority(["3", r"\frac{1}{2}", "0.5", "3.0", r"\dfrac12"]) == r"\frac{1}{2}"
+    assert pick_majority(["", "  ", None, "4"]) == "4"  # blank answers are not answers
     assert pick_majority([None, None, "3"]) == "3"  # None never wins
     assert pick_majority([None, None]) is None
     assert pick_majority([]) is None

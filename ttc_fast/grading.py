@@ -19,11 +19,17 @@ GSM8K
     (relative tolerance 1e-6) after stripping ``$``, commas, ``\\boxed{}``, units and a trailing dot.
 
 Picking (best-of-n aggregation, as in search-and-learn's maj@n / naive@n / weighted@n)
-    Answers are grouped by EQUIVALENCE using ``answer_key``: a canonical string built from the
-    math_verify parse (numbers rounded to 6 decimals so ``\\frac12`` and ``0.5`` share a key,
-    tuples / sets / intervals / matrices keyed element-wise, ``x = 5`` keyed as ``5``, percentages
-    keyed by their number, other expressions by ``str(expand(expr))``), falling back to the answer
-    with all whitespace removed when math_verify cannot parse it.  ``None`` answers never win unless
+    Answers are grouped by EQUIVALENCE using ``same_answer``, the same math_verify equivalence that
+    grades them: answers identical after removing whitespace, and plain integers of equal value,
+    are equal without the parser; otherwise both are parsed and ``verify`` is tried in both
+    directions (it is asymmetric), so ``\\frac12`` / ``0.5``, ``x = 5`` / ``5`` and
+    ``\\{2,1\\}`` / ``\\{1,2\\}`` share a group.  An answer math_verify cannot parse into an
+    expression only matches the same text (whitespace ignored).  Answers are walked in order and
+    each joins the first group whose REPRESENTATIVE (its first member) is ``same_answer`` with it,
+    else starts a new group.  Since equivalence is checked against the representative only, the
+    grouping depends on the order of the answers only where equivalence is not transitive, which
+    math_verify's numeric rounding and percentage handling can cause (``10\\%`` matches both
+    ``10`` and ``0.1``, which do not match each other).  ``None`` / empty answers never win unless
     every answer is ``None``.  Ties are broken deterministically: the group whose first member
     appears earliest wins, and a group is represented by its earliest member's surface form.
 """
@@ -32,10 +38,10 @@ from __future__ import annotations
 import math
 import re
 import threading
-from decimal import Context, Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from functools import lru_cache
-from typing import Callable, Iterable, Sequence, TypeVar
+from typing import Iterable, Sequence
 
 __all__ = [
     "TIMEOUT_S",
@@ -44,7 +50,7 @@ __all__ = [
     "gsm8k_gold",
     "gsm8k_equal",
     "grade",
-    "answer_key",
+    "same_answer",
     "pick_majority",
     "pick_best",
     "pick_weighted",
@@ -54,8 +60,6 @@ __all__ = [
 #: seconds math_verify may spend parsing / comparing one answer (main thread only; whole seconds,
 #: since math_verify uses ``signal.alarm``).
 TIMEOUT_S = 5
-
-_T = TypeVar("_T")
 
 # --------------------------------------------------------------------------------------------
 # extraction
@@ -143,19 +147,6 @@ def _timeout() -> int | None:
     return TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
 
 
-def _guarded(fn: Callable[..., _T], *args, default: _T) -> _T:
-    """Run ``fn`` under math_verify's own timeout (main thread), returning ``default`` on any
-    error or timeout."""
-    from math_verify.errors import TimeoutException
-    from math_verify.utils import timeout
-
-    t = _timeout()
-    try:
-        return timeout(timeout_seconds=t)(fn)(*args)
-    except (Exception, TimeoutException):
-        return default
-
-
 @lru_cache(maxsize=16384)
 def _parse(ans: str) -> tuple:
     from math_verify import parse
@@ -175,20 +166,26 @@ def _squash(s: str) -> str:
     return re.sub(r"\s+", "", s)
 
 
-@lru_cache(maxsize=65536)
-def _math_equal_cached(pred: str, gold: str) -> bool:
+def _verify(gold: tuple, pred: tuple) -> bool:
+    """math_verify's ``verify(gold, pred)`` on two ``_parse`` results, under its own timeout on the
+    main thread (none elsewhere, see ``_timeout``); False on any error or timeout."""
     from math_verify import verify
 
-    g = _parse(gold)
-    p = _parse(pred)
-    if not g or not p:
-        return _squash(pred) == _squash(gold)
     try:
-        return bool(verify(list(g), list(p), timeout_seconds=_timeout()))
+        return bool(verify(list(gold), list(pred), timeout_seconds=_timeout()))
     except BaseException as e:
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
         return False
+
+
+@lru_cache(maxsize=65536)
+def _math_equal_cached(pred: str, gold: str) -> bool:
+    g = _parse(gold)
+    p = _parse(pred)
+    if not g or not p:
+        return _squash(pred) == _squash(gold)
+    return _verify(g, p)
 
 
 def math_equal(pred: str | None, gold: str) -> bool:
@@ -284,81 +281,36 @@ def grade(pred_text_or_answer: str | None, gold: str, kind: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# canonical keys and picks
+# equivalence groups and picks
 # --------------------------------------------------------------------------------------------
 
-_DEC_CTX = Context(prec=200)
-_Q = Decimal("1e-6")
+
+@lru_cache(maxsize=65536)
+def _same_answer_cached(a: str, b: str) -> bool:
+    pa = _parse(a)  # each parse has its own timeout; verify runs after it, never inside it
+    pb = _parse(b)
+    if not pa or not pb:
+        return False  # unparsable: only equal to itself after whitespace squashing (checked first)
+    return _verify(pa, pb) or _verify(pb, pa)  # verify is asymmetric: "x<2" vs "(-\infty,2)"
 
 
-def _num_key(expr) -> str | None:
-    """Key of a real number rounded to 6 decimals, or None when ``expr`` is not a real number."""
-    import sympy
-
-    if not getattr(expr, "is_number", False):
-        return None
-    if isinstance(expr, sympy.Integer):
-        return str(int(expr))
-    v = expr.evalf(30)
-    if not (v.is_real and v.is_finite) or not isinstance(v, sympy.Float):
-        return None
-    d = Decimal(str(v)).quantize(_Q, context=_DEC_CTX)
-    if d == 0:
-        d = abs(d)
-    s = format(d, "f").rstrip("0").rstrip(".")
-    return s or "0"
+def same_answer(a: str | None, b: str | None) -> bool:
+    """True when ``a`` and ``b`` are non-empty answers that math_verify finds equivalent (either
+    direction), or that are identical after removing whitespace.  Never raises."""
+    if not isinstance(a, str) or not isinstance(b, str):
+        return False
+    a, b = a.strip(), b.strip()
+    if not a or not b:
+        return False
+    if _squash(a) == _squash(b):
+        return True
+    if _PLAIN_INT.match(a) and _PLAIN_INT.match(b):  # the common case, without a parser
+        return int(a) == int(b)
+    return _same_answer_cached(a, b) if a <= b else _same_answer_cached(b, a)  # symmetric
 
 
-def _key_of(expr) -> str:
-    import sympy
-    from sympy import Eq, FiniteSet, Interval, MatrixBase, Tuple, Union
-
-    from math_verify.grader import get_pct_val
-
-    pct = get_pct_val(expr)
-    if pct is not None:
-        expr = pct
-    if isinstance(expr, Eq) and isinstance(expr.lhs, sympy.Symbol):
-        expr = expr.rhs  # "x = 5" is keyed as "5", as math_verify grades it
-    if isinstance(expr, MatrixBase):
-        return "M" + str([[_key_of(e) for e in row] for row in expr.tolist()])
-    if isinstance(expr, Tuple):
-        return "(" + ",".join(_key_of(e) for e in expr.args) + ")"
-    if isinstance(expr, FiniteSet) or type(expr).__name__ == "FiniteSet":
-        return "{" + ",".join(sorted(_key_of(e) for e in expr.args)) + "}"
-    if isinstance(expr, Interval):
-        lo, hi = _key_of(expr.left), _key_of(expr.right)
-        return f"{'(' if expr.left_open else '['}{lo},{hi}{')' if expr.right_open else ']'}"
-    if isinstance(expr, Union):
-        return "U(" + ",".join(sorted(_key_of(e) for e in expr.args)) + ")"
-    if isinstance(expr, sympy.Basic):
-        k = _num_key(expr)
-        if k is not None:
-            return k
-        if expr.free_symbols and sympy.count_ops(expr) <= 60:
-            return str(sympy.expand(expr))
-        return str(expr)
-    return str(expr)
-
-
-@lru_cache(maxsize=16384)
-def _answer_key_cached(ans: str) -> str:
-    import sympy
-
-    if _PLAIN_INT.match(ans):  # what the parser would key it as, without the parser
-        return "mv:" + str(int(ans))
-    fallback = "str:" + _squash(ans)
-    parsed = _parse(ans)  # has its own timeout; must not run inside another alarm (it cancels it)
-    if parsed and isinstance(parsed[0], (sympy.Basic, sympy.MatrixBase)):
-        return _guarded(lambda e: "mv:" + _key_of(e), parsed[0], default=fallback)
-    return fallback
-
-
-def answer_key(ans: str | None) -> str | None:
-    """Canonical grouping key of an extracted answer (None for None / empty)."""
-    if not isinstance(ans, str) or not ans.strip():
-        return None
-    return _answer_key_cached(ans.strip())
+def _is_answer(a) -> bool:
+    return isinstance(a, str) and bool(a.strip())
 
 
 def _score(x) -> float:
@@ -369,13 +321,19 @@ def _score(x) -> float:
     return -math.inf if math.isnan(f) else f
 
 
-def _groups(answers: Sequence[str | None]) -> dict[str, list[int]]:
-    """Non-None answers grouped by key, in order of first occurrence (dicts keep insertion order)."""
-    groups: dict[str, list[int]] = {}
+def _groups(answers: Sequence[str | None]) -> list[list[int]]:
+    """Indices of the non-None answers grouped by ``same_answer`` with each group's first member,
+    groups in order of first occurrence."""
+    groups: list[list[int]] = []
     for i, a in enumerate(answers):
-        k = answer_key(a)
-        if k is not None:
-            groups.setdefault(k, []).append(i)
+        if not _is_answer(a):
+            continue
+        for g in groups:
+            if same_answer(answers[g[0]], a):
+                g.append(i)
+                break
+        else:
+            groups.append([i])
     return groups
 
 
@@ -389,14 +347,14 @@ def pick_majority(answers: Sequence[str | None]) -> str | None:
     groups = _groups(answers)
     if not groups:
         return None
-    best = max(groups.values(), key=lambda idx: (len(idx), -idx[0]))
+    best = max(groups, key=lambda idx: (len(idx), -idx[0]))
     return answers[best[0]]
 
 
 def pick_best(answers: Sequence[str | None], scores: Sequence[float]) -> str | None:
     """Best-of-n: the non-None answer with the highest score; ties: earliest wins."""
     _check_lengths(answers, scores)
-    cand = [i for i, a in enumerate(answers) if answer_key(a) is not None]
+    cand = [i for i, a in enumerate(answers) if _is_answer(a)]
     if not cand:
         return None
     i = max(cand, key=lambda j: (_score(scores[j]), -j))
@@ -418,7 +376,7 @@ def pick_weighted(answers: Sequence[str | None], scores: Sequence[float]) -> str
             s += v if math.isfinite(v) else (v if v > 0 else 0.0)
         return s
 
-    best = max(groups.values(), key=lambda idx: (total(idx), -idx[0]))
+    best = max(groups, key=lambda idx: (total(idx), -idx[0]))
     return answers[best[0]]
 
 
