@@ -88,7 +88,8 @@ def cmd_run(args) -> int:
     for flag in ("data", "out"):
         if getattr(args, flag) is None:
             raise RunError(f"--{flag} is required with --policy")
-    strategy = make_strategy(args.strategy, args.n, args.width, args.iterations, args.aggregation)
+    strategy = make_strategy(args.strategy, args.n, args.width, args.iterations, args.aggregation,
+                             lookahead=args.lookahead, pf_temperature=args.pf_temperature)
     if needs_prm(strategy) and args.prm is None:
         raise RunError(f"strategy {args.strategy!r} ranks paths with a verifier: pass --prm CHECKPOINT (with --prm-kind) "
                        f"or --prm python:MODULE:FUNCTION, or use --strategy majority, which needs none")
@@ -157,11 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--policy", default=None, help="policy checkpoint directory (Hugging Face format)")
     run.add_argument("--prm", default=None, help="verifier: PRM checkpoint directory, or python:MODULE:FUNCTION")
     run.add_argument("--prm-kind", default=None, help="PRM format: rlhflow, math-shepherd, qwen-prm, skywork, outcome")
-    run.add_argument("--strategy", default="beam", help="best-of-n, majority, weighted-best-of-n, beam, dvts (case-insensitive)")
+    run.add_argument("--strategy", default="beam",
+                     help="best-of-n, majority, weighted-best-of-n, beam, dvts, particle-filtering (case-insensitive)")
     run.add_argument("--n", type=int, default=4, help="completions per problem (default 4)")
     run.add_argument("--width", type=int, default=None, help="beam/DVTS: children per kept beam (default: the strategy's, 4)")
     run.add_argument("--iterations", type=int, default=None, help="beam/DVTS: search steps (default: the strategy's, 40)")
     run.add_argument("--aggregation", default="last", choices=["last", "min", "prod", "mean"], help="step scores -> path score")
+    run.add_argument("--lookahead", type=int, default=None,
+                     help="beam/DVTS: roll each candidate out K more greedy steps and score it at the end (default 0)")
+    run.add_argument("--pf-temperature", type=float, default=None,
+                     help="particle filtering: resample in proportion to softmax(score / T) (default 1.0)")
     run.add_argument("--data", default=None, help="problems: MATH-500 or GSM8K JSONL")
     run.add_argument("--out", default=None, help="results JSONL (one line per problem)")
     run.add_argument("--out-dir", default="runs/toy", help="toy task (no --policy): folder for its results and plot")

@@ -21,6 +21,11 @@ from .model_runner import ModelRunner
 from .sampling import SamplingParams, fresh_seed, sample_seed
 
 
+class PoolTooSmall(OutOfBlocks, ValueError):
+    """The KV pool cannot hold one sequence of a request even with every other one evicted
+    (an `OutOfBlocks`, and a `ValueError` about the engine's size): raise kv_cache_bytes."""
+
+
 @dataclass
 class CompletionOutput:
     index: int
@@ -228,7 +233,7 @@ class Engine:
             raise ValueError(f"prompt {index} has {len(ids)} tokens; the model attends over at most {limit} positions")
         need = self.runner.blocks_for(len(ids) + 1)
         if need > self.runner.num_blocks:
-            raise ValueError(
+            raise PoolTooSmall(
                 f"prompt {index} has {len(ids)} tokens and needs {need} KV blocks, but the pool holds only "
                 f"{self.runner.num_blocks}; raise kv_cache_bytes"
             )
@@ -311,7 +316,7 @@ class Engine:
             waiting.appendleft(victim)
         rest = [(s, chunk) for s, chunk in batch if s is not victim]
         if victim is None or not rest:
-            raise ValueError(
+            raise PoolTooSmall(
                 "the KV pool cannot hold a single sequence of this request "
                 f"({self.runner.num_blocks} blocks of {self.runner.block_size} tokens); raise kv_cache_bytes"
             )

@@ -7,6 +7,8 @@ completion order, not input order.
 Line schema (one object per problem)::
 
     {"id", "question", "gold", "strategy", "n", "width", "iterations", "aggregation",
+     "options": {"delimiter", ...},                     # the strategy's other settings: lookahead
+                                                        # (beam, DVTS), temperature (particle filtering)
      "config": {"temperature", "top_p", "max_tokens", "seed"},
      "completions": [{"text", "steps", "step_scores", "score", "answer", "finish_reason",
                       "policy_tokens"}, ...],           # exactly n
@@ -16,16 +18,19 @@ Line schema (one object per problem)::
      "prm_tokens",                                        # tokens the verifier processed (see below)
      "seconds"}                                           # wall time of this problem
 
-``width`` / ``iterations`` are null for strategies that have none (best-of-N family).
+``width`` / ``iterations`` are null for strategies that have none (best-of-N family). Without a
+verifier (majority vote) the picks hold "maj" only.
 
 What "the same file" means for ``--resume``: a resumed run and an uninterrupted run with the same
 data, settings and seed hold the same SET of lines, one per problem id, and the lines of a given
-id are identical except for the fields in `VOLATILE_FIELDS`: ``seconds`` (timing) and
-``prm_tokens`` (a batched verifier call's tokens are attributed to the problems sharing the call,
-so the split depends on which problems were in flight together). Line ORDER is completion order
-and may differ. `canonical(records)` gives the comparable form: records without the volatile
-fields, sorted by id. Sampling is seeded per problem from ``--seed`` and the problem's position in
-the data file, so a problem's search does not depend on which others ran beside it.
+id are the same except for the fields in `VOLATILE_FIELDS`: ``seconds`` (timing) and
+``prm_tokens`` (what the PRM ran for a problem depends on what its prefix cache and its evictions
+held, so on the problems in flight beside it). Line ORDER is completion order and may differ.
+Sampling is seeded per problem from ``--seed`` and the problem's position in the data file, so a
+problem's texts, steps, answers and picks do not depend on which others ran beside it. A model
+PRM's scores match to about 1e-6, not bit for bit: a batched forward's float sums depend on which
+rows share it. `canonical(records)` gives the comparable form (records without the volatile
+fields, sorted by id) and `differences(a, b)` compares two runs' records, floats within 1e-5.
 
 `summarize(records)` renders the summary table from records alone (``python -m ttc_fast.run
 OUT.jsonl`` prints it for a results file).
@@ -64,8 +69,11 @@ def strategy_names() -> list[str]:
     return [alias for alias, cls in STRATEGY_ALIASES.items() if cls in STRATEGIES]
 
 
-def make_strategy(name: str, n: int, width: int | None = None, iterations: int | None = None, aggregation: str = "last"):
-    """A strategy from its CLI name (case-insensitive); width/iterations go where the class has them."""
+def make_strategy(name: str, n: int, width: int | None = None, iterations: int | None = None, aggregation: str = "last",
+                  lookahead: int | None = None, pf_temperature: float | None = None):
+    """A strategy from its CLI name (case-insensitive); width/iterations go where the class has
+    them; lookahead (beam search, DVTS) and pf_temperature (particle filtering) only where it has
+    them."""
     from .strategies import STRATEGIES
 
     key = name.strip().lower()
@@ -80,10 +88,23 @@ def make_strategy(name: str, n: int, width: int | None = None, iterations: int |
         kwargs["width"] = width
     if iterations is not None and "iterations" in fields:
         kwargs["iterations"] = iterations
+    for flag, field, value in (("--lookahead", "lookahead", lookahead), ("--pf-temperature", "temperature", pf_temperature)):
+        if value is not None:
+            if field not in fields:
+                raise RunError(f"{flag} does not apply to {cls_name}: drop it, or pick a strategy that has it "
+                               f"({'beam, dvts' if field == 'lookahead' else 'particle-filtering'})")
+            kwargs[field] = value
     try:
         return cls(**kwargs)
     except ValueError as e:
-        raise RunError(f"{e} (check --n / --width / --iterations)") from None
+        raise RunError(f"{e} (check --n / --width / --iterations / --lookahead / --pf-temperature)") from None
+
+
+def strategy_options(strategy) -> dict:
+    """The strategy's settings beyond n / width / iterations / aggregation (step delimiter,
+    lookahead, particle filtering's temperature): recorded on every line, checked on resume."""
+    shown = {"n", "width", "iterations", "aggregation"}
+    return {f.name: getattr(strategy, f.name) for f in dataclasses.fields(strategy) if f.name not in shown}
 
 
 def needs_prm(strategy) -> bool:
@@ -152,6 +173,7 @@ def result_to_record(result, strategy, sampling) -> dict:
         "width": getattr(strategy, "width", None),
         "iterations": getattr(strategy, "iterations", None),
         "aggregation": strategy.aggregation,
+        "options": strategy_options(strategy),
         "config": {"temperature": sampling.temperature, "top_p": sampling.top_p, "max_tokens": sampling.max_tokens, "seed": sampling.seed},
         "completions": [
             {
@@ -169,7 +191,7 @@ def result_to_record(result, strategy, sampling) -> dict:
 
 
 def _settings(record: dict) -> dict:
-    return {k: record.get(k) for k in ("strategy", "n", "width", "iterations", "aggregation", "config")}
+    return {k: record.get(k) for k in ("strategy", "n", "width", "iterations", "aggregation", "options", "config")}
 
 
 def read_results(path, repair: bool = False) -> list[dict]:
@@ -219,6 +241,37 @@ def read_results(path, repair: bool = False) -> list[dict]:
 def canonical(records: list[dict]) -> list[dict]:
     """Records as compared between runs: without `VOLATILE_FIELDS`, sorted by id."""
     return sorted(({k: v for k, v in r.items() if k not in VOLATILE_FIELDS} for r in records), key=lambda r: str(r["id"]))
+
+
+def differences(a: list[dict], b: list[dict], atol: float = 1e-5) -> list[str]:
+    """Where two runs' records differ (see "the same file" above): every field but the volatile
+    ones equal, floats within `atol`. Empty when they are the same."""
+    found: list[str] = []
+
+    def walk(x, y, where: str) -> None:
+        if isinstance(x, float) or isinstance(y, float):
+            if not (isinstance(x, (int, float)) and isinstance(y, (int, float)) and abs(x - y) <= atol):
+                found.append(f"{where}: {x!r} != {y!r}")
+        elif isinstance(x, dict) and isinstance(y, dict):
+            if x.keys() != y.keys():
+                found.append(f"{where}: keys {sorted(x)} != {sorted(y)}")
+            for k in x.keys() & y.keys():
+                walk(x[k], y[k], f"{where}.{k}")
+        elif isinstance(x, list) and isinstance(y, list):
+            if len(x) != len(y):
+                found.append(f"{where}: {len(x)} items != {len(y)}")
+            for i, (u, v) in enumerate(zip(x, y)):
+                walk(u, v, f"{where}[{i}]")
+        elif x != y:
+            found.append(f"{where}: {x!r} != {y!r}")
+
+    a, b = canonical(a), canonical(b)
+    ids_a, ids_b = [r["id"] for r in a], [r["id"] for r in b]
+    if ids_a != ids_b:
+        return [f"problem ids differ: {ids_a} != {ids_b}"]
+    for x, y in zip(a, b):
+        walk(x, y, str(x["id"]))
+    return found
 
 
 def _append_line(f, record: dict) -> None:
@@ -289,8 +342,12 @@ def run_search(engine, prm, strategy, sampling, problems, out_path, resume: bool
     if previous:
         mine = {"strategy": strategy.name, "n": strategy.n, "width": getattr(strategy, "width", None),
                 "iterations": getattr(strategy, "iterations", None), "aggregation": strategy.aggregation,
+                "options": strategy_options(strategy),
                 "config": {"temperature": sampling.temperature, "top_p": sampling.top_p, "max_tokens": sampling.max_tokens, "seed": sampling.seed}}
         theirs = _settings(previous[0])
+        if "options" not in previous[0]:  # written before lines recorded them
+            mine.pop("options")
+            theirs.pop("options")
         if theirs != mine:
             diff = ", ".join(f"{k}: {theirs.get(k)!r} in the file, {mine[k]!r} now" for k in mine if theirs.get(k) != mine[k])
             raise RunError(f"{out_path} was written with other settings ({diff}): resume with the same settings, or use --overwrite")
@@ -330,7 +387,8 @@ def summarize(records: list[dict], wall_seconds: float | None = None, new_policy
     sum of per-problem seconds is shown instead (problems overlap, so it exceeds wall time)."""
     if not records:
         return "no results"
-    picks = ("maj", "naive", "weighted")
+    # without a verifier a line holds only the majority pick
+    picks = tuple(p for p in ("maj", "naive", "weighted") if any(p in c for r in records for c in r.get("correct", {}).values()))
     ns = sorted({int(k) for r in records for k in r.get("correct", {})})
     first = records[0]
     head = f"{len(records)} problems   strategy {first.get('strategy')}  n={first.get('n')}"
