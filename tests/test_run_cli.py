@@ -58,6 +58,15 @@ class HashVerifier:
         return scores
 
 
+class SlowHashVerifier(HashVerifier):
+    """HashVerifier's scores, a quarter of a second per call: a run of N_PROBLEMS one at a time
+    takes seconds, so a kill after its first line lands mid-run."""
+
+    def score_steps(self, handles, steps):
+        time.sleep(0.25)
+        return super().score_steps(handles, steps)
+
+
 def hash_score(question, steps):
     """A plain callable verifier, fn(question, steps) -> the latest step's score (for load_prm)."""
     return (zlib.crc32((question + "\n\n" + "\n\n".join(steps)).encode("utf-8")) % 1000) / 1000
@@ -154,11 +163,14 @@ def test_resume_after_truncated_last_line_matches_uninterrupted(setup, full_run)
 
 
 def test_resume_after_killed_process_matches_uninterrupted(setup, full_run):
-    """A real `python -m ttc_fast.cli run` killed (SIGKILL) once its first line is on disk."""
+    """A real `python -m ttc_fast.cli run` killed (SIGKILL) once its first line is on disk (its
+    verifier is slow, so the kill lands mid-run), resumed with the usual one."""
     root, policy, data = setup
     out = root / "killed.jsonl"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, "-m", "ttc_fast.cli", *_args(policy, data, out, "--max-in-flight", "1")],
+    slow = _args(policy, data, out, "--max-in-flight", "1")
+    slow[slow.index("--prm") + 1] = "python:test_run_cli:SlowHashVerifier"
+    proc = subprocess.Popen([sys.executable, "-m", "ttc_fast.cli", *slow],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     try:
@@ -200,6 +212,39 @@ def test_resume_with_a_model_prm_matches_uninterrupted(setup, tmp_path):
     cut.write_bytes(lines[0] + b"\n" + lines[1] + b"\n" + lines[2][:10])
     assert main(args(cut, "--resume", "--max-in-flight", "1")) == 0
     _check_same(full, cut, exact=False)
+
+
+def test_resume_checks_every_line_and_the_verifier(setup, full_run, tmp_path, capsys):
+    """A line from before lines recorded `options` counts as the class defaults; a line with
+    other settings anywhere in the file, or written with(out) a verifier, is refused."""
+    root, policy, data = setup
+    lines = [json.loads(line) for line in full_run.read_text().splitlines()]
+    old = tmp_path / "old.jsonl"
+    old.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "options"}) + "\n" for r in lines[:2]))
+    assert main(_args(policy, data, old, "--resume")) == 0  # defaults: lookahead 0
+    without_options = [[{k: v for k, v in r.items() if k != "options"} for r in read_results(path)] for path in (full_run, old)]
+    assert canonical(without_options[0]) == canonical(without_options[1])
+    old.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "options"}) + "\n" for r in lines[:2]))
+    assert main(_args(policy, data, old, "--resume", "--lookahead", "1")) == 2
+    assert "line 1" in capsys.readouterr().err
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps(lines[0]) + "\n" + json.dumps(dict(lines[1], aggregation="min")) + "\n")
+    assert main(_args(policy, data, mixed, "--resume")) == 2
+    assert "line 2" in capsys.readouterr().err
+    majority = _args(policy, data, tmp_path / "maj.jsonl", "--limit", "2")
+    majority[majority.index("--strategy") + 1] = "majority"
+    assert main(majority) == 0  # with the verifier: maj, naive and weighted
+    i = majority.index("--prm")
+    del majority[i:i + 2]
+    assert main(majority + ["--resume"]) == 2
+    assert "with a verifier" in capsys.readouterr().err
+
+
+def test_summary_counts_each_pick_over_the_lines_that_have_it():
+    records = [{"correct": {"1": {"maj": True, "naive": True, "weighted": False}}},
+               {"correct": {"1": {"maj": False}}}]
+    row = [line for line in summarize(records).splitlines() if line.split()[:1] == ["1"]][0].split()
+    assert row[1:4] == ["50.0%", "100.0%", "0.0%"]
 
 
 def test_resume_of_a_complete_file_runs_nothing(setup, full_run, tmp_path):

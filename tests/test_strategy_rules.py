@@ -132,24 +132,38 @@ def test_particle_filtering_resamples_in_proportion_to_softmax_of_the_scores(eng
     assert torch.allclose(drawn / drawn.sum(), expected, atol=0.02), (drawn / drawn.sum(), expected)
 
 
+class RollingOut(TreeSearch):
+    """Marks the verifier calls made by the lookahead's rollouts."""
+
+    rolling = False
+
+    def _lookahead(self, children):
+        RollingOut.rolling = True
+        try:
+            super()._lookahead(children)
+        finally:
+            RollingOut.rolling = False
+
+
 def test_lookahead_scores_each_step_at_the_end_of_its_greedy_rollout(engine):
-    """With lookahead 1, every step a path went on from carries the score of a path one step
-    longer (the candidate plus its greedy rollout), not its own."""
-    seen: dict[tuple, float] = {}
+    """With lookahead 1, every step a path went on from carries the score the verifier gave its
+    rollout (the candidate plus one greedy step), not its own."""
+    own: dict[tuple, float] = {}
+    rolled: dict[tuple, float] = {}
 
     def recording(question, steps):
-        seen[(question, *steps)] = path_score(question, steps)
-        return seen[(question, *steps)]
+        (rolled if RollingOut.rolling else own)[(question, *steps)] = path_score(question, steps)
+        return path_score(question, steps)
 
     strategy = tf.BeamSearch(n=4, width=2, iterations=3, delimiter=DELIM, lookahead=1)
-    results = tf.Engine.search(engine, problems(2), strategy, SAMPLING, prm=tf.load_prm(recording))
+    results = list(RollingOut(engine, tf.load_prm(recording), strategy, SAMPLING).run(problems(2)))
     checked = 0
     for r in results:
         for c in r.completions:
             for k, score in enumerate(c.step_scores[:-1]):  # the last step was not rolled out
                 path = (r.question, *c.steps[: k + 1])
-                rolled = {v for p, v in seen.items() if len(p) == len(path) + 1 and p[: len(path)] == path}
-                assert score in rolled and score != seen[path]
+                rollouts = {v for p, v in rolled.items() if len(p) == len(path) + 1 and p[: len(path)] == path}
+                assert score in rollouts and score != own[path]
                 checked += 1
     assert checked > 0
 

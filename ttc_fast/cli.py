@@ -77,9 +77,9 @@ def cmd_run(args) -> int:
     from .run import RunError, make_strategy, needs_prm, resolve_prm, run_search, summarize
 
     if args.policy is None:
-        if args.data is not None or args.prm is not None or args.out is not None:
-            raise RunError("--data/--prm/--out need --policy; without --policy, `ttc-fast run` runs the built-in toy "
-                           "task, which writes to --out-dir")
+        if any(v is not None for v in (args.data, args.prm, args.out, args.lookahead, args.pf_temperature)):
+            raise RunError("--data/--prm/--out/--lookahead/--pf-temperature need --policy; without --policy, `ttc-fast "
+                           "run` runs the built-in toy task (its own settings), which writes to --out-dir")
         from .toy.evaluate import run_toy
 
         run_toy(out_dir=args.out_dir, limit=args.limit, resume=args.resume, progress=not args.no_progress,

@@ -319,7 +319,7 @@ class Engine:
             raise PoolTooSmall(
                 "the KV pool cannot hold a single sequence of this request "
                 f"({self.runner.num_blocks} blocks of {self.runner.block_size} tokens); raise kv_cache_bytes"
-            )
+            ) from None
         self.runner.free(victim.seq)
         victim.seq, victim.pending = None, []
         self.stats["preemptions"] += 1

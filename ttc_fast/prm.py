@@ -68,7 +68,7 @@ body in one ragged forward (chunked, under pool pressure evicted and re-encoded 
 mode, a re-encoded handle getting prefix + bodies), then forks each handle's sequence (no KV copied
 but a shared partial last block, copied on write), runs the tags on the forks in one more ragged
 forward reading the score at the tag, and frees the forks. The cost over step mode: one more forward
-per call (none for skywork, whose score is read in the first) and the tag tokens per row
+per call and chunk (none for skywork, whose score is read in the first) and the tag tokens per row
 (`stats["probe_tokens"]`, counted in `tokens_processed`); the pool room a call needs includes the
 probes (a copied block + the tag's blocks per row). `full_ids` / `score_full` give prefix + all
 bodies + the last step's tag and one score ([score]); the cached and uncached paths see the same
@@ -108,8 +108,9 @@ _SENTINEL_Q, _SENTINEL_S, _SENTINEL_L = "QSENTINEL7Q", "SSENTINEL7S", "LSENTINEL
 OUTCOME_JOIN = "\n\n"  # joins the steps of an outcome-mode solution (rlhflow, qwen-prm)
 
 
-class PRMOutOfBlocks(OutOfBlocks):
-    """The PRM's KV pool cannot hold one row of a call even when empty; nothing was appended."""
+class PRMOutOfBlocks(OutOfBlocks, ValueError):
+    """The PRM's KV pool cannot hold one row of a call even when empty; nothing was appended
+    (an `OutOfBlocks`, and a `ValueError` about the PRM's size): raise kv_cache_bytes."""
 
 
 def aggregate(step_scores: list[float], how: str = "last") -> float:
@@ -571,7 +572,9 @@ class ModelPRM(PRM):
         """Append each handle's new step segment (only those tokens) and return its score; all
         handles go through one ragged forward (chunked by max_batch_tokens) when the pool holds
         them, else in as few chunks as it holds (see the module docstring). Outcome mode appends
-        the new bodies the same way, then runs the tags on forks of the handles (one more forward)."""
+        the new bodies the same way, then runs the tags on forks of the handles (one more forward
+        per chunk). If a forward fails, the rows it ran with are evicted (re-encoded from their
+        recorded steps when next used), so no handle keeps half a step."""
         self._check(handles, steps)
         segs = [self._row_ids(s, h.num_steps) for h, s in zip(handles, steps)]
         blocks = self.runner.blocks
@@ -590,16 +593,26 @@ class ModelPRM(PRM):
         pending = sorted(range(len(handles)), key=lambda i: handles[i].seq is None)
         while pending:
             rows = self._make_room(handles, steps, segs, pending)
-            vals = self._run([(handles[i].seq, feed, [off] if off < len(feed) else []) for i, feed, off in rows])
             # Outcome mode: the score is at the tag, run on a fork of the handle (its KV copied on
             # write for a shared partial last block only) and dropped with it.
             probes = [(i, off - len(feed)) for i, feed, off in rows if off >= len(feed)]
-            forks = [self.runner.fork(handles[i].seq, 1)[0] for i, _ in probes]
+            forks = []
             try:
-                tag_vals = self._run([(f, segs[i][1], [off]) for f, (i, off) in zip(forks, probes)])
-            finally:
-                for f in forks:
-                    self.runner.free(f)
+                vals = self._run([(handles[i].seq, feed, [off] if off < len(feed) else []) for i, feed, off in rows])
+                try:
+                    for i, _ in probes:
+                        forks.append(self.runner.fork(handles[i].seq, 1)[0])
+                    tag_vals = self._run([(f, segs[i][1], [off]) for f, (i, off) in zip(forks, probes)])
+                finally:
+                    for f in forks:
+                        self.runner.free(f)
+            except BaseException:
+                # Nothing of this round is kept: its rows' sequences may hold part of the new step,
+                # so they are evicted, to be re-encoded from their recorded steps when next used.
+                for i, _, _ in rows:
+                    if handles[i].seq is not None:
+                        self._evict(handles[i])
+                raise
             self.stats["probe_tokens"] += sum(len(segs[i][1]) for i, _ in probes)
             for i, v in [(r[0], v) for r, v in zip(rows, vals)] + [(p[0], v) for p, v in zip(probes, tag_vals)]:
                 if v:  # the body's score, or (outcome mode) the tag's

@@ -29,7 +29,7 @@ held, so on the problems in flight beside it). Line ORDER is completion order an
 Sampling is seeded per problem from ``--seed`` and the problem's position in the data file, so a
 problem's texts, steps, answers and picks do not depend on which others ran beside it. A model
 PRM's scores match to about 1e-6, not bit for bit: a batched forward's float sums depend on which
-rows share it. `canonical(records)` gives the comparable form (records without the volatile
+rows share it (so a near-tie between two paths, within that noise, may break the other way). `canonical(records)` gives the comparable form (records without the volatile
 fields, sorted by id) and `differences(a, b)` compares two runs' records, floats within 1e-5.
 
 `summarize(records)` renders the summary table from records alone (``python -m ttc_fast.run
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -162,19 +163,29 @@ def resolve_prm(spec, kind: str | None = None, device=None, dtype=None):
 
 
 # --- results file ----------------------------------------------------------------------------------
-def result_to_record(result, strategy, sampling) -> dict:
-    """The JSON line for one SearchResult (see the module docstring)."""
+SETTINGS = ("strategy", "n", "width", "iterations", "aggregation", "options", "config")
+
+
+def run_settings(strategy, sampling) -> dict:
+    """The settings a results line records (`SETTINGS`); a resumed run must match them."""
     return {
-        "id": result.problem_id,
-        "question": result.question,
-        "gold": result.gold,
-        "strategy": result.strategy,
+        "strategy": strategy.name,
         "n": strategy.n,
         "width": getattr(strategy, "width", None),
         "iterations": getattr(strategy, "iterations", None),
         "aggregation": strategy.aggregation,
         "options": strategy_options(strategy),
         "config": {"temperature": sampling.temperature, "top_p": sampling.top_p, "max_tokens": sampling.max_tokens, "seed": sampling.seed},
+    }
+
+
+def result_to_record(result, strategy, sampling) -> dict:
+    """The JSON line for one SearchResult (see the module docstring)."""
+    return {
+        "id": result.problem_id,
+        "question": result.question,
+        "gold": result.gold,
+        **run_settings(strategy, sampling),
         "completions": [
             {
                 "text": c.text, "steps": list(c.steps), "step_scores": [float(s) for s in c.step_scores],
@@ -190,8 +201,14 @@ def result_to_record(result, strategy, sampling) -> dict:
     }
 
 
-def _settings(record: dict) -> dict:
-    return {k: record.get(k) for k in ("strategy", "n", "width", "iterations", "aggregation", "options", "config")}
+def _settings(record: dict, strategy) -> dict:
+    """A line's settings; a line from before lines recorded `options` was written with the
+    strategy class's defaults (the only ones the CLI could set then)."""
+    settings = {k: record.get(k) for k in SETTINGS}
+    if "options" not in record:
+        defaults = {f.name: f.default for f in dataclasses.fields(strategy)}
+        settings["options"] = {k: defaults[k] for k in strategy_options(strategy)}
+    return settings
 
 
 def read_results(path, repair: bool = False) -> list[dict]:
@@ -250,7 +267,8 @@ def differences(a: list[dict], b: list[dict], atol: float = 1e-5) -> list[str]:
 
     def walk(x, y, where: str) -> None:
         if isinstance(x, float) or isinstance(y, float):
-            if not (isinstance(x, (int, float)) and isinstance(y, (int, float)) and abs(x - y) <= atol):
+            numbers = isinstance(x, (int, float)) and isinstance(y, (int, float))
+            if not (numbers and (x == y or (math.isnan(x) and math.isnan(y)) or abs(x - y) <= atol)):
                 found.append(f"{where}: {x!r} != {y!r}")
         elif isinstance(x, dict) and isinstance(y, dict):
             if x.keys() != y.keys():
@@ -339,18 +357,17 @@ def run_search(engine, prm, strategy, sampling, problems, out_path, resume: bool
 
     previous = read_results(out_path, repair=True) if resume else []
     done_ids = {r["id"] for r in previous}
-    if previous:
-        mine = {"strategy": strategy.name, "n": strategy.n, "width": getattr(strategy, "width", None),
-                "iterations": getattr(strategy, "iterations", None), "aggregation": strategy.aggregation,
-                "options": strategy_options(strategy),
-                "config": {"temperature": sampling.temperature, "top_p": sampling.top_p, "max_tokens": sampling.max_tokens, "seed": sampling.seed}}
-        theirs = _settings(previous[0])
-        if "options" not in previous[0]:  # written before lines recorded them
-            mine.pop("options")
-            theirs.pop("options")
+    mine = run_settings(strategy, sampling)
+    picks = {"maj", "naive", "weighted"} if prm is not None else {"maj"}  # no verifier: majority only
+    for line, record in enumerate(previous, start=1):
+        theirs = _settings(record, strategy)
         if theirs != mine:
             diff = ", ".join(f"{k}: {theirs.get(k)!r} in the file, {mine[k]!r} now" for k in mine if theirs.get(k) != mine[k])
-            raise RunError(f"{out_path} was written with other settings ({diff}): resume with the same settings, or use --overwrite")
+            raise RunError(f"{out_path}: line {line} was written with other settings ({diff}): resume with the same "
+                           "settings, or use --overwrite")
+        if any(set(p) != picks for p in record.get("picks", {}).values()):
+            raise RunError(f"{out_path}: line {line} was written {'without' if prm is not None else 'with'} a verifier: "
+                           f"resume {'with' if prm is None else 'without'} --prm as it was, or use --overwrite")
 
     todo = [(i, p) for i, p in enumerate(problems) if p.id not in done_ids]
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -401,8 +418,8 @@ def summarize(records: list[dict], wall_seconds: float | None = None, new_policy
         have = [r for r in records if str(n) in r.get("correct", {})]
         cells = []
         for p in picks:
-            acc = sum(bool(r["correct"][str(n)].get(p)) for r in have) / len(have)
-            cells.append(f"{100 * acc:8.1f}%")
+            scored = [r["correct"][str(n)][p] for r in have if p in r["correct"][str(n)]]
+            cells.append(f"{100 * sum(map(bool, scored)) / len(scored):8.1f}%" if scored else f"{'-':>9}")
         lines.append(f"{n:>6}  " + "  ".join(cells) + f"  {len(have):>8}")
     policy = sum(int(r.get("policy_tokens", 0)) for r in records)
     prm = sum(int(r.get("prm_tokens", 0)) for r in records)

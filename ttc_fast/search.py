@@ -363,20 +363,21 @@ class TreeSearch:
         self._keep_top(flight, live)
 
     def _end_finished_subtrees(self, children: list[tuple[_Problem, _Node]], live: dict[int, list[_Node]]) -> None:
-        """DVTS: a subtree keeps its best candidate, finished or not; when that one is finished the
-        subtree is done and its other candidates go. Subtrees never stop one another."""
+        """DVTS: a subtree keeps its best candidate, finished or not: when that one has finished
+        the subtree is done, else it alone stays live (the top-1 that follows keeps it). The
+        other candidates go. Subtrees never stop one another."""
         agg = self.strategy.aggregation
-        best: dict[tuple[int, int], tuple[float, bool]] = {}
+        best: dict[tuple[int, int], tuple[float, _Node]] = {}
         for st, node in children:  # the first of equal scores wins, as argmax
             score = aggregate(node.scores, agg)
             key = (id(st), node.group)
             if key not in best or score > best[key][0]:
-                best[key] = (score, self._is_done(st, node))
+                best[key] = (score, node)
         for st_id, nodes in live.items():
-            ended = [node for node in nodes if best[(st_id, node.group)][1]]
-            for node in ended:
-                self._drop(node)
-            live[st_id] = [node for node in nodes if not best[(st_id, node.group)][1]]
+            for node in nodes:
+                if best[(st_id, node.group)][1] is not node:
+                    self._drop(node)
+            live[st_id] = [node for node in nodes if best[(st_id, node.group)][1] is node]
 
     def _keep_top(self, flight: list[_Problem], live: dict[int, list[_Node]]) -> None:
         """Beam search / DVTS: one segmented top-k over the groups of every problem in flight."""
@@ -438,8 +439,8 @@ class TreeSearch:
             st.prm_root = None
         agg = self.strategy.aggregation
         if isinstance(self.strategy, DVTS):
-            # width completions per subtree, subtree by subtree: the picks at n < N read the
-            # first n / width subtrees, a DVTS of n
+            # width completions per subtree, subtree by subtree: the picks at n < N (n >= width)
+            # read the first n / width subtrees, a DVTS of n
             groups: dict[int, list[_Node]] = {}
             for node in st.completed:
                 groups.setdefault(node.group, []).append(node)
