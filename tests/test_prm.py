@@ -369,3 +369,31 @@ def test_clear_errors(tmp_path):
     import ttc_fast as tf
     with pytest.raises(ValueError, match="load_prm"):
         tf.load_model(qwen, device="cpu")
+
+
+def test_a_failing_forward_keeps_no_half_step(outcome_case):
+    """A forward that fails mid-call (here the outcome probe, after the bodies ran) leaves every
+    handle as it was: its sequence evicted, its steps unchanged, no fork left; the next call
+    re-encodes it and scores as a fresh solution would."""
+    kind, _, _, prm = outcome_case
+    handles = prm.fork(root := prm.start(QUESTIONS[0]), 2)
+    prm.free(root)
+    prm.score_steps(handles, [STEPS[0][0][0], STEPS[0][1][0]])
+    real, calls = prm.runner.forward, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == (2 if kind != "skywork" else 1):  # the probe, or skywork's only forward
+            raise RuntimeError("device lost")
+        return real(*args, **kwargs)
+
+    prm.runner.forward = failing
+    with pytest.raises(RuntimeError, match="device lost"):
+        prm.score_steps(handles, [STEPS[0][0][1], STEPS[0][1][1]])
+    del prm.runner.forward
+    assert [h.num_steps for h in handles] == [1, 1] and all(h.seq is None for h in handles)
+    assert prm.runner.blocks.num_sequences == 0
+    got = prm.score_steps(handles, [STEPS[0][0][1], STEPS[0][1][1]])
+    for h, g in zip(handles, got):
+        assert abs(g - prm.score_full(h.question, h.steps)[0]) < ATOL
+        prm.free(h)
