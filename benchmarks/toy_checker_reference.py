@@ -5,6 +5,7 @@
     python benchmarks/toy_checker_reference.py --temperatures 0.4 0.6 0.8 1.0 --strategies beam dvts
     python benchmarks/toy_checker_reference.py --verifier prm --temperatures 0.6 0.8 --ns 16
     python benchmarks/toy_checker_reference.py --verifier prm --ns 64 --aggregations last min prod
+    python benchmarks/toy_checker_reference.py --verifier prm --ns 64 --width 8 --lookahead 1 --problems dev
 
 It separates the two things the toy table measures: whether search over S's samples can reach
 policy L at all (it can, with an exact verifier), and how much of that the learned PRM delivers.
@@ -38,6 +39,8 @@ def main() -> None:
                     help="step scores -> path score (the toy job uses last)")
     ap.add_argument("--prm", default="builtin:toy-prm",
                     help="with --verifier prm: the PRM checkpoint (a training run's --checkpoints step-N/)")
+    ap.add_argument("--width", type=int, default=4, help="children per kept node (min(width, N); the toy job's 4)")
+    ap.add_argument("--lookahead", type=int, default=0, help="greedy rollout steps before a step is scored (the toy job's 0)")
     ap.add_argument("--problems", choices=("eval", "dev"), default="eval",
                     help="the eval set (the toy job's) or the development set (for choosing settings)")
     ap.add_argument("--dev-size", type=int, default=None,
@@ -62,11 +65,13 @@ def main() -> None:
             for n in args.ns:
                 for how in args.aggregations:
                     started = time.perf_counter()
-                    strategy = STRATEGIES[name](n=n, width=min(4, n), iterations=ITERATIONS, aggregation=how)
+                    strategy = STRATEGIES[name](n=n, width=min(args.width, n), iterations=ITERATIONS, aggregation=how,
+                                                lookahead=args.lookahead)
                     results = engine.search(problems, strategy, sampling, prm=verifier)
                     accuracy = sum(bool(r.correct[n]["weighted"]) for r in results) / len(results)
                     seconds = time.perf_counter() - started
-                    print(f"{name} + toy-{args.verifier}, temperature {temperature}, N = {n}, aggregation {how}: "
+                    print(f"{name} + toy-{args.verifier}, temperature {temperature}, N = {n}, width {strategy.width}, "
+                          f"lookahead {args.lookahead}, aggregation {how}: "
                           f"accuracy {accuracy:.3f} on {len(problems)} {args.problems} problems ({seconds:.0f} s)",
                           flush=True)
 
