@@ -285,28 +285,13 @@ def grade(pred_text_or_answer: str | None, gold: str, kind: str) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=65536)
-def _same_answer_cached(a: str, b: str) -> bool:
-    pa = _parse(a)  # each parse has its own timeout; verify runs after it, never inside it
-    pb = _parse(b)
-    if not pa or not pb:
-        return False  # unparsable: only equal to itself after whitespace squashing (checked first)
-    return _verify(pa, pb) or _verify(pb, pa)  # verify is asymmetric: "x<2" vs "(-\infty,2)"
-
-
 def same_answer(a: str | None, b: str | None) -> bool:
-    """True when ``a`` and ``b`` are non-empty answers that math_verify finds equivalent (either
-    direction), or that are identical after removing whitespace.  Never raises."""
-    if not isinstance(a, str) or not isinstance(b, str):
+    """True when ``a`` and ``b`` are non-empty answers that are identical after removing
+    whitespace, or that ``math_equal`` finds equivalent either way round (math_verify's ``verify``
+    is asymmetric: "x<2" vs "(-\\infty,2)").  Never raises."""
+    if not (_is_answer(a) and _is_answer(b)):
         return False
-    a, b = a.strip(), b.strip()
-    if not a or not b:
-        return False
-    if _squash(a) == _squash(b):
-        return True
-    if _PLAIN_INT.match(a) and _PLAIN_INT.match(b):  # the common case, without a parser
-        return int(a) == int(b)
-    return _same_answer_cached(a, b) if a <= b else _same_answer_cached(b, a)  # symmetric
+    return _squash(a) == _squash(b) or math_equal(a, b) or math_equal(b, a)
 
 
 def _is_answer(a) -> bool:

@@ -614,9 +614,11 @@ class ModelPRM(PRM):
                         self._evict(handles[i])
                 raise
             self.stats["probe_tokens"] += sum(len(segs[i][1]) for i, _ in probes)
-            for i, v in [(r[0], v) for r, v in zip(rows, vals)] + [(p[0], v) for p, v in zip(probes, tag_vals)]:
-                if v:  # the body's score, or (outcome mode) the tag's
+            for (i, _, _), v in zip(rows, vals):
+                if v:  # scored at the body (rows probed at their tag have none here)
                     scores[i] = v[0]
+            for (i, _), v in zip(probes, tag_vals):
+                scores[i] = v[0]
             for i, feed, off in rows:  # new step tokens, or a re-encoded evicted text; and the tag
                 self.last_row_tokens[i] = len(feed) + (len(segs[i][1]) if off >= len(feed) else 0)
                 handles[i].steps.append(steps[i])
