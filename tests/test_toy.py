@@ -248,6 +248,37 @@ def test_final_pick_is_a_decision_only_when_the_finished_paths_differ():
         q, [([s.strip() for s in right], 0.4), ([s.strip() for s in wrong], 0.8), ([s.strip() for s in right], 0.4)])
 
 
+def test_search_misses_are_classified_at_the_first_iteration_that_lost_the_right_path():
+    """benchmarks/toy_search_misses.classify: a returned right completion is a pick miss; right
+    candidates none of which was kept, or right paths finished and not returned, a pruning miss;
+    an expansion without a right step, an unwritten one, with how many expanded beams were right."""
+    import importlib.util
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "toy_search_misses.py"
+    spec = importlib.util.spec_from_file_location("toy_search_misses", path)
+    misses = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(misses)
+
+    q = "Tom has 7 apples. He buys 5 more. He gives away 3. How many apples does he have now?"
+    ok1, slip1 = "He buys 5 more, so 7 + 5 = 12.", "He buys 5 more, so 7 + 5 = 13."
+    ok2, slip2 = "He gives away 3, so 12 - 3 = 9.", "He gives away 3, so 12 - 3 = 8."
+    ok3, slip3 = "The answer is \\boxed{9}.", "The answer is \\boxed{8}."
+    returned = lambda *paths: SimpleNamespace(completions=[SimpleNamespace(steps=p) for p in paths])  # noqa: E731
+    wrong_only = returned([slip1, "He gives away 3, so 13 - 3 = 10.", "The answer is \\boxed{10}."])
+    assert misses.classify(q, returned([ok1, slip2, slip3], [ok1, ok2, ok3]), []) == ("pick", 0, 0)
+    assert misses.classify(q, wrong_only, [([[ok1], [slip1]], [[slip1], [slip1]])]) == ("pruned", 0, 0)
+    finished = [([[ok1], [slip1]], [[ok1], [slip1]]), ([[ok1, ok2], [slip1, ok2]], [[ok1, ok2]]),
+                ([[ok1, ok2, ok3], [ok1, ok2, slip3]], [])]
+    assert misses.classify(q, wrong_only, finished) == ("pruned", 0, 0)
+    assert misses.classify(q, wrong_only, [([[slip1]] * 4, [[slip1]])]) == ("unwritten", 1, 1)
+    some_wrong = [([[ok1], [slip1]], [[ok1], [slip1], [slip1]]), ([[ok1, slip2], [slip1, ok2]], [])]
+    assert misses.classify(q, wrong_only, some_wrong) == ("unwritten", 1, 3)
+    all_right = [([[ok1], [slip1]], [[ok1], [ok1]]), ([[ok1, slip2]] * 8, [])]
+    assert misses.classify(q, wrong_only, all_right) == ("unwritten", 2, 2)
+
+
 @needs_ckpt
 def test_pruning_candidates_record_every_pruning_of_beam_search():
     """train.pruning_candidates: every pruning of beam search (more live candidates than it

@@ -673,7 +673,7 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
               distil_weight: float | None = None, hard_pairs: int | None = None, select: str | None = None,
               temperature: float | None = None, prune_pairs: int | None = None,
               prune_temperatures: tuple[float, ...] | None = None, prune_final: bool | None = None,
-              checkpoints: str | None = None) -> Path:
+              prune_problems: int | None = None, checkpoints: str | None = None) -> Path:
     """Fine-tune policy L, deepened by `extra_layers`, into the math-shepherd PRM; `init`
     continues from a saved PRM on freshly sampled solutions (the log keeps its curve, steps count
     on from it, and the checkpoint is only replaced by a better one on S's held-out own slips,
@@ -687,8 +687,9 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
     S samples its solutions, slips and next steps at it, for training and for the held-out
     measures that pick the checkpoint. `prune_pairs` per batch come from beam search's own
     prunings with the current PRM (`pruning_hard_pairs`), mined at every evaluation, each round
-    at the next of `prune_temperatures` (default: the stage's temperature); with `prune_final`,
-    the final picks among finished paths are mined too. `checkpoints`: a folder that keeps every
+    at the next of `prune_temperatures` (default: the stage's temperature), on `prune_problems`
+    fresh problems (default 200); with `prune_final`, the final picks among finished paths are
+    mined too. `checkpoints`: a folder that keeps every
     evaluated checkpoint (step-N/), to be compared afterwards by search on the development set."""
     from transformers import LlamaForCausalLM
 
@@ -699,6 +700,7 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
                                     ("pairs", pairs), ("own_pairs", own_pairs), ("distil_weight", distil_weight),
                                     ("hard_pairs", hard_pairs), ("select", select), ("temperature", temperature),
                                     ("prune_pairs", prune_pairs), ("prune_final", prune_final),
+                                    ("prune_problems", prune_problems),
                                     ("prune_temperatures", list(prune_temperatures) if prune_temperatures else None))
                   if v is not None})
     old = json.loads(LOG.read_text()).get("prm", {}) if init is not None and LOG.is_file() else {}
@@ -1056,6 +1058,8 @@ def main(argv=None) -> None:
                     help="PRM: the temperatures the pruning mining rounds take in turn (default: --temperature)")
     ap.add_argument("--prune-final", action="store_true", default=None,
                     help="PRM: with --prune-pairs, also mine beam search's final pick among its finished paths")
+    ap.add_argument("--prune-problems", type=int, default=None,
+                    help="PRM: with --prune-pairs, fresh problems each pruning mining round searches (default 200)")
     ap.add_argument("--checkpoints", default=None,
                     help="PRM: also save every evaluated checkpoint under this folder (step-N/)")
     ap.add_argument("--deepen", type=int, default=0,
@@ -1078,7 +1082,8 @@ def main(argv=None) -> None:
                         pairs=args.pairs, own_pairs=args.own_pairs, distil_weight=args.distil_weight,
                         hard_pairs=args.hard_pairs, select=args.select, temperature=args.temperature,
                         prune_pairs=args.prune_pairs, prune_temperatures=args.prune_temperatures,
-                        prune_final=args.prune_final, checkpoints=args.checkpoints)
+                        prune_final=args.prune_final, prune_problems=args.prune_problems,
+                        checkpoints=args.checkpoints)
         if args.init is None and args.steps is None:
             for stage in TRAIN["prm"].get("then", []):
                 train_prm(log, threads=args.threads, init=str(out), checkpoints=args.checkpoints, **stage)
