@@ -21,6 +21,7 @@ setup(
     cmdclass={"build_ext": build_ext},
     packages=["ttc_fast", "ttc_fast.toy", "ttc_fast.kernels"],
     package_dir={"ttc_fast": "ttc_fast", "ttc_fast.kernels": "kernels"},
-    # The built-in toy checkpoints (HF format) ship inside the package: builtin:NAME.
-    package_data={"ttc_fast": ["builtin/*/*"]},
+    # The built-in toy checkpoints (HF format) ship inside the package: builtin:NAME; and the
+    # search-and-learn preset's data file.
+    package_data={"ttc_fast": ["builtin/*/*", "sal_preset.json"]},
 )

@@ -7,6 +7,8 @@ Two workloads, both run side by side in one process on the same random-weight mo
 Generation ignores EOS so both sides produce exactly the same number of tokens.
 
     python benchmarks/bench_generate.py [--device cpu] [--json out.json]
+    python benchmarks/bench_generate.py --model PATH   # a real checkpoint instead (e.g. SmolLM2:
+                                                       # python -m ttc_fast.testing_smollm2 prints its path)
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import json
 import os
 import platform
 import tempfile
+from pathlib import Path
 import time
 
 import torch
@@ -42,6 +45,7 @@ def main() -> None:
     from ttc_fast.testing import build_tiny_model
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="a checkpoint directory (default: a random Llama of --hidden/--layers/--vocab)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--hidden", type=int, default=256)
@@ -56,10 +60,18 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = build_tiny_model(tmp, "llama", with_tokenizer=False, vocab_size=args.vocab, hidden=args.hidden,
-                                layers=args.layers, heads=8, kv_heads=4, max_position_embeddings=4096)
+        path = args.model or build_tiny_model(tmp, "llama", with_tokenizer=False, vocab_size=args.vocab, hidden=args.hidden,
+                                              layers=args.layers, heads=8, kv_heads=4, max_position_embeddings=4096)
         ours = tf.load_model(path, device=args.device, dtype=args.dtype)
         ref = AutoModelForCausalLM.from_pretrained(str(path), dtype=ours.dtype).to(ours.device).eval()
+    if args.model:
+        cfg = ours.config
+        args.vocab = cfg.vocab_size
+        model_name = (f"{Path(args.model).name}: {sum(p.numel() for p in ours.module.parameters()) / 1e6:.0f}M parameters, hidden "
+                      f"{cfg.hidden_size}, {cfg.num_layers} layers, {cfg.num_heads} q / {cfg.num_kv_heads} kv heads, "
+                      f"vocab {cfg.vocab_size}, {ours.dtype}")
+    else:
+        model_name = f"random Llama, hidden {args.hidden}, {args.layers} layers, 8 q / 4 kv heads, vocab {args.vocab}, {ours.dtype}"
     engine = tf.Engine(ours, kv_cache_bytes=256 << 20)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(1, args.vocab, (args.prompt_len,), generator=g).tolist() for _ in range(args.batch)]
@@ -99,7 +111,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(), "device": str(ours.device),
         "gpu": torch.cuda.get_device_name() if ours.device.type == "cuda" else None,
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "model": f"random Llama, hidden {args.hidden}, {args.layers} layers, 8 q / 4 kv heads, vocab {args.vocab}, {ours.dtype}",
+        "model": model_name,
         "prompt_len": args.prompt_len, "new_tokens": n_new, "backend": engine.runner.attention.name,
     }
     print(json.dumps(info, indent=1))

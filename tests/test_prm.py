@@ -42,7 +42,7 @@ def test_incremental_matches_full(prm_case):
     history = {id(h): [] for h in handles}
     for it in range(3):
         steps = [STEPS[p][b][it] for p in range(2) for b in range(3)]
-        new_tokens = sum(len(prm.fmt.step_ids(s.strip(), it)[0]) for s in steps)
+        new_tokens = sum(len(prm.fmt.step_ids(s, it)[0]) for s in steps)
         fw, st, tp = prm.stats["forwards"], prm.stats["step_tokens"], prm.tokens_processed
         if it == 2:
             prm.max_batch_tokens = 16  # chunked: several forwards, same scores
@@ -103,39 +103,17 @@ def test_full_matches_transformers(prm_case):
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 
-def test_tokens_match_reference_format(prm_case):
-    """Our segment-wise ids are the ids the real models' reference code builds from the text."""
+def test_full_ids_are_the_formats(prm_case):
+    """A loaded PRM scores exactly its format's ids (tests/test_prm_formats.py checks each format
+    against its reference code); the steps are used as written."""
     kind, path, prm = prm_case
-    tok = AutoTokenizer.from_pretrained(str(path))
-    q, steps = QUESTIONS[0], ["Step 1: add 2 and 3.", "So 2 + 3 = 5.", "The answer is 5."]
-    ids, positions = prm.full_ids(q, steps)
-    if kind == "rlhflow":
-        conv = []
-        for k, s in enumerate(steps):
-            conv += [{"role": "user", "content": f"{q} {s}" if k == 0 else s}, {"role": "assistant", "content": "+"}]
-        ref = tok.encode(tok.apply_chat_template(conv, tokenize=False), add_special_tokens=False)
-        plus = tok.encode("+", add_special_tokens=False)[-1]
-        assert ids == ref
-        assert all(ref[p + 1] == plus for p in positions)  # read where the assistant's "+" label is generated
-        assert positions[-1] == len(ref) - 3  # the reference code's logits[:, -3]
-    elif kind == "math-shepherd":
-        text = f"{q} " + "\n".join(f"{s} ки" for s in steps)
-        ref = tok.encode(text)
-        tag = tok.encode("ки", add_special_tokens=False)[-1]
-        assert ids == ref and positions == [i for i, t in enumerate(ref) if t == tag]
-    elif kind == "qwen-prm":
-        msgs = [{"role": "system", "content": "Please reason step by step, and put your final answer within \\boxed{}."},
-                {"role": "user", "content": q}, {"role": "assistant", "content": "<extra_0>".join(steps) + "<extra_0>"}]
-        ref = tok.encode(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)
-        tag = tok.convert_tokens_to_ids("<extra_0>")
-        assert ref[: len(ids)] == ids and positions == [i for i, t in enumerate(ref) if t == tag]
-    else:  # Skywork's prepare_input
-        ref = tok.encode(tok.bos_token + q + "\n")
-        flags = []
-        for s in "\n".join(steps).split("\n"):
-            ref += tok.encode(s) + [tok.encode("\n")[-1]]
-            flags.append(len(ref) - 1)
-        assert ids == ref and positions == flags
+    q, steps = QUESTIONS[0], ["Step 1: add 2 and 3.", " So 2 + 3 = 5.  ", "The answer is 5."]
+    assert prm.full_ids(q, steps) == prm.fmt.full_ids(q, steps)
+    stripped = prm.fmt.full_ids(q, [s.strip() for s in steps])
+    if kind == "rlhflow":  # the test checkpoint's Llama 3.1-style template trims message content
+        assert prm.fmt.full_ids(q, steps) == stripped
+    else:
+        assert prm.fmt.full_ids(q, steps) != stripped
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +125,7 @@ def outcome_case(prm_case):
 
 def _outcome_kept_len(prm, question, steps):
     """prefix + every step's body: what an outcome handle's cached sequence must hold."""
-    return len(prm.fmt.prefix_ids(question)) + sum(len(prm.fmt.outcome_ids(s.strip(), k)[0]) for k, s in enumerate(steps))
+    return len(prm.fmt.prefix_ids(question)) + sum(len(prm.fmt.outcome_ids(s, k)[0]) for k, s in enumerate(steps))
 
 
 def test_outcome_mode(outcome_case):
@@ -182,7 +160,7 @@ def test_outcome_incremental_matches_full_and_transformers(outcome_case):
     handles = [h for bs in beams for h in bs]
     for it in range(3):
         steps = [STEPS[p][b][it] for p in range(2) for b in range(3)]
-        segs = [prm.fmt.outcome_ids(s.strip(), it) for s in steps]
+        segs = [prm.fmt.outcome_ids(s, it) for s in steps]
         fw, before, probe = prm.stats["forwards"], prm.tokens_processed, prm.stats["probe_tokens"]
         if it == 2:
             prm.max_batch_tokens = 16  # chunked: several forwards, same scores
@@ -213,7 +191,7 @@ def test_outcome_tokens_match_format(outcome_case):
     kind, path, step_prm, prm = outcome_case
     tok = AutoTokenizer.from_pretrained(str(path))
     q, steps = QUESTIONS[0], ["Step 1: add 2 and 3.", " So 2 + 3 = 5. ", "The answer is 5."]
-    clean = [s.strip() for s in steps]
+    clean = steps  # used as written, as the references do
     ids, positions = prm.full_ids(q, steps)
     assert positions == [len(ids) - 1]
     if kind == "math-shepherd":

@@ -19,7 +19,7 @@ from ttc_fast.run import VOLATILE_FIELDS, canonical, differences, read_results, 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 
-LINE_KEYS = {"id", "question", "gold", "strategy", "n", "width", "iterations", "aggregation", "options", "config",
+LINE_KEYS = {"id", "question", "gold", "strategy", "n", "width", "iterations", "aggregation", "options", "config", "prompt",
              "completions", "picks", "correct", "policy_tokens", "prm_tokens", "seconds"}
 COMPLETION_KEYS = {"text", "steps", "step_scores", "score", "answer", "finish_reason", "policy_tokens"}
 
@@ -124,7 +124,7 @@ def test_cli_end_to_end_writes_one_line_per_problem(setup, full_run, capsys):
     for r in records:
         assert set(r) == LINE_KEYS
         assert (r["strategy"], r["n"], r["width"], r["iterations"], r["aggregation"]) == ("BeamSearch", 4, 2, 2, "last")
-        assert r["options"] == {"delimiter": "\n\n", "lookahead": 0}
+        assert r["options"] == {"delimiter": "\n\n", "lookahead": 0, "filter_duplicates": False}
         assert r["config"] == {"temperature": 0.8, "top_p": 1.0, "max_tokens": 12, "seed": 0}
         assert len(r["completions"]) == 4
         for c in r["completions"]:
@@ -162,17 +162,13 @@ def test_resume_after_truncated_last_line_matches_uninterrupted(setup, full_run)
     assert partial.read_bytes().split(b"\n")[:2] == lines[:2]
 
 
-def test_resume_after_killed_process_matches_uninterrupted(setup, full_run):
-    """A real `python -m ttc_fast.cli run` killed (SIGKILL) once its first line is on disk (its
-    verifier is slow, so the kill lands mid-run), resumed with the usual one."""
-    root, policy, data = setup
-    out = root / "killed.jsonl"
+def kill_after_first_line(argv: list[str], out: Path, seconds: float) -> None:
+    """Run `python -m ttc_fast.cli *argv` in a real process and kill it (SIGKILL) once OUT holds
+    its first line; fails if it finished or wrote nothing within `seconds`."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(REPO), os.environ.get("PYTHONPATH", "")]))
-    slow = _args(policy, data, out, "--max-in-flight", "1")
-    slow[slow.index("--prm") + 1] = "python:test_run_cli:SlowHashVerifier"
-    proc = subprocess.Popen([sys.executable, "-m", "ttc_fast.cli", *slow],
+    proc = subprocess.Popen([sys.executable, "-m", "ttc_fast.cli", *argv],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + seconds
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             if out.exists() and out.stat().st_size > 0:
@@ -184,6 +180,16 @@ def test_resume_after_killed_process_matches_uninterrupted(setup, full_run):
         _, err = proc.communicate(timeout=30)
     assert out.exists() and out.stat().st_size > 0, err.decode(errors="replace")[-2000:]
     assert proc.returncode == -signal.SIGKILL  # killed, not finished
+
+
+def test_resume_after_killed_process_matches_uninterrupted(setup, full_run):
+    """A real `python -m ttc_fast.cli run` killed (SIGKILL) once its first line is on disk (its
+    verifier is slow, so the kill lands mid-run), resumed with the usual one."""
+    root, policy, data = setup
+    out = root / "killed.jsonl"
+    slow = _args(policy, data, out, "--max-in-flight", "1")
+    slow[slow.index("--prm") + 1] = "python:test_run_cli:SlowHashVerifier"
+    kill_after_first_line(slow, out, seconds=60)
     before = read_results(out)
     assert 1 <= len(before) < N_PROBLEMS
     assert main(_args(policy, data, out, "--resume", "--max-in-flight", "1")) == 0
@@ -332,7 +338,7 @@ def test_lookahead_and_particle_filtering_temperature_reach_the_strategy(setup, 
     root, policy, data = setup
     out = tmp_path / "look.jsonl"
     assert main(_args(policy, data, out, "--lookahead", "1", "--limit", "1")) == 0
-    assert read_results(out)[0]["options"] == {"delimiter": "\n\n", "lookahead": 1}
+    assert read_results(out)[0]["options"] == {"delimiter": "\n\n", "lookahead": 1, "filter_duplicates": False}
     # resuming with another lookahead is refused (the file's settings differ)
     assert main(_args(policy, data, out, "--lookahead", "2", "--resume")) == 2
     assert "lookahead" in capsys.readouterr().err
@@ -424,3 +430,144 @@ def test_read_results_repairs_only_the_last_line(tmp_path):
     path.write_text('{"id": "a"}\n{"id": "a"}\n')
     with pytest.raises(ValueError, match="twice"):
         read_results(path)
+
+
+# --- prompts, presets, export ----------------------------------------------------------------------
+def _settings(*argv):
+    from ttc_fast.cli import build_parser, resolve_run_settings
+
+    return resolve_run_settings(build_parser().parse_args(["run", "--policy", "p", *argv]))
+
+
+def test_preset_sal_fills_every_setting_and_flags_override_it(tmp_path):
+    from ttc_fast.presets import sal_preset
+
+    sal = sal_preset()
+    assert sal["source"]["commit"] == "6f81cac8b1ca4c4be9fabefc27a856c928f3ae7f"
+    got = _settings("--preset", "sal", "--strategy", "beam")
+    assert {k: got[k] for k in ("n", "temperature", "top_p", "max_tokens", "seed", "width", "iterations", "lookahead",
+                                "aggregation", "filter_duplicates", "prm_layout")} == {
+        "n": 4, "temperature": 0.8, "top_p": 1.0, "max_tokens": 2048, "seed": 0, "width": 4, "iterations": 40,
+        "lookahead": 0, "aggregation": "last", "filter_duplicates": True, "prm_layout": "sal"}
+    assert got["system_prompt"] == sal["system_prompt"] and got["chat_template"] == "sal-auto"
+    assert "filter_duplicates" not in _settings("--preset", "sal", "--strategy", "dvts")  # only its beam recipe
+    assert "lookahead" not in _settings("--preset", "sal", "--strategy", "best-of-n")
+    prompt = tmp_path / "system.txt"
+    prompt.write_text("Be brief.")
+    over = _settings("--preset", "sal", "--n", "16", "--temperature", "0.4", "--seed", "7", "--no-filter-duplicates",
+                     "--system-prompt", f"@{prompt}", "--chat-template", "checkpoint", "--prm-layout", "model-card")
+    assert (over["n"], over["temperature"], over["seed"], over["filter_duplicates"]) == (16, 0.4, 7, False)
+    assert (over["system_prompt"], over["chat_template"], over["prm_layout"]) == ("Be brief.", "checkpoint", "model-card")
+    assert _settings("--system-prompt", "")["system_prompt"] == ""  # none, not the default
+    plain = _settings()
+    assert plain["system_prompt"] is None and plain["chat_template"] is None and "prm_layout" not in plain
+
+
+def test_preset_chat_template_is_sals_for_llama3_policies_only(tmp_path):
+    from transformers import AutoTokenizer
+
+    from ttc_fast.cli import _chat_template
+    from ttc_fast.presets import sal_preset
+    from ttc_fast.testing_prm import build_qwen_prm, build_rlhflow_prm
+
+    llama3 = AutoTokenizer.from_pretrained(str(build_rlhflow_prm(tmp_path / "llama3")))
+    chatml = AutoTokenizer.from_pretrained(str(build_qwen_prm(tmp_path / "qwen")))
+    assert _chat_template("sal-auto", llama3) == sal_preset()["llama3_chat_template"]
+    assert _chat_template("sal-auto", chatml) is None  # the checkpoint's own, as its Qwen recipes
+    assert _chat_template("none", chatml) == "" and _chat_template("checkpoint", llama3) is None
+    # search-and-learn's template writes no BOS; the Llama 3 tokenizer's BOS is added once
+    from ttc_fast.prompts import encode_prompt
+
+    from tokenizers.processors import TemplateProcessing
+
+    llama3.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", llama3.convert_tokens_to_ids("<|begin_of_text|>"))])
+    ids = encode_prompt("What is 2 + 3?", llama3, sal_preset()["system_prompt"], sal_preset()["llama3_chat_template"],
+                        {"date_string": "26 Jul 2024"})
+    bos = llama3.convert_tokens_to_ids("<|begin_of_text|>")
+    assert ids[0] == bos and ids.count(bos) == 1
+    text = llama3.decode(ids[1:])
+    assert text.startswith("<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+                           "Today Date: 26 Jul 2024\n\nSolve the following math problem efficiently and clearly:")
+    assert text.endswith("What is 2 + 3?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_prm_options_reach_only_the_formats_that_have_them():
+    from ttc_fast.cli import build_parser, prm_options, resolve_run_settings
+    from ttc_fast.presets import sal_preset
+
+    def options(*argv):
+        args = build_parser().parse_args(["run", "--policy", "p", *argv])
+        return prm_options(args, resolve_run_settings(args))
+
+    sal = sal_preset()["system_prompt"]
+    assert options("--preset", "sal", "--prm-kind", "math-shepherd") == {"layout": "sal", "system_prompt": sal}
+    assert options("--preset", "sal", "--prm-kind", "rlhflow") == {}
+    assert options("--preset", "sal") == {}  # a python: verifier, or a kind read from the checkpoint
+    assert options("--preset", "sal", "--prm-kind", "math-shepherd", "--system-prompt", "Be brief.") == {
+        "layout": "sal", "system_prompt": "Be brief."}
+    assert options("--prm-kind", "math-shepherd", "--prm-step-separator", "\\n\\n") == {"step_separator": "\n\n"}
+    assert options("--prm-layout", "model-card") == {"layout": "model-card"}
+
+
+def test_prompt_settings_are_recorded_and_checked_on_resume(setup, tmp_path, capsys):
+    root, policy, data = setup
+    out = tmp_path / "brief.jsonl"
+    assert main(_args(policy, data, out, "--limit", "2", "--system-prompt", "Be brief.")) == 0
+    lines = read_results(out)
+    assert [r["prompt"] for r in lines] == [{"system_prompt": "Be brief.", "chat_template": "checkpoint",
+                                             "chat_template_kwargs": {}}] * 2
+    assert main(_args(policy, data, out, "--resume")) == 2  # the default system prompt now
+    assert "prompt" in capsys.readouterr().err
+    prompt = tmp_path / "system.txt"
+    prompt.write_text("Be brief.")
+    assert main(_args(policy, data, out, "--resume", "--system-prompt", f"@{prompt}")) == 0
+    assert len(read_results(out)) == N_PROBLEMS
+    # lines from before lines recorded the prompt (and filter_duplicates) resume as the defaults
+    old = tmp_path / "old.jsonl"
+    rows = [{k: v for k, v in r.items() if k != "prompt"} for r in read_results(out)[:2]]
+    for r in rows:
+        r["options"].pop("filter_duplicates")
+    old.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(_args(policy, data, old, "--resume")) == 0
+
+
+def test_bad_prompt_flags_are_clear_errors(setup, tmp_path, capsys):
+    root, policy, data = setup
+    out = tmp_path / "x.jsonl"
+    assert main(_args(policy, data, out, "--chat-template-kwargs", "{enable_thinking: false}")) == 2
+    assert "--chat-template-kwargs is not valid JSON" in capsys.readouterr().err
+    assert main(_args(policy, data, out, "--chat-template-kwargs", "[1]")) == 2
+    assert "must be a JSON object" in capsys.readouterr().err
+    assert main(_args(policy, data, out, "--system-prompt", "@/no/such/file")) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(_args(policy, data, out, "--chat-template", "/no/such/template.jinja")) == 2
+    assert "no such file" in capsys.readouterr().err
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{{ messages[0]['content'] | no_such_filter }}")
+    assert main(_args(policy, data, out, "--overwrite", "--chat-template", str(broken))) == 2
+    err = capsys.readouterr().err
+    assert "chat template failed" in err and str(policy) in err and "Traceback" not in err
+    assert main(["run", "--preset", "sal"]) == 2  # the toy task has its own settings
+    assert "--preset need --policy" in capsys.readouterr().err
+
+
+def test_export_sal_columns(setup, full_run, tmp_path, capsys):
+    root, policy, data = setup
+    out = tmp_path / "sal.jsonl"
+    assert main(["export", "--format", "sal", str(full_run), "--out", str(out), "--data", str(data)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    records = {r["id"]: r for r in read_results(full_run)}
+    assert [r["unique_id"] for r in rows] == [f"p{i}" for i in range(N_PROBLEMS)]  # the data file's order
+    for row in rows:
+        rec = records[row["unique_id"]]
+        assert row["problem"] == rec["question"] and row["answer"] == rec["gold"]
+        assert row["completions"] == [c["text"] for c in rec["completions"]]
+        assert row["scores"] == [c["step_scores"] for c in rec["completions"]]
+        assert row["agg_scores"] == [c["score"] for c in rec["completions"]]
+        assert row["pred"] == max(rec["completions"], key=lambda c: c["score"])["text"]
+        for n in ("1", "2", "4"):
+            for pick in ("maj", "naive", "weighted"):
+                assert row[f"pred_{pick}@{n}"] == "\\boxed{" + (rec["picks"][n][pick] or "") + "}"
+    assert main(["export", str(tmp_path / "missing.jsonl"), "--out", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err

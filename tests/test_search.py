@@ -7,6 +7,7 @@ import pytest
 
 import ttc_fast as tf
 from ttc_fast.data import Problem
+from ttc_fast.prompts import encode_prompt
 from ttc_fast.testing import build_tiny_model
 
 DELIM = "e"
@@ -184,7 +185,7 @@ def test_blocks_in_use_stay_within_the_beam_bound(engine, tmp_path):
         [result] = list(search.run(problems(1)))
     finally:
         del engine.runner.forward
-    prompt = {"policy": len(engine.tokenizer(tf.search.format_prompt(result.question, engine.tokenizer))["input_ids"]),
+    prompt = {"policy": len(encode_prompt(result.question, engine.tokenizer)),
               "prm": len(prm.fmt.prefix_ids(result.question))}
     for name, bs in (("policy", engine.runner.block_size), ("prm", prm.runner.block_size)):
         bound = -(-prompt[name] // bs) + n * (-(-longest[name] // bs) + 1)

@@ -193,7 +193,7 @@ def test_steps_end_at_the_delimiter_and_the_last_iteration_runs_to_eos(engine, m
 def test_defaults_are_search_and_learns():
     for strategy in (tf.BeamSearch(), tf.DVTS()):
         assert (strategy.n, strategy.width, strategy.iterations, strategy.aggregation, strategy.delimiter,
-                strategy.lookahead) == (16, 4, 40, "last", "\n\n", 0)
+                strategy.lookahead, strategy.filter_duplicates) == (16, 4, 40, "last", "\n\n", 0, False)
     assert tf.ParticleFiltering().iterations == 40
     sampling = TreeSearch(None, tf.load_prm(path_score), tf.BeamSearch()).sampling
     assert (sampling.temperature, sampling.top_p, sampling.max_tokens) == (0.8, 1.0, 2048)
@@ -246,3 +246,32 @@ def test_a_pool_that_cannot_hold_one_sequence_raises_out_of_blocks(model_path):
     with pytest.raises(tf.OutOfBlocks, match="kv_cache_bytes"):
         engine.search(problems(1), tf.BeamSearch(n=4, width=2, iterations=3, delimiter=DELIM),
                       tf.SamplingParams(temperature=1.0, max_tokens=40, seed=0), prm=tf.load_prm(path_score))
+
+
+class FrontierTexts(TreeSearch):
+    """Records, after every pruning, each problem's kept beams as their step texts."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kept = []
+
+    def _prune(self, flight, children):
+        super()._prune(flight, children)
+        self.kept.append({st.index: [tuple(node.steps) for node, _ in st.frontier] for st in flight})
+
+
+@pytest.mark.parametrize("filter_duplicates", [False, True])
+def test_beam_search_filter_duplicates(engine, filter_duplicates):
+    """search-and-learn's filter_duplicates: greedy children of one beam write the same step, and
+    only the first of equal texts competes, so the kept beams are distinct; without it the copies
+    fill the beam slots."""
+    strategy = tf.BeamSearch(n=4, width=2, iterations=3, delimiter=DELIM, filter_duplicates=filter_duplicates)
+    search = FrontierTexts(engine, tf.load_prm(path_score), strategy, tf.SamplingParams(temperature=0.0, max_tokens=10, seed=0))
+    list(search.run(problems(2)))
+    kept = [beams for step in search.kept for beams in step.values() if beams]
+    assert kept
+    for beams in kept:
+        if filter_duplicates:
+            assert len(beams) == len(set(beams)) == 1  # greedy: every candidate has the same text
+        else:
+            assert len(beams) == strategy.keep and len(set(beams)) == 1

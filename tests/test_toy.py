@@ -10,7 +10,7 @@ import torch
 from ttc_fast import BeamSearch, Engine, SamplingParams, load_model, load_prm
 from ttc_fast.grading import extract_answer, grade
 from ttc_fast.loader import BUILTIN_DIR
-from ttc_fast.search import format_prompt
+from ttc_fast.prompts import encode_prompt
 from ttc_fast.toy import check_step, eval_problems, make_dataset, make_problem, prefix_labels, solve
 from ttc_fast.toy.task import LEVELS
 
@@ -375,7 +375,7 @@ def greedy_and_beam_search(prm, subset, n=16):
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     problems = [eval_problems()[i] for i in subset]
     engine = Engine(load_model("builtin:toy-policy-s", device="cpu"))
-    prompts = [format_prompt(p.question, engine.tokenizer, None) for p in problems]
+    prompts = [encode_prompt(p.question, engine.tokenizer, "") for p in problems]
     outs = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=160))
     greedy = sum(grade(extract_answer(o.outputs[0].text) or "", p.answer, "math") for o, p in zip(outs, problems))
     results = engine.search(problems, BeamSearch(n=n, width=4, iterations=8),

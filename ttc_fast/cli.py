@@ -4,6 +4,8 @@
     ttc-fast generate --model DIR ...  generate from a local checkpoint
     ttc-fast run --policy DIR --prm R --strategy beam --data F.jsonl --out OUT.jsonl
                                        search a problem file, one JSON line per problem (resumable)
+    ttc-fast export --format sal OUT.jsonl --out FILE
+                                       the results in search-and-learn's columns
 """
 from __future__ import annotations
 
@@ -72,24 +74,143 @@ def cmd_generate(args) -> int:
     return 0
 
 
+# `ttc-fast run` settings the built-in defaults fill when neither a flag nor a preset sets them.
+RUN_DEFAULTS = {"n": 4, "temperature": 0.8, "top_p": 1.0, "max_tokens": 2048, "seed": 0, "aggregation": "last"}
+# --chat-template values that name a template rather than a file.
+CHAT_TEMPLATE_NAMES = ("checkpoint", "none", "sal-llama3", "sal-auto")
+# Flags that mean nothing to the toy task (`ttc-fast run` without --policy), which has its own settings.
+POLICY_ONLY_FLAGS = ("data", "prm", "prm_kind", "out", "lookahead", "pf_temperature", "filter_duplicates", "preset",
+                     "system_prompt", "chat_template", "chat_template_kwargs", "prm_layout", "prm_step_separator", "n",
+                     "width", "iterations", "aggregation", "temperature", "top_p", "max_tokens")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _read_at_file(value: str | None, flag: str) -> str | None:
+    """`@FILE` -> the file's text; anything else as given."""
+    if value is None or not value.startswith("@"):
+        return value
+    from pathlib import Path
+
+    path = Path(value[1:]).expanduser()
+    if not path.is_file():
+        from .run import RunError
+
+        raise RunError(f"{flag} {value}: no such file {str(path)!r}")
+    return path.read_text(encoding="utf-8")
+
+
+def _unescape(text: str | None) -> str | None:
+    r"""Backslash escapes typed on a command line (\n, \t, \\) -> the characters."""
+    if text is None:
+        return None
+    import re
+
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
+
+
+def resolve_run_settings(args) -> dict:
+    """Every `ttc-fast run` setting: the explicit flag, else the preset's value, else the default.
+    `chat_template` "sal-auto" (the sal preset's) is resolved once the policy's tokenizer is loaded."""
+    import dataclasses
+    import json
+
+    from .run import RunError, strategy_class
+
+    cls = strategy_class(args.strategy)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    preset: dict = {}
+    if args.preset == "sal":
+        from .presets import sal_preset
+
+        sal = sal_preset()
+        preset = {k: v for k, v in sal["settings"].items() if k != "step_delimiter"}
+        if "lookahead" not in fields:
+            preset.pop("lookahead")
+        if cls.__name__ == "BeamSearch":  # its beam-search recipe sets filter_duplicates: true
+            preset["filter_duplicates"] = True
+        preset.update(system_prompt=sal["system_prompt"], chat_template="sal-auto", prm_layout="sal")
+    settings = dict(RUN_DEFAULTS)
+    settings.update(preset)
+    for name in ("n", "width", "iterations", "aggregation", "lookahead", "pf_temperature", "filter_duplicates",
+                 "temperature", "top_p", "max_tokens", "seed", "system_prompt", "chat_template", "prm_layout"):
+        value = getattr(args, name)
+        if value is not None:
+            settings[name] = value
+    settings["system_prompt"] = _read_at_file(settings.get("system_prompt"), "--system-prompt")
+    template = settings.get("chat_template")
+    if template not in (None, *CHAT_TEMPLATE_NAMES):
+        template = _read_at_file(template if template.startswith("@") else "@" + template, "--chat-template")
+    settings["chat_template"] = template
+    kwargs = {}
+    if args.chat_template_kwargs is not None:
+        try:
+            kwargs = json.loads(args.chat_template_kwargs)
+        except json.JSONDecodeError as e:
+            raise RunError(f"--chat-template-kwargs is not valid JSON ({e}): pass an object, e.g. "
+                           "'{\"enable_thinking\": false}'") from None
+        if not isinstance(kwargs, dict):
+            raise RunError(f"--chat-template-kwargs must be a JSON object, got {args.chat_template_kwargs!r}")
+    settings["chat_template_kwargs"] = kwargs
+    settings["prm_step_separator"] = _unescape(args.prm_step_separator)
+    return settings
+
+
+def prm_options(args, settings: dict) -> dict:
+    """`load_prm` options from the run's settings. A preset's math-shepherd layout reaches only a
+    math-shepherd PRM (for another kind it is no error); --prm-layout is passed as given."""
+    from .prompts import system_text
+
+    options = {}
+    layout = settings.get("prm_layout")
+    kind = (args.prm_kind or "").removeprefix("outcome:")
+    if args.prm_layout is not None or (layout is not None and kind == "math-shepherd"):
+        options["layout"] = layout
+        if layout == "sal":  # search-and-learn puts the run's system prompt before the question
+            options["system_prompt"] = system_text(settings["system_prompt"])
+    if settings["prm_step_separator"] is not None:
+        options["step_separator"] = settings["prm_step_separator"]
+    return options
+
+
+def _chat_template(value, tokenizer):
+    """A resolved --chat-template for `PromptFormat`: None (the checkpoint's), "" (none) or Jinja."""
+    from .presets import sal_chat_template, sal_preset
+
+    if value in (None, "checkpoint"):
+        return None
+    if value == "none":
+        return ""
+    if value == "sal-llama3":
+        return sal_preset()["llama3_chat_template"]
+    if value == "sal-auto":
+        return sal_chat_template(tokenizer) if tokenizer is not None else None
+    return value
+
+
 def cmd_run(args) -> int:
     """Search a problem file with a policy and a verifier; see `ttc_fast.run` for the output."""
     from .run import RunError, make_strategy, needs_prm, resolve_prm, run_search, summarize
 
     if args.policy is None:
-        if any(v is not None for v in (args.data, args.prm, args.out, args.lookahead, args.pf_temperature)):
-            raise RunError("--data/--prm/--out/--lookahead/--pf-temperature need --policy; without --policy, `ttc-fast "
-                           "run` runs the built-in toy task (its own settings), which writes to --out-dir")
+        given = [_flag(f) for f in POLICY_ONLY_FLAGS if getattr(args, f) is not None]
+        if given:
+            raise RunError(f"{', '.join(given)} need --policy; without --policy, `ttc-fast run` runs the built-in toy "
+                           "task (its own settings), which writes to --out-dir")
         from .toy.evaluate import run_toy
 
         run_toy(out_dir=args.out_dir, limit=args.limit, resume=args.resume, progress=not args.no_progress,
-                seed=args.seed, device=args.device, backend=args.backend)
+                seed=0 if args.seed is None else args.seed, device=args.device, backend=args.backend)
         return 0
     for flag in ("data", "out"):
         if getattr(args, flag) is None:
             raise RunError(f"--{flag} is required with --policy")
-    strategy = make_strategy(args.strategy, args.n, args.width, args.iterations, args.aggregation,
-                             lookahead=args.lookahead, pf_temperature=args.pf_temperature)
+    settings = resolve_run_settings(args)
+    strategy = make_strategy(args.strategy, settings["n"], settings.get("width"), settings.get("iterations"),
+                             settings["aggregation"], lookahead=settings.get("lookahead"),
+                             pf_temperature=settings.get("pf_temperature"), filter_duplicates=settings.get("filter_duplicates"))
     if needs_prm(strategy) and args.prm is None:
         raise RunError(f"strategy {args.strategy!r} ranks paths with a verifier: pass --prm CHECKPOINT (with --prm-kind) "
                        f"or --prm python:MODULE:FUNCTION, or use --strategy majority, which needs none")
@@ -110,20 +231,33 @@ def cmd_run(args) -> int:
         raise RunError(f"{out} already exists and is not empty: pass --resume to continue it or --overwrite to start over")
     if args.resume and args.overwrite:
         raise RunError("--resume and --overwrite exclude each other: --resume continues OUT, --overwrite starts it over")
-    sampling = tf.SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
+    sampling = tf.SamplingParams(temperature=settings["temperature"], top_p=settings["top_p"],
+                                 max_tokens=settings["max_tokens"], seed=settings["seed"])
     if not Path(args.policy).exists() and not str(args.policy).startswith("builtin:"):
         raise RunError(f"policy checkpoint not found: {args.policy} (pass a Hugging Face checkpoint directory)")
     # majority needs no verifier, but one given still scores its paths (naive / weighted picks)
-    prm = resolve_prm(args.prm, kind=args.prm_kind, device=args.device, dtype=args.dtype) if args.prm is not None else None
+    prm = (resolve_prm(args.prm, kind=args.prm_kind, device=args.device, dtype=args.dtype, **prm_options(args, settings))
+           if args.prm is not None else None)
     model = tf.load_model(args.policy, device=args.device, dtype=args.dtype)
     engine = tf.Engine(model, kv_cache_bytes=args.kv_cache_bytes, block_size=args.block_size, backend=args.backend)
     records = run_search(engine, prm, strategy, sampling, problems, out, resume=args.resume, overwrite=args.overwrite,
-                         progress=not args.no_progress, max_problems_in_flight=args.max_in_flight)
+                         progress=not args.no_progress, max_problems_in_flight=args.max_in_flight,
+                         system_prompt=settings["system_prompt"],
+                         chat_template=_chat_template(settings["chat_template"], model.tokenizer),
+                         chat_template_kwargs=settings["chat_template_kwargs"])
     ids = {p.id for p in problems}
     mine = [r for r in records if r["id"] in ids]
     new_tokens = sum(r["policy_tokens"] for r in records[len(records) - run_search.last_new_records:]) if run_search.last_new_records else 0
     print(summarize(mine, wall_seconds=run_search.last_wall_seconds, new_policy_tokens=new_tokens))
     print(f"results: {out} ({run_search.last_new_records} new, {len(mine)} of {len(problems)} problems)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export
+
+    rows = export(args.results, args.out, fmt=args.format, data_path=args.data)
+    print(f"{args.out}: {rows} rows in {args.format} format")
     return 0
 
 
@@ -158,16 +292,38 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--policy", default=None, help="policy checkpoint directory (Hugging Face format)")
     run.add_argument("--prm", default=None, help="verifier: PRM checkpoint directory, or python:MODULE:FUNCTION")
     run.add_argument("--prm-kind", default=None, help="PRM format: rlhflow, math-shepherd, qwen-prm, skywork, outcome")
+    run.add_argument("--prm-layout", default=None, choices=["model-card", "sal"],
+                     help="math-shepherd input layout: its model card's (default) or search-and-learn's (its system "
+                          "prompt before the question, steps joined by a blank line)")
+    run.add_argument("--prm-step-separator", default=None,
+                     help="math-shepherd: text between a step tag and the next step (escapes \\n \\t; default: the layout's)")
+    run.add_argument("--preset", default=None, choices=["sal"],
+                     help="sal: search-and-learn's configuration and recipes (system prompt, its Llama 3 chat template for "
+                          "Llama 3 policies, n 4, temperature 0.8, top_p 1, max_tokens 2048, width 4, 40 iterations, "
+                          "lookahead 0, aggregation last, seed 0, its math-shepherd layout, filter_duplicates for beam "
+                          "search); explicit flags override it")
     run.add_argument("--strategy", default="beam",
                      help="best-of-n, majority, weighted-best-of-n, beam, dvts, particle-filtering (case-insensitive)")
-    run.add_argument("--n", type=int, default=4, help="completions per problem (default 4)")
+    run.add_argument("--n", type=int, default=None, help="completions per problem (default 4)")
     run.add_argument("--width", type=int, default=None, help="beam/DVTS: children per kept beam (default: the strategy's, 4)")
     run.add_argument("--iterations", type=int, default=None, help="beam/DVTS: search steps (default: the strategy's, 40)")
-    run.add_argument("--aggregation", default="last", choices=["last", "min", "prod", "mean"], help="step scores -> path score")
+    run.add_argument("--aggregation", default=None, choices=["last", "min", "prod", "mean"],
+                     help="step scores -> path score (default last)")
     run.add_argument("--lookahead", type=int, default=None,
                      help="beam/DVTS: roll each candidate out K more greedy steps and score it at the end (default 0)")
+    run.add_argument("--filter-duplicates", default=None, action=argparse.BooleanOptionalAction,
+                     help="beam/DVTS: of candidates with the same text only the first competes (search-and-learn's "
+                          "filter_duplicates; default off, on in --preset sal for beam)")
     run.add_argument("--pf-temperature", type=float, default=None,
                      help="particle filtering: resample in proportion to softmax(score / T) (default 1.0)")
+    run.add_argument("--system-prompt", default=None,
+                     help="the policy's system message, TEXT or @FILE; \"\" for none (default: ttc_fast's math prompt)")
+    run.add_argument("--chat-template", default=None,
+                     help="checkpoint (the policy's own, default), none (plain prompt: the question and a blank line), "
+                          "sal-llama3 (search-and-learn's Llama 3 template), sal-auto (that template for a Llama 3 "
+                          "policy, else the checkpoint's: --preset sal's choice), or a Jinja file (FILE or @FILE)")
+    run.add_argument("--chat-template-kwargs", default=None,
+                     help="JSON object passed to the chat template, e.g. '{\"enable_thinking\": false}' for Qwen3")
     run.add_argument("--data", default=None, help="problems: MATH-500 or GSM8K JSONL")
     run.add_argument("--out", default=None, help="results JSONL (one line per problem)")
     run.add_argument("--out-dir", default="runs/toy", help="toy task (no --policy): folder for its results and plot")
@@ -175,13 +331,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="start OUT over")
     run.add_argument("--limit", type=int, default=None, help="only the first K problems")
     _engine_args(run)
-    run.add_argument("--temperature", type=float, default=0.8)
-    run.add_argument("--top-p", type=float, default=1.0)
-    run.add_argument("--max-tokens", type=int, default=2048)
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--temperature", type=float, default=None, help="default 0.8")
+    run.add_argument("--top-p", type=float, default=None, help="default 1.0")
+    run.add_argument("--max-tokens", type=int, default=None, help="default 2048")
+    run.add_argument("--seed", type=int, default=None, help="default 0")
     run.add_argument("--max-in-flight", type=int, default=None, help="most problems searched at once (default: as the KV pool allows)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     run.set_defaults(func=cmd_run)
+
+    export = sub.add_parser("export", help="write a results file in another tool's format",
+                            description="--format sal: search-and-learn's columns (completions, scores, pred, "
+                                        "pred_weighted@n / pred_maj@n / pred_naive@n as \\boxed{...}), one JSON line "
+                                        "per problem, for its evaluation harness.")
+    export.add_argument("results", help="a results JSONL written by `ttc-fast run`")
+    export.add_argument("--format", default="sal", choices=["sal"])
+    export.add_argument("--out", required=True, help="the file to write")
+    export.add_argument("--data", default=None, help="the data file the run read: adds its other columns, keeps its order")
+    export.set_defaults(func=cmd_export)
     return parser
 
 

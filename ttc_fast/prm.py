@@ -18,32 +18,43 @@ cached and uncached paths see the same token ids:
 
     ids(question, steps) = prefix_ids(question) + step_ids(steps[0], 0) + step_ids(steps[1], 1) + ...
 
-Each segment is tokenized on its own by the PRM's tokenizer (no merges across a segment
-boundary; a SentencePiece tokenizer's dummy prefix "▁" is not re-added at each segment: segments
-after the first are tokenized as a continuation). Step texts are stripped of surrounding
-whitespace first. Formats (text of each segment; `|` marks the scored token):
+Each segment is tokenized on its own by the PRM's tokenizer (a SentencePiece tokenizer's dummy
+prefix "▁" is not re-added at each segment: segments after the first are tokenized as a
+continuation). Segments start where the whole text's tokenization splits anyway (after a special
+token, or at a space or newline the pre-tokenizer splits at), so the ids are the ones the reference
+code gets from tokenizing the whole text; the tests check this against re-implementations of each
+reference on the test tokenizers and on SmolLM2's real one. Step texts are used as written (the
+reference code does not strip them either). Formats (text of each segment; `|` marks the scored
+token):
 
 * "rlhflow" (RLHFlow/Llama3.1-8B-PRM-*): the checkpoint's chat template rendered over the
   conversation [user: question + " " + step0, assistant: "+", user: step1, assistant: "+", ...].
   prefix = template text up to and including the question; step k = (k == 0: " " | else: the
   user header) + step + end-of-turn + assistant header (its last token, "\n\n" for Llama 3, is
-  scored) followed by the label segment "+" + end-of-turn (tokenized separately). Score =
+  scored) followed by the label segment "+" + end-of-turn (tokenized separately). A template that
+  trims message content (Llama 3.1's) trims the steps the same way. Score =
   softmax(logits[[id("+"), id("-")]])[0] at the token before the "+" label, i.e. where the label
   would be generated ("logits[:, -3]" in the reference code); earlier steps are followed by "+".
-* "math-shepherd" (peiyi9979/math-shepherd-mistral-7b-prm): text = question + " " + step0 + " ки"
-  + "\n" + step1 + " ки" + ... (the model card's format). prefix = question (with the tokenizer's
-  BOS); step k = (k == 0: " " | else "\n") + step, then " ки" tokenized separately and scored at
-  its last token (the tag). Score = softmax(logits[[id("+"), id("-")]])[0] at the tag position.
-  (search-and-learn joins steps with "\n\n" instead of "\n": pass step_separator="\n\n".)
+* "math-shepherd" (peiyi9979/math-shepherd-mistral-7b-prm), two layouts (`layout=`):
+  "model-card": text = question + " " + step0 + " ки" + "\n" + step1 + " ки" + ...; prefix =
+  question (with the tokenizer's BOS); step k = (k == 0: " " | else "\n") + step + " ки", scored at
+  its last token (the tag).
+  "sal" (search-and-learn's reward_models.py): text = system prompt + "\n" + question + "\n" + " "
+  + step0 + " ки" + "\n\n" + step1 + " ки" + ...; prefix = system prompt + "\n" + question + "\n"
+  (with BOS); step k as above with "\n\n". `step_separator` overrides the layout's separator.
+  Score = softmax(logits[[id("+"), id("-")]])[0] at the tag position.
 * "qwen-prm" (Qwen/Qwen2.5-Math-PRM-7B/72B): chat template over [system: QWEN_PRM_SYSTEM, user:
   question, assistant: step0 + "<extra_0>" + step1 + "<extra_0>" + ...]. prefix = template text
-  up to the assistant content; step k = step + "<extra_0>" (scored). Score =
+  up to the assistant header's last special token; step 0 = the header's rest ("assistant\n") +
+  step + "<extra_0>", step k = step + "<extra_0>" (scored). Score =
   softmax(score(h))[1] with score = Linear(h,h) -> ReLU -> Linear(h,2) on the final-norm hidden
   state h. The closing "<|im_end|>\n" follows the last tag and cannot change any score.
-* "skywork" (Skywork/Skywork-o1-Open-PRM-Qwen-2.5-*): prefix = bos_token + question + "\n"
-  (tokenized with the tokenizer's special tokens, as the reference code does); step k = each
-  non-empty line of the step tokenized separately, each followed by the id of "\n"; scored at the
-  final "\n". Score = sigmoid(v_head.summary(h)).
+* "skywork" (Skywork/Skywork-o1-Open-PRM-Qwen-2.5-*), as the reference's prepare_input over the
+  steps joined by "\n\n": prefix = bos_token + question + "\n" (tokenized with the tokenizer's
+  special tokens); the solution split at "\n", empty pieces kept, each piece tokenized on its own
+  and followed by the id of "\n": step k = (k > 0: the "\n" of the empty piece between two steps)
+  + each line of the step, then "\n"; scored at the step's final "\n". (The reference also reads
+  a reward at that empty piece's "\n", a position inside no step.) Score = sigmoid(v_head.summary(h)).
 
 Outcome mode (kind="outcome" or "outcome:<kind>"): the partial solution is judged as a whole:
 the text is the question plus its steps joined as one solution, with the format's scoring tag
@@ -53,7 +64,7 @@ each segment tokenized on its own, as above):
 
     ids(question, steps) = prefix_ids(question) + body(steps[0], 0) + ... + body(steps[n-1], n-1) + tag(n-1)
 
-* "math-shepherd": question + " " + step0 + sep + step1 + ... + " ки" (sep = step_separator, "\n");
+* "math-shepherd": question + " " + step0 + sep + step1 + ... + " ки" (sep: the layout's);
   body k = (k == 0: " " | else sep) + step, tag = " ки" (scored at "ки").
 * "rlhflow": ONE user turn question + " " + step0 + "\n\n" + step1 ..., then end-of-turn +
   assistant header (the tag; scored at its last token, where the label would be generated); no
@@ -103,6 +114,11 @@ KINDS = ("rlhflow", "math-shepherd", "qwen-prm", "skywork")
 ALL_KINDS = KINDS + ("outcome", "outcome:<kind>", "<callable>")
 AGGREGATIONS = ("last", "min", "prod", "mean")
 QWEN_PRM_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+# Math-Shepherd's published input layouts -> their step separator: the model card's
+# (peiyi9979/math-shepherd-mistral-7b-prm: question, " ", each step + " ки", joined by "\n") and
+# search-and-learn's (MathShepherd.score in src/sal/models/reward_models.py, at the commit named in
+# sal_preset.json: system prompt + "\n" + question + "\n", " ", steps joined by " ки\n\n", a final " ки").
+MATH_SHEPHERD_LAYOUTS = {"model-card": "\n", "sal": "\n\n"}
 _ARCH_KIND = {"Qwen2ForProcessRewardModel": "qwen-prm", "Qwen2ForPrmModel": "skywork"}
 _SENTINEL_Q, _SENTINEL_S, _SENTINEL_L = "QSENTINEL7Q", "SSENTINEL7S", "LSENTINEL7L"
 OUTCOME_JOIN = "\n\n"  # joins the steps of an outcome-mode solution (rlhflow, qwen-prm)
@@ -196,6 +212,15 @@ class _Format:
     def outcome_ids(self, step: str, index: int) -> tuple[list[int], list[int], int]:
         raise NotImplementedError
 
+    def full_ids(self, question: str, steps: list[str]) -> tuple[list[int], list[int]]:
+        """Step mode: the ids of (question, steps) and each step's score position."""
+        ids, positions = self.prefix_ids(question), []
+        for k, step in enumerate(steps):
+            seg, off = self.step_ids(step, k)
+            positions.append(len(ids) + off)
+            ids = ids + seg
+        return ids, positions
+
 
 def _render(tok, messages, source) -> str:
     if not getattr(tok, "chat_template", None):
@@ -226,6 +251,11 @@ class _RLHFlowFormat(_Format):
         more = more[more.index(_SENTINEL_S) + len(_SENTINEL_S):]
         if more != self.after_step + _SENTINEL_L + self.after_label:
             raise ValueError(f"{source}: the chat template renders later turns differently; unsupported for rlhflow")
+        # Llama 3.1's template trims every message's content; the reference renders the raw steps
+        # through it, so a step loses its surrounding whitespace exactly when the template does that.
+        padded = _render(tok, [{"role": "user", "content": f"{_SENTINEL_Q} {_SENTINEL_S} \n"},
+                               {"role": "assistant", "content": _SENTINEL_L}], source)
+        self.trims = f"{_SENTINEL_S} \n" not in padded
 
     def prefix_ids(self, question):
         conv = [{"role": "user", "content": f"{question} {_SENTINEL_S}"}, {"role": "assistant", "content": _SENTINEL_L}]
@@ -233,6 +263,8 @@ class _RLHFlowFormat(_Format):
         return self.seg.encode(text[: text.index(" " + _SENTINEL_S)], first=True)
 
     def step_ids(self, step, index):
+        if self.trims:  # the first turn's content is question + " " + step: only its end is trimmed
+            step = step.rstrip() if index == 0 else step.strip()
         head = " " if index == 0 else self.before_step
         body = self.seg.encode(head + step + self.after_step)
         label = self.seg.encode("+" + self.after_label)
@@ -248,8 +280,18 @@ class _RLHFlowFormat(_Format):
 class _MathShepherdFormat(_Format):
     kind = "math-shepherd"
 
-    def __init__(self, tok, seg: _Segmenter, source, step_separator: str = "\n"):
-        self.seg, self.sep = seg, step_separator
+    def __init__(self, tok, seg: _Segmenter, source, layout: str = "model-card", step_separator: str | None = None,
+                 system_prompt: str | None = None):
+        if layout not in MATH_SHEPHERD_LAYOUTS:
+            raise ValueError(f"unknown math-shepherd layout {layout!r}: one of {', '.join(MATH_SHEPHERD_LAYOUTS)}")
+        if system_prompt is not None and layout != "sal":
+            raise ValueError("the math-shepherd model-card layout has no system prompt; pass layout='sal' for one")
+        if layout == "sal" and system_prompt is None:
+            from .presets import sal_preset
+
+            system_prompt = sal_preset()["system_prompt"]
+        self.seg, self.layout, self.system = seg, layout, system_prompt
+        self.sep = MATH_SHEPHERD_LAYOUTS[layout] if step_separator is None else step_separator
         self.good = seg.single_id("+", 'good label "+"', source)
         self.bad = seg.single_id("-", 'bad label "-"', source)
         self.tag = seg.single_id("ки", 'step tag "ки"', source)
@@ -258,11 +300,15 @@ class _MathShepherdFormat(_Format):
             raise ValueError(f"{source}: ' ки' does not end with the step tag token 'ки' in this tokenizer")
 
     def prefix_ids(self, question):
-        return self.seg.encode(question, first=True, special=True)
+        text = question if self.layout == "model-card" else f"{self.system}\n{question}\n"
+        return self.seg.encode(text, first=True, special=True)
 
     def step_ids(self, step, index):
-        body, tag, off = self.outcome_ids(step, index)
-        return body + tag, off
+        # One segment: the tag after a step that ends in whitespace tokenizes with it.
+        ids = self.seg.encode((" " if index == 0 else self.sep) + step + " ки")
+        if ids[-1] != self.tag:
+            raise ValueError(f"step {index} + ' ки' does not end with the step tag token: {step!r}")
+        return ids, len(ids) - 1
 
     def outcome_ids(self, step, index):
         body = self.seg.encode((" " if index == 0 else self.sep) + step)
@@ -273,25 +319,34 @@ class _QwenPRMFormat(_Format):
     kind = "qwen-prm"
     needs = "hidden"
 
-    def __init__(self, tok, seg: _Segmenter, source, system_prompt: str = QWEN_PRM_SYSTEM):
-        self.tok, self.seg, self.source, self.system = tok, seg, source, system_prompt
+    def __init__(self, tok, seg: _Segmenter, source, system_prompt: str | None = None):
+        self.tok, self.seg, self.source = tok, seg, source
+        self.system = QWEN_PRM_SYSTEM if system_prompt is None else system_prompt
         ids = tok.encode("<extra_0>", add_special_tokens=False)
         if len(ids) != 1:
             raise ValueError(f"{source}: the tokenizer has no single token '<extra_0>' (Qwen2.5-Math-PRM's step separator)")
         self.tag = ids[0]
+        # The assistant header's text after its last special token ("assistant\n") goes with the
+        # first step, so that a step starting with whitespace tokenizes as in the whole text.
+        msgs = [{"role": "system", "content": self.system}, {"role": "user", "content": _SENTINEL_Q},
+                {"role": "assistant", "content": _SENTINEL_L}]
+        text = _render(tok, msgs, source)
+        head = text[text.index(_SENTINEL_Q) + len(_SENTINEL_Q): text.index(_SENTINEL_L)]
+        cut = max((head.rindex(t) + len(t) for t in tok.get_added_vocab() if t and t in head), default=0)
+        self.head_tail = head[cut:]
 
     def prefix_ids(self, question):
         msgs = [{"role": "system", "content": self.system}, {"role": "user", "content": question},
                 {"role": "assistant", "content": _SENTINEL_L}]
         text = _render(self.tok, msgs, self.source)
-        return self.seg.encode(text[: text.index(_SENTINEL_L)], first=True)
+        return self.seg.encode(text[: text.index(_SENTINEL_L) - len(self.head_tail)], first=True)
 
     def step_ids(self, step, index):
-        ids = self.seg.encode(step) + [self.tag]
+        ids = self.seg.encode((self.head_tail if index == 0 else "") + step) + [self.tag]
         return ids, len(ids) - 1
 
     def outcome_ids(self, step, index):
-        body = self.seg.encode(step if index == 0 else OUTCOME_JOIN + step)
+        body = self.seg.encode(self.head_tail + step if index == 0 else OUTCOME_JOIN + step)
         return body, [self.tag], len(body)
 
 
@@ -300,7 +355,7 @@ class _SkyworkFormat(_Format):
     needs = "hidden"
 
     def __init__(self, tok, seg: _Segmenter, source):
-        self.seg = seg
+        self.tok, self.seg = tok, seg
         self.bos = tok.bos_token or ""
         self.newline = seg.single_id("\n", 'step token "\\n"', source)
 
@@ -308,17 +363,41 @@ class _SkyworkFormat(_Format):
         return self.seg.encode(self.bos + question + "\n", first=True, special=True)
 
     def step_ids(self, step, index):
-        ids = []
+        # As the reference's prepare_input over the solution joined by "\n\n": every piece of the
+        # text split at "\n", empty ones too, is tokenized on its own and followed by a "\n"; so a
+        # step after the first starts with the "\n" of the empty piece between two steps.
+        ids = [] if index == 0 else [self.newline]
         for line in step.split("\n"):
-            if line.strip():
-                ids += self.seg.encode(line) + [self.newline]
-        if not ids:
-            ids = [self.newline]
+            ids += (list(self.tok.encode(line)) if line else []) + [self.newline]
         return ids, len(ids) - 1
 
     def outcome_ids(self, step, index):  # no tags: the score is read at the body's last "\n"
         ids, off = self.step_ids(step, index)
         return ids, [], off
+
+
+def make_format(kind: str, tokenizer, source="the PRM", layout: str | None = None, step_separator: str | None = None,
+                system_prompt: str | None = None) -> _Format:
+    """The token layout of a PRM kind over `tokenizer` (what `load_prm` builds; see the module
+    docstring). layout: math-shepherd's "model-card" (default) or "sal"; step_separator:
+    math-shepherd's (default: the layout's); system_prompt: qwen-prm's system message or the text
+    before the question in math-shepherd's sal layout."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown PRM kind {kind!r}: one of {', '.join(KINDS)}")
+    if layout is not None and kind != "math-shepherd":
+        raise ValueError(f"layout= applies to math-shepherd PRMs only (its model-card and sal layouts), not {kind!r}")
+    if step_separator is not None and kind != "math-shepherd":
+        raise ValueError(f"step_separator= applies to math-shepherd PRMs and callables, not {kind!r}")
+    if system_prompt is not None and kind not in ("math-shepherd", "qwen-prm"):
+        raise ValueError(f"system_prompt= applies to qwen-prm and to math-shepherd's sal layout, not {kind!r}")
+    seg = _Segmenter(tokenizer)
+    if kind == "math-shepherd":
+        return _MathShepherdFormat(tokenizer, seg, source, layout or "model-card", step_separator, system_prompt)
+    if kind == "qwen-prm":
+        return _QwenPRMFormat(tokenizer, seg, source, system_prompt)
+    if kind == "rlhflow":
+        return _RLHFlowFormat(tokenizer, seg, source)
+    return _SkyworkFormat(tokenizer, seg, source)
 
 
 # --- the scorer --------------------------------------------------------------------------------
@@ -546,8 +625,8 @@ class ModelPRM(PRM):
         """What step `index` adds: (ids kept in the handle's sequence, tag ids run only on a
         throwaway fork to probe the score (outcome mode), score offset within kept + tag)."""
         if self.outcome:
-            return self.fmt.outcome_ids(step.strip(), index)
-        ids, off = self.fmt.step_ids(step.strip(), index)
+            return self.fmt.outcome_ids(step, index)
+        ids, off = self.fmt.step_ids(step, index)
         return ids, [], off
 
     def _kept_ids(self, question: str, steps: list[str]) -> tuple[list[int], list[int], list[int]]:
@@ -737,14 +816,18 @@ _HEAD_KEYS = {
 
 def load_prm(path_or_callable, kind: str | None = None, device=None, dtype=None, kv_cache_bytes: int | None = None,
              block_size: int = 16, backend="auto", num_blocks: int | None = None, max_batch_tokens: int = 8192,
-             step_separator: str | None = None, system_prompt: str = QWEN_PRM_SYSTEM) -> PRM:
+             step_separator: str | None = None, system_prompt: str | None = None, layout: str | None = None) -> PRM:
     """A PRM from a local checkpoint directory, `builtin:NAME` (`builtin:toy-prm`), a callable
     verifier, or `builtin:toy-checker` (the toy task's hard-coded step checker).
 
     kind: "rlhflow" | "math-shepherd" | "qwen-prm" | "skywork" | "outcome" | "outcome:<kind>";
     None infers it from a callable or from the architecture (Qwen2ForProcessRewardModel ->
-    qwen-prm, Qwen2ForPrmModel -> skywork). step_separator: math-shepherd's separator between a
-    step tag and the next step ("\\n"), or the joiner of a callable's outcome text ("\\n\\n")."""
+    qwen-prm, Qwen2ForPrmModel -> skywork). layout (math-shepherd): "model-card" (default) or
+    "sal" (search-and-learn's: its system prompt before the question, steps joined by "\\n\\n").
+    step_separator: math-shepherd's separator between a step tag and the next step (default: the
+    layout's), or the joiner of a callable's outcome text ("\\n\\n"). system_prompt: qwen-prm's
+    system message (default Qwen's), or the text before the question in math-shepherd's sal layout
+    (default search-and-learn's MATH prompt); no other format has one."""
     if path_or_callable == "builtin:toy-checker":  # the toy task's hard-coded step verifier
         from .toy import check_step as path_or_callable
     base, outcome = _parse_kind(kind, path_or_callable)
@@ -783,14 +866,6 @@ def load_prm(path_or_callable, kind: str | None = None, device=None, dtype=None,
             head[k] = extra[k].float()
     elif loaded.module.lm_head is None:
         raise ValueError(f"{path}: checkpoint has no lm_head; kind {base!r} reads the label tokens' logits")
-    seg = _Segmenter(tok)
-    if base == "rlhflow":
-        fmt = _RLHFlowFormat(tok, seg, path)
-    elif base == "math-shepherd":
-        fmt = _MathShepherdFormat(tok, seg, path, step_separator or "\n")
-    elif base == "qwen-prm":
-        fmt = _QwenPRMFormat(tok, seg, path, system_prompt)
-    else:
-        fmt = _SkyworkFormat(tok, seg, path)
+    fmt = make_format(base, tok, path, layout=layout, step_separator=step_separator, system_prompt=system_prompt)
     return ModelPRM(loaded, fmt, head, outcome=outcome, kv_cache_bytes=kv_cache_bytes, block_size=block_size,
                     backend=backend, num_blocks=num_blocks, max_batch_tokens=max_batch_tokens)

@@ -10,6 +10,8 @@ Line schema (one object per problem)::
      "options": {"delimiter", ...},                     # the strategy's other settings: lookahead
                                                         # (beam, DVTS), temperature (particle filtering)
      "config": {"temperature", "top_p", "max_tokens", "seed"},
+     "prompt": {"system_prompt", "chat_template", "chat_template_kwargs"},  # the policy's prompt: the
+                                                        # system text, "checkpoint" | "none" | "sha256:..."
      "completions": [{"text", "steps", "step_scores", "score", "answer", "finish_reason",
                       "policy_tokens"}, ...],           # exactly n
      "picks":   {"1": {"maj", "naive", "weighted"}, "2": {...}, "4": {...}, ..., "N": {...}},
@@ -70,11 +72,8 @@ def strategy_names() -> list[str]:
     return [alias for alias, cls in STRATEGY_ALIASES.items() if cls in STRATEGIES]
 
 
-def make_strategy(name: str, n: int, width: int | None = None, iterations: int | None = None, aggregation: str = "last",
-                  lookahead: int | None = None, pf_temperature: float | None = None):
-    """A strategy from its CLI name (case-insensitive); width/iterations go where the class has
-    them; lookahead (beam search, DVTS) and pf_temperature (particle filtering) only where it has
-    them."""
+def strategy_class(name: str) -> type:
+    """The strategy class a CLI name (case-insensitive) or class name means."""
     from .strategies import STRATEGIES
 
     key = name.strip().lower()
@@ -82,18 +81,28 @@ def make_strategy(name: str, n: int, width: int | None = None, iterations: int |
     cls_name = STRATEGY_ALIASES.get(key) or by_lower.get(key.replace("-", "").replace("_", ""))
     if cls_name is None or cls_name not in STRATEGIES:
         raise RunError(f"unknown strategy {name!r}: use one of {', '.join(strategy_names())}")
-    cls = STRATEGIES[cls_name]
+    return STRATEGIES[cls_name]
+
+
+def make_strategy(name: str, n: int, width: int | None = None, iterations: int | None = None, aggregation: str = "last",
+                  lookahead: int | None = None, pf_temperature: float | None = None, filter_duplicates: bool | None = None):
+    """A strategy from its CLI name (case-insensitive); width/iterations go where the class has
+    them; lookahead and filter_duplicates (beam search, DVTS) and pf_temperature (particle
+    filtering) only where it has them."""
+    cls = strategy_class(name)
+    cls_name = cls.__name__
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {"n": n, "aggregation": aggregation}
     if width is not None and "width" in fields:
         kwargs["width"] = width
     if iterations is not None and "iterations" in fields:
         kwargs["iterations"] = iterations
-    for flag, field, value in (("--lookahead", "lookahead", lookahead), ("--pf-temperature", "temperature", pf_temperature)):
+    for flag, field, value in (("--lookahead", "lookahead", lookahead), ("--pf-temperature", "temperature", pf_temperature),
+                               ("--filter-duplicates", "filter_duplicates", filter_duplicates)):
         if value is not None:
             if field not in fields:
                 raise RunError(f"{flag} does not apply to {cls_name}: drop it, or pick a strategy that has it "
-                               f"({'beam, dvts' if field == 'lookahead' else 'particle-filtering'})")
+                               f"({'particle-filtering' if field == 'temperature' else 'beam, dvts'})")
             kwargs[field] = value
     try:
         return cls(**kwargs)
@@ -140,9 +149,10 @@ def import_callable(spec: str):
     return obj
 
 
-def resolve_prm(spec, kind: str | None = None, device=None, dtype=None):
+def resolve_prm(spec, kind: str | None = None, device=None, dtype=None, **options):
     """A verifier for TreeSearch from a checkpoint path, ``python:MODULE:FUNCTION``, a callable,
-    or an object that already has the verifier interface (start/fork/free/score_steps)."""
+    or an object that already has the verifier interface (start/fork/free/score_steps).
+    `options` (layout, step_separator, system_prompt) go to `load_prm`."""
     if spec is None:
         return None
     obj = spec
@@ -156,18 +166,21 @@ def resolve_prm(spec, kind: str | None = None, device=None, dtype=None):
         from .prm import load_prm
     except ImportError as e:
         raise RunError(f"loading the verifier {spec!r} needs ttc_fast.prm.load_prm, which is not available ({e})") from None
-    kwargs = {"device": device, "dtype": dtype}
+    kwargs = {"device": device, "dtype": dtype, **options}
     if kind is not None:
         kwargs["kind"] = kind
     return load_prm(obj, **kwargs)
 
 
 # --- results file ----------------------------------------------------------------------------------
-SETTINGS = ("strategy", "n", "width", "iterations", "aggregation", "options", "config")
+SETTINGS = ("strategy", "n", "width", "iterations", "aggregation", "options", "config", "prompt")
 
 
-def run_settings(strategy, sampling) -> dict:
-    """The settings a results line records (`SETTINGS`); a resumed run must match them."""
+def run_settings(strategy, sampling, prompt=None) -> dict:
+    """The settings a results line records (`SETTINGS`); a resumed run must match them. `prompt`
+    is the policy's `PromptFormat` (default: the default system prompt, the checkpoint's template)."""
+    from .prompts import PromptFormat
+
     return {
         "strategy": strategy.name,
         "n": strategy.n,
@@ -176,16 +189,17 @@ def run_settings(strategy, sampling) -> dict:
         "aggregation": strategy.aggregation,
         "options": strategy_options(strategy),
         "config": {"temperature": sampling.temperature, "top_p": sampling.top_p, "max_tokens": sampling.max_tokens, "seed": sampling.seed},
+        "prompt": (prompt or PromptFormat()).settings(),
     }
 
 
-def result_to_record(result, strategy, sampling) -> dict:
+def result_to_record(result, strategy, sampling, prompt=None) -> dict:
     """The JSON line for one SearchResult (see the module docstring)."""
     return {
         "id": result.problem_id,
         "question": result.question,
         "gold": result.gold,
-        **run_settings(strategy, sampling),
+        **run_settings(strategy, sampling, prompt),
         "completions": [
             {
                 "text": c.text, "steps": list(c.steps), "step_scores": [float(s) for s in c.step_scores],
@@ -202,12 +216,16 @@ def result_to_record(result, strategy, sampling) -> dict:
 
 
 def _settings(record: dict, strategy) -> dict:
-    """A line's settings; a line from before lines recorded `options` was written with the
-    strategy class's defaults (the only ones the CLI could set then)."""
+    """A line's settings; a line from before lines recorded `options` (or `prompt`) was written
+    with the strategy class's defaults (and the default prompt), the only ones the CLI could set then."""
+    from .prompts import PromptFormat
+
     settings = {k: record.get(k) for k in SETTINGS}
-    if "options" not in record:
-        defaults = {f.name: f.default for f in dataclasses.fields(strategy)}
-        settings["options"] = {k: defaults[k] for k in strategy_options(strategy)}
+    # Options a line does not name (it predates them) had the strategy class's defaults.
+    defaults = {f.name: f.default for f in dataclasses.fields(strategy)}
+    settings["options"] = {**{k: defaults[k] for k in strategy_options(strategy)}, **(record.get("options") or {})}
+    if "prompt" not in record:
+        settings["prompt"] = PromptFormat().settings()
     return settings
 
 
@@ -338,13 +356,17 @@ def _indexed_search(search, indexed):
 
 
 def run_search(engine, prm, strategy, sampling, problems, out_path, resume: bool = False, progress: bool = True,
-               overwrite: bool = False, max_problems_in_flight: int | None = None, system_prompt=None) -> list[dict]:
+               overwrite: bool = False, max_problems_in_flight: int | None = None, system_prompt: str | None = None,
+               chat_template: str | None = None, chat_template_kwargs: dict | None = None) -> list[dict]:
     """Search every problem and stream one JSON line per finished problem to `out_path`.
 
     Without `resume`, an existing non-empty `out_path` is an error (unless `overwrite`). With
     `resume`, the problems whose ids are already in the file are skipped (a cut-short last line
-    is dropped and the file repaired first). Returns every record of the file (old then new)."""
-    from .search import DEFAULT_SYSTEM_PROMPT, TreeSearch
+    is dropped and the file repaired first). Returns every record of the file (old then new).
+    system_prompt / chat_template / chat_template_kwargs: the policy's prompt (`ttc_fast.prompts`:
+    None is the default system prompt and the checkpoint's template)."""
+    from .prompts import PromptFormat
+    from .search import TreeSearch
 
     out_path = Path(out_path)
     if resume and overwrite:
@@ -357,7 +379,8 @@ def run_search(engine, prm, strategy, sampling, problems, out_path, resume: bool
 
     previous = read_results(out_path, repair=True) if resume else []
     done_ids = {r["id"] for r in previous}
-    mine = run_settings(strategy, sampling)
+    prompt = PromptFormat(system_prompt, chat_template, chat_template_kwargs)
+    mine = run_settings(strategy, sampling, prompt)
     picks = {"maj", "naive", "weighted"} if prm is not None else {"maj"}  # no verifier: majority only
     for line, record in enumerate(previous, start=1):
         theirs = _settings(record, strategy)
@@ -377,11 +400,11 @@ def run_search(engine, prm, strategy, sampling, problems, out_path, resume: bool
     try:
         with open(out_path, "a" if resume else "w", encoding="utf-8") as f:
             if todo:
-                search = TreeSearch(engine, prm, strategy, sampling,
-                                    system_prompt=DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt,
-                                    max_problems_in_flight=max_problems_in_flight)
+                search = TreeSearch(engine, prm, strategy, sampling, system_prompt=prompt.system_prompt,
+                                    max_problems_in_flight=max_problems_in_flight, chat_template=prompt.chat_template,
+                                    chat_template_kwargs=prompt.chat_template_kwargs)
                 for result, _ in _indexed_search(search, todo):
-                    record = result_to_record(result, strategy, sampling)
+                    record = result_to_record(result, strategy, sampling, prompt)
                     _append_line(f, record)
                     records.append(record)
                     bar.update(record["policy_tokens"])

@@ -21,13 +21,9 @@ from .data import Problem
 from .engine import Branch, Engine
 from .grading import extract_answer, grade, picks_at_n
 from .prm import aggregate
+from .prompts import DEFAULT_SYSTEM_PROMPT, PromptFormat  # noqa: F401  (DEFAULT_SYSTEM_PROMPT: public name)
 from .sampling import SamplingParams, fresh_seed, sample_seed
 from .strategies import DVTS, SEARCH_SAMPLING, BeamSearch, MajorityVote, ParticleFiltering, Strategy
-
-DEFAULT_SYSTEM_PROMPT = (
-    "Solve the math problem step by step. Separate the steps with a blank line and give the final "
-    "answer as $\\boxed{answer}$."
-)
 
 
 @dataclass
@@ -80,14 +76,6 @@ class _Problem:
     prm_tokens: int = 0
 
 
-def format_prompt(question: str, tokenizer, system_prompt: str | None = DEFAULT_SYSTEM_PROMPT) -> str:
-    """Chat-formatted prompt when the tokenizer has a chat template, else the question and a blank line."""
-    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": question}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return question + "\n\n"
-
-
 def split_steps(text: str, delimiter: str) -> list[str]:
     return [s for s in text.split(delimiter) if s.strip()] or [text]
 
@@ -96,9 +84,12 @@ class TreeSearch:
     """Runs one strategy over many problems on one engine and one PRM (None: no scoring)."""
 
     def __init__(self, engine: Engine, prm, strategy: Strategy, sampling: SamplingParams | None = None,
-                 system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, max_problems_in_flight: int | None = None,
-                 step_lengths=None):
-        """step_lengths: for benchmarks with random-weight models, which never write a delimiter:
+                 system_prompt: str | None = None, max_problems_in_flight: int | None = None,
+                 step_lengths=None, chat_template: str | None = None, chat_template_kwargs: dict | None = None):
+        """system_prompt: None is `DEFAULT_SYSTEM_PROMPT`, "" is no system message; chat_template:
+        None is the policy tokenizer's own, "" none (plain prompt), else Jinja source;
+        chat_template_kwargs go to `apply_chat_template` (see `ttc_fast.prompts`).
+        step_lengths: for benchmarks with random-weight models, which never write a delimiter:
         a callable (problem index, iteration, k) -> int, k numbering the branches the problem
         expands in that iteration (all children of one branch share the length); a step then
         ends after that many tokens (EOS ignored) instead of at the delimiter."""
@@ -106,7 +97,7 @@ class TreeSearch:
             raise ValueError(f"{strategy.name} needs a PRM (load_prm) or a verifier callable; MajorityVote runs without one")
         self.engine, self.prm, self.strategy = engine, prm, strategy
         self.sampling = sampling or SEARCH_SAMPLING
-        self.system_prompt = system_prompt
+        self.prompt = PromptFormat(system_prompt, chat_template, chat_template_kwargs)
         self.max_in_flight = max_problems_in_flight
         self.seed = fresh_seed() if self.sampling.seed is None else self.sampling.seed
         self.step_sampling = replace(self.sampling, stop=(strategy.delimiter,), n=1)
@@ -166,7 +157,9 @@ class TreeSearch:
                    for b in self._pools())
 
     def _start(self, index: int, problem: Problem) -> _Problem:
-        prompt = format_prompt(problem.question, self.engine.tokenizer, self.system_prompt)
+        if self.engine.tokenizer is None:
+            raise ValueError(f"{self.engine.model.path} has no tokenizer: a search prompts with text and needs one")
+        prompt = self.prompt.encode(problem.question, self.engine.tokenizer, self.engine.model.path)
         root = self.engine.start(prompt)
         st = _Problem(index, problem, root, None, time.perf_counter())
         if self.prm is not None:
@@ -384,7 +377,14 @@ class TreeSearch:
         candidates, seg_ptr, owners = [], [0], []
         for st in flight:
             groups: dict[int, list[_Node]] = {}
+            seen: set[tuple[int, tuple[str, ...]]] = set()
             for node in live[id(st)]:
+                if getattr(self.strategy, "filter_duplicates", False):
+                    text = (node.group, tuple(node.steps))
+                    if text in seen:
+                        self._drop(node)
+                        continue
+                    seen.add(text)
                 groups.setdefault(node.group, []).append(node)
             for g in sorted(groups):
                 candidates += groups[g]

@@ -57,6 +57,9 @@ class BeamSearch(Strategy):
     width: int = 4
     iterations: int = 40
     lookahead: int = 0  # roll each candidate out this many greedy steps; the PRM scores the end
+    # search-and-learn's filter_duplicates: of live candidates with the same text, only the first
+    # competes for the kept beams
+    filter_duplicates: bool = False
 
     def __post_init__(self):
         super().__post_init__()

@@ -32,10 +32,10 @@ TEMPERATURE = 0.6
 
 def _greedy_accuracy(engine, problems) -> tuple[float, list[dict]]:
     from ..grading import extract_answer, grade
-    from ..search import format_prompt
+    from ..prompts import encode_prompt
     from ..sampling import SamplingParams
 
-    prompts = [format_prompt(p.question, engine.tokenizer) for p in problems]
+    prompts = [encode_prompt(p.question, engine.tokenizer) for p in problems]
     outs = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=SOLUTION_TOKENS))
     rows = []
     for p, o in zip(problems, outs):

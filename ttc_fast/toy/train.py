@@ -216,10 +216,10 @@ def greedy_accuracy(path: Path, problems, max_tokens: int = 160) -> float:
     from ..grading import extract_answer, grade
     from ..loader import load_model
     from ..sampling import SamplingParams
-    from ..search import format_prompt
+    from ..prompts import encode_prompt
 
     engine = Engine(load_model(str(path), device="cpu"))
-    prompts = [format_prompt(p.question, engine.tokenizer, None) for p in problems]
+    prompts = [encode_prompt(p.question, engine.tokenizer, "") for p in problems]
     outs = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens))
     ok = [grade(extract_answer(o.outputs[0].text) or "", p.answer, p.kind) for o, p in zip(outs, problems)]
     return sum(ok) / len(ok)
@@ -315,10 +315,11 @@ def sample_solutions(policy: Path, problems, n: int, temperature: float = 1.0, s
     from ..engine import Engine
     from ..loader import load_model
     from ..sampling import SamplingParams
-    from ..search import format_prompt, split_steps
+    from ..prompts import encode_prompt
+    from ..search import split_steps
 
     engine = Engine(load_model(str(policy), device="cpu"))
-    prompts = [format_prompt(p.question, engine.tokenizer, None) for p in problems]
+    prompts = [encode_prompt(p.question, engine.tokenizer, "") for p in problems]
     outs = engine.generate(prompts, SamplingParams(temperature=temperature, max_tokens=160, n=n, seed=seed))
     return [(p, [s.strip() for s in split_steps(c.text, "\n\n")]) for o, p in zip(outs, problems) for c in o.outputs]
 
@@ -495,14 +496,14 @@ def step_candidates(policy: Path, n_problems: int, k: int, seed: int, temperatur
     from ..engine import Engine
     from ..loader import load_model
     from ..sampling import SamplingParams
-    from ..search import format_prompt
     from .evaluate import STEP_TOKENS
 
     rng = random.Random(seed)
     problems = [_fresh_problem(rng, f"hard-{i}") for i in range(n_problems)]
     prefixes = [p.meta["steps"][: rng.randrange(len(p.meta["steps"]))] for p in problems]
     engine = Engine(load_model(str(policy), device="cpu"))
-    prompts = [format_prompt(p.question, engine.tokenizer, None) + "".join(s + "\n\n" for s in pre)
+    # The toy tokenizer has no chat template: the prompt is the question and a blank line.
+    prompts = [p.question + "\n\n" + "".join(s + "\n\n" for s in pre)
                for p, pre in zip(problems, prefixes)]
     outs = engine.generate(prompts, SamplingParams(temperature=temperature, max_tokens=STEP_TOKENS, n=k, seed=seed,
                                                    stop=("\n\n",)))
