@@ -23,7 +23,7 @@ from test_prm_formats import ref_rlhflow
 from test_run_cli import kill_after_first_line
 
 REPO = Path(__file__).resolve().parents[1]
-GSM8K = REPO.parent / "shared" / "data" / "gsm8k_test.jsonl"
+GSM8K = Path("/work/shared/data/gsm8k_test.jsonl")  # as tests/test_data.py
 QUESTIONS = ["What is 12 * 7? Answer briefly.", "Name three prime numbers.", "Write one sentence about the sea."]
 GREEDY = tf.SamplingParams(temperature=0.0, max_tokens=48)
 
