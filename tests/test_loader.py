@@ -82,7 +82,7 @@ def test_missing_weights_and_wrong_shapes(llama_dir, tmp_path):
     with pytest.raises(ValueError, match=r"mlp\.\w+_proj\.weight has shape"):
         tf.load_model(broken)
     (broken / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="no .safetensors weights"):
+    with pytest.raises(FileNotFoundError, match="no weights: no .safetensors"):
         tf.load_model(broken)
 
 
@@ -104,3 +104,70 @@ def test_text_prompts_need_a_tokenizer(tmp_path):
     assert model.tokenizer is None
     with pytest.raises(ValueError, match="no tokenizer"):
         tf.Engine(model, num_blocks=16, block_size=4).generate(["hello"])
+
+
+def _save_bin_shards(state: dict, folder, parts: int) -> None:
+    """`state` as PyTorch .bin files: pytorch_model.bin, or `parts` shards and their index."""
+    keys = sorted(state)
+    if parts == 1:
+        torch.save(state, folder / "pytorch_model.bin")
+        return
+    names = [f"pytorch_model-{i + 1:05d}-of-{parts:05d}.bin" for i in range(parts)]
+    weight_map = {}
+    for i, name in enumerate(names):
+        part = keys[i::parts]
+        torch.save({k: state[k] for k in part}, folder / name)
+        weight_map.update({k: name for k in part})
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+def test_pytorch_bin_checkpoints_load_the_same_weights(llama_dir, tmp_path, parts):
+    """Skywork-o1-Open-PRM and math-shepherd-mistral-7b-prm ship .bin files only: one file or a
+    sharded index, read with torch.load(weights_only=True, mmap=True)."""
+    from safetensors.torch import load_file
+
+    binned = tmp_path / "bin"
+    shutil.copytree(llama_dir, binned)
+    state = load_file(str(binned / "model.safetensors"))
+    (binned / "model.safetensors").unlink()
+    _save_bin_shards(state, binned, parts)
+    a, b = tf.load_model(llama_dir, device="cpu"), tf.load_model(binned, device="cpu")
+    for (ka, va), (kb, vb) in zip(a.module.state_dict().items(), b.module.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+
+
+def test_bin_that_is_not_a_plain_state_dict_is_refused(llama_dir, tmp_path):
+    bad = tmp_path / "pickle"
+    shutil.copytree(llama_dir, bad)
+    (bad / "model.safetensors").unlink()
+    torch.save({"weights": ModelConfig}, bad / "pytorch_model.bin")  # a class: not loadable with weights_only
+    with pytest.raises(ValueError, match="weights_only=True.*convert the checkpoint to safetensors"):
+        tf.load_model(bad, device="cpu")
+    (bad / "pytorch_model.bin").unlink()
+    with pytest.raises(FileNotFoundError, match="no .safetensors and no pytorch_model.bin"):
+        tf.load_model(bad, device="cpu")
+
+
+def test_tokenizer_shipped_as_sentencepiece_model_only(tmp_path):
+    """math-shepherd-mistral-7b-prm's tokenizer is a SentencePiece tokenizer.model (no
+    tokenizer.json): it loads (sentencepiece and protobuf are dependencies) and encodes text."""
+    import sentencepiece as spm
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(["Natalia sold 48 clips in April and half as many in May.",
+                                 "Step 1: add 3 and 4 to get 7.", "The answer is 42."] * 50))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=96,
+                                   model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
+    path = build_tiny_model(tmp_path / "model", "mistral", with_tokenizer=False, vocab_size=96)
+    shutil.copy(tmp_path / "sp.model", path / "tokenizer.model")
+    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>",
+                                                            "eos_token": "</s>", "unk_token": "<unk>",
+                                                            "add_bos_token": True, "add_eos_token": False}))
+    assert not (path / "tokenizer.json").exists()
+    model = tf.load_model(path, device="cpu")
+    text = "Natalia sold 48 clips in April."
+    ids = model.tokenizer(text)["input_ids"]
+    assert ids[0] == 1 and model.tokenizer.decode(ids, skip_special_tokens=True) == text
+    out = tf.Engine(model, kv_cache_bytes=4 << 20).generate([text], tf.SamplingParams(max_tokens=4, ignore_eos=True))[0]
+    assert len(out.token_ids) == 4 and out.text is not None

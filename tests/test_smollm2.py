@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,6 @@ from ttc_fast.search import split_steps
 from test_prm_formats import ref_rlhflow
 from test_run_cli import kill_after_first_line
 
-REPO = Path(__file__).resolve().parents[1]
 GSM8K = Path("/work/shared/data/gsm8k_test.jsonl")  # as tests/test_data.py
 QUESTIONS = ["What is 12 * 7? Answer briefly.", "Name three prime numbers.", "Write one sentence about the sea."]
 GREEDY = tf.SamplingParams(temperature=0.0, max_tokens=48)
@@ -184,6 +184,38 @@ def test_eos_ids_from_generation_config(smollm2_path, tmp_path):
     assert model.eos_token_ids == (2, 198)
     out = tf.Engine(model, kv_cache_bytes=16 << 20).generate([encode_prompt(QUESTIONS[0], model.tokenizer)], GREEDY)[0].outputs[0]
     assert out.finish_reason == "eos" and out.stop_reason == 198 and 198 not in out.token_ids[:-1]
+
+
+def test_bin_and_gguf_checkpoints_give_the_same_greedy_tokens(engine, smol, smollm2_path, tmp_path):
+    """The checkpoint saved as pytorch_model.bin, and the published .gguf file given as the model
+    path (dequantized on load), generate what the safetensors directory does."""
+    from safetensors.torch import load_file
+
+    from ttc_fast.testing_smollm2 import GGUF_NAME
+
+    prompt = encode_prompt(QUESTIONS[0], smol.tokenizer)
+    expected = engine.generate([prompt], GREEDY)[0].token_ids
+    binned = tmp_path / "bin"
+    binned.mkdir()
+    for f in smollm2_path.iterdir():
+        if f.is_file() and f.name not in ("model.safetensors", GGUF_NAME):
+            (binned / f.name).symlink_to(f)
+    torch.save(load_file(str(smollm2_path / "model.safetensors")), binned / "pytorch_model.bin")
+    for path in (binned, smollm2_path / GGUF_NAME):
+        model = tf.load_model(path, device="cpu", dtype="float32")
+        assert model.eos_token_ids[0] == 2
+        assert tf.Engine(model, kv_cache_bytes=16 << 20).generate([prompt], GREEDY)[0].token_ids == expected
+
+
+def test_gguf_without_its_extra_is_a_clear_error(smollm2_path, monkeypatch, capsys):
+    from ttc_fast.loader import MissingExtra
+    from ttc_fast.testing_smollm2 import GGUF_NAME
+
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as if not installed
+    with pytest.raises(MissingExtra, match=r"pip install 'ttc_fast\[gguf\]'"):
+        tf.load_model(smollm2_path / GGUF_NAME, device="cpu")
+    assert main(["generate", "--model", str(smollm2_path / GGUF_NAME), "--prompt", "Hi"]) == 2
+    assert "optional extra 'gguf'" in capsys.readouterr().err
 
 
 def test_real_model_prm_matches_transformers(smollm2_path, reference):

@@ -19,7 +19,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
-    p.add_argument("--kv-cache-bytes", type=int, default=None)
+    p.add_argument("--kv-cache-bytes", type=int, default=None, help="the policy's KV pool (default: 256 MiB on the CPU)")
     p.add_argument("--block-size", type=int, default=16)
 
 
@@ -81,7 +81,8 @@ CHAT_TEMPLATE_NAMES = ("checkpoint", "none", "sal-llama3", "sal-auto")
 # Flags that mean nothing to the toy task (`ttc-fast run` without --policy), which has its own settings.
 POLICY_ONLY_FLAGS = ("data", "prm", "prm_kind", "out", "lookahead", "pf_temperature", "filter_duplicates", "preset",
                      "system_prompt", "chat_template", "chat_template_kwargs", "prm_layout", "prm_step_separator", "n",
-                     "width", "iterations", "aggregation", "temperature", "top_p", "max_tokens")
+                     "width", "iterations", "aggregation", "temperature", "top_p", "max_tokens", "prm_kv_cache_bytes",
+                     "gpu_memory_utilization", "prm_kv_fraction")
 
 
 def _flag(name: str) -> str:
@@ -190,6 +191,34 @@ def _chat_template(value, tokenizer):
     return value
 
 
+def _profile_blocks(args) -> int:
+    """A pool that holds the largest forward (8192 tokens on a GPU) of the engine and the PRM."""
+    from .memory_plan import profile_blocks
+
+    return profile_blocks(8192, args.block_size)
+
+
+def _path_tokens(problems, prompt, engine, max_tokens: int) -> int:
+    """One path's length: the longest prompt (of those that encode) and max_tokens, within the context."""
+    longest = 0
+    for p in problems:
+        try:
+            longest = max(longest, len(prompt.encode(p.question, engine.tokenizer)))
+        except ValueError:
+            continue  # that problem will be an error record
+    return min(longest + max_tokens, engine.model.config.max_context)
+
+
+def _describe_pools(engine, prm) -> str:
+    def pool(runner):
+        return f"{runner.num_blocks * runner.block_size:,} tokens ({runner.pool.nbytes / 2**20:.0f} MiB)"
+
+    text = f"KV pools: policy {pool(engine.runner)}"
+    if getattr(prm, "runner", None) is not None:
+        text += f", PRM {pool(prm.runner)}"
+    return text
+
+
 def cmd_run(args) -> int:
     """Search a problem file with a policy and a verifier; see `ttc_fast.run` for the output."""
     from .run import RunError, make_strategy, needs_prm, resolve_prm, run_search, summarize
@@ -216,6 +245,7 @@ def cmd_run(args) -> int:
                        f"or --prm python:MODULE:FUNCTION, or use --strategy majority, which needs none")
     import ttc_fast as tf
     from .data import load_problems
+    from .prompts import PromptFormat
 
     problems = load_problems(args.data)
     if args.limit is not None:
@@ -235,16 +265,38 @@ def cmd_run(args) -> int:
                                  max_tokens=settings["max_tokens"], seed=settings["seed"])
     if not Path(args.policy).exists() and not str(args.policy).startswith("builtin:"):
         raise RunError(f"policy checkpoint not found: {args.policy} (pass a Hugging Face checkpoint directory)")
-    # majority needs no verifier, but one given still scores its paths (naive / weighted picks)
-    prm = (resolve_prm(args.prm, kind=args.prm_kind, device=args.device, dtype=args.dtype, **prm_options(args, settings))
-           if args.prm is not None else None)
     model = tf.load_model(args.policy, device=args.device, dtype=args.dtype)
-    engine = tf.Engine(model, kv_cache_bytes=args.kv_cache_bytes, block_size=args.block_size, backend=args.backend)
+    prompt = PromptFormat(settings["system_prompt"], _chat_template(settings["chat_template"], model.tokenizer),
+                          settings["chat_template_kwargs"])
+    # On a GPU the two pools are planned together unless their sizes are given; the models start
+    # on pools just large enough to profile their largest forward.
+    planned = model.device.type == "cuda" and args.kv_cache_bytes is None and args.prm_kv_cache_bytes is None
+    if not planned and (args.gpu_memory_utilization is not None or args.prm_kv_fraction is not None):
+        raise RunError("--gpu-memory-utilization and --prm-kv-fraction plan a CUDA device's memory; with --kv-cache-bytes / "
+                       "--prm-kv-cache-bytes, or on the CPU, the pools have the sizes given")
+    model_prm = args.prm is not None and not str(args.prm).startswith("python:")
+    if model.device.type == "cuda" and model_prm and (args.kv_cache_bytes is None) != (args.prm_kv_cache_bytes is None):
+        raise RunError("on a GPU give both --kv-cache-bytes and --prm-kv-cache-bytes, or neither (then "
+                       "--gpu-memory-utilization plans both pools together)")
+    engine = tf.Engine(model, kv_cache_bytes=args.kv_cache_bytes, block_size=args.block_size, backend=args.backend,
+                       num_blocks=_profile_blocks(args) if planned else None)
+    # majority needs no verifier, but one given still scores its paths (naive / weighted picks)
+    pool = {"num_blocks": _profile_blocks(args)} if planned else {"kv_cache_bytes": args.prm_kv_cache_bytes}
+    prm = (resolve_prm(args.prm, kind=args.prm_kind, device=args.device, dtype=args.dtype, block_size=args.block_size,
+                       backend=args.backend, **pool, **prm_options(args, settings))
+           if args.prm is not None else None)
+    if planned:
+        from .memory_plan import plan_device_memory
+
+        plan = plan_device_memory(engine, prm, 0.9 if args.gpu_memory_utilization is None else args.gpu_memory_utilization,
+                                  args.prm_kv_fraction, path_tokens=_path_tokens(problems, prompt, engine, sampling.max_tokens))
+        print(plan.describe())
+    else:
+        print(_describe_pools(engine, prm))
     records = run_search(engine, prm, strategy, sampling, problems, out, resume=args.resume, overwrite=args.overwrite,
                          progress=not args.no_progress, max_problems_in_flight=args.max_in_flight,
-                         system_prompt=settings["system_prompt"],
-                         chat_template=_chat_template(settings["chat_template"], model.tokenizer),
-                         chat_template_kwargs=settings["chat_template_kwargs"])
+                         system_prompt=prompt.system_prompt, chat_template=prompt.chat_template,
+                         chat_template_kwargs=prompt.chat_template_kwargs)
     ids = {p.id for p in problems}
     mine = [r for r in records if r["id"] in ids]
     new_tokens = sum(r["policy_tokens"] for r in records[len(records) - run_search.last_new_records:]) if run_search.last_new_records else 0
@@ -335,6 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--top-p", type=float, default=None, help="default 1.0")
     run.add_argument("--max-tokens", type=int, default=None, help="default 2048")
     run.add_argument("--seed", type=int, default=None, help="default 0")
+    run.add_argument("--prm-kv-cache-bytes", type=int, default=None, help="the PRM's KV pool (default: 256 MiB on the CPU)")
+    run.add_argument("--gpu-memory-utilization", type=float, default=None,
+                     help="CUDA: the share of the device's memory for both models' weights, both KV pools and "
+                          "activations (default 0.9, as vLLM); the plan is printed at start")
+    run.add_argument("--prm-kv-fraction", type=float, default=None,
+                     help="CUDA: the PRM pool's share of the KV memory (default: both pools hold the same number of tokens)")
     run.add_argument("--max-in-flight", type=int, default=None, help="most problems searched at once (default: as the KV pool allows)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     run.set_defaults(func=cmd_run)
@@ -352,10 +410,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .loader import MissingExtra
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, MissingExtra) as e:
         print(f"ttc-fast: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

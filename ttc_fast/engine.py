@@ -151,7 +151,7 @@ class Engine:
         """A branch holding `prompt` (text or token ids), for `expand`. Blocks a cached prompt
         shares are attached now; the rest is computed by the first expansion."""
         text, ids = self._encode(0, prompt)
-        self._check_prompt(0, ids)
+        self._check_prompt(None, ids)
         seq, cached = self.runner.new_sequence(ids)
         self.stats["cached_prompt_tokens"] += cached
         return Branch(seq, ids, ids[cached:])
@@ -222,19 +222,20 @@ class Engine:
         if params.stop and self.tokenizer is None:
             raise ValueError(f"stop strings need a tokenizer, and {self.model.path} has none; use stop_token_ids")
 
-    def _check_prompt(self, index: int, ids: list[int]) -> None:
+    def _check_prompt(self, index: int | None, ids: list[int]) -> None:
+        name = "the prompt" if index is None else f"prompt {index}"
         if not ids:
-            raise ValueError(f"prompt {index} is empty")
+            raise ValueError(f"{name} is empty")
         vocab = self.model.config.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
-            raise ValueError(f"prompt {index} holds token ids outside the vocabulary [0, {vocab})")
+            raise ValueError(f"{name} holds token ids outside the vocabulary [0, {vocab})")
         limit = self.model.config.max_context
         if len(ids) >= limit:
-            raise ValueError(f"prompt {index} has {len(ids)} tokens; the model attends over at most {limit} positions")
+            raise ValueError(f"{name} has {len(ids)} tokens; the model attends over at most {limit} positions")
         need = self.runner.blocks_for(len(ids) + 1)
         if need > self.runner.num_blocks:
             raise PoolTooSmall(
-                f"prompt {index} has {len(ids)} tokens and needs {need} KV blocks, but the pool holds only "
+                f"{name} has {len(ids)} tokens and needs {need} KV blocks, but the pool holds only "
                 f"{self.runner.num_blocks}; raise kv_cache_bytes"
             )
 

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from .run import RunError, read_results
+from .search import powers_of_two
 
 FORMATS = ("sal",)
 PICKS = ("weighted", "maj", "naive")
@@ -27,24 +28,27 @@ def boxed(answer: str | None) -> str:
 
 
 def sal_row(record: dict, columns: dict | None = None) -> dict:
-    """One results line as search-and-learn's row; `columns`: the data set's row for its id."""
+    """One results line as search-and-learn's row; `columns`: the data set's row for its id. A
+    problem that failed on its own has no completions, empty picks and its `error`."""
     completions = record.get("completions") or []
-    if not completions:
-        raise RunError(f"problem {record.get('id')!r} has no completions to export")
     scores = [float(c["score"]) for c in completions]
     row = dict(columns or {})
     row.update({"problem": record["question"], "answer": record["gold"], "unique_id": record["id"]})
     row.update({
         "completions": [c["text"] for c in completions],
         "scores": [list(c["step_scores"]) for c in completions],
-        "pred": completions[max(range(len(scores)), key=scores.__getitem__)]["text"],
+        "pred": completions[max(range(len(scores)), key=scores.__getitem__)]["text"] if completions else "",
         "completion_tokens": [int(c["policy_tokens"]) for c in completions],
         "agg_scores": scores,
     })
-    for n, picks in sorted(record.get("picks", {}).items(), key=lambda kv: int(kv[0])):
+    picks = record.get("picks") or {}
+    if record.get("error"):
+        row["error"] = record["error"]
+        picks = {str(n): {p: None for p in PICKS} for n in powers_of_two(int(record.get("n") or 1))}
+    for n, chosen in sorted(picks.items(), key=lambda kv: int(kv[0])):
         for pick in PICKS:
-            if pick in picks:
-                row[f"pred_{pick}@{n}"] = boxed(picks[pick])
+            if pick in chosen:
+                row[f"pred_{pick}@{n}"] = boxed(chosen[pick])
     return row
 
 

@@ -1,9 +1,12 @@
-"""Loading a local Hugging Face checkpoint directory into our own model implementation.
+"""Loading a local checkpoint into our own model implementation.
 
-Reads config.json (and generation_config.json for EOS ids), the safetensors weights (one file or
-a sharded index), and the tokenizer through AutoTokenizer when its files are present. Nothing is
-ever downloaded: `path` must be a local directory, or `builtin:NAME` for a model shipped with
-the package.
+A Hugging Face checkpoint directory: config.json (and generation_config.json for EOS ids), the
+weights as safetensors or as PyTorch `.bin` files (one file or a sharded index; `.bin` files are
+read with `torch.load(weights_only=True, mmap=True)`), and the tokenizer through AutoTokenizer
+when its files are present (`tokenizer.json`, or a SentencePiece `tokenizer.model` alone). Or a
+`.gguf` file, dequantized on load by transformers' GGUF reader (the optional extra
+`ttc_fast[gguf]`). Nothing is ever downloaded: `path` must be local, or `builtin:NAME` for a model
+shipped with the package.
 """
 from __future__ import annotations
 
@@ -71,6 +74,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, config_
     return dtype
 
 
+class MissingExtra(ImportError):
+    """An optional dependency is not installed; the message names the extra that brings it."""
+
+
+def is_gguf(path: str | Path) -> bool:
+    return str(path).endswith(".gguf") and Path(path).expanduser().is_file()
+
+
 def resolve_path(path: str | Path) -> Path:
     text = str(path)
     if text.startswith("builtin:"):
@@ -84,7 +95,8 @@ def resolve_path(path: str | Path) -> Path:
     if not p.exists():
         raise FileNotFoundError(f"model directory {str(p)!r} does not exist (ttc_fast loads local checkpoints only; nothing is downloaded)")
     if not p.is_dir():
-        raise FileNotFoundError(f"{str(p)!r} is a file; pass the checkpoint directory that holds config.json")
+        raise FileNotFoundError(f"{str(p)!r} is a file; pass the checkpoint directory that holds config.json "
+                                "(or a .gguf file)")
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"{str(p)!r} has no config.json: is it a Hugging Face checkpoint directory?")
     return p
@@ -94,28 +106,46 @@ def read_state_dict(path: Path, device: torch.device, dtype: torch.dtype) -> dic
     """All tensors of the checkpoint (single file or sharded index), cast to dtype on device."""
     from safetensors import safe_open
 
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        files = sorted(p.name for p in path.glob("*.safetensors"))
+    files, index = _weight_files(path, "model.safetensors", "*.safetensors")
+    if not files:  # Skywork-o1-Open-PRM and math-shepherd-mistral-7b-prm ship PyTorch .bin files only
+        files, index = _weight_files(path, "pytorch_model.bin", "*.bin")
     if not files:
-        bins = [p.name for p in path.glob("*.bin")]
-        hint = f" (found {', '.join(bins)}: convert them to safetensors)" if bins else ""
-        raise FileNotFoundError(f"{path} holds no .safetensors weights{hint}")
+        raise FileNotFoundError(f"{path} holds no weights: no .safetensors and no pytorch_model.bin files")
     tensors = {}
+
+    def put(key, t):
+        tensors[key] = t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
+
     for name in files:
         file = path / name
         if not file.is_file():
-            raise FileNotFoundError(f"shard {name} listed in {index.name} is missing from {path}")
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for key in f.keys():
-                t = f.get_tensor(key)
-                tensors[key] = t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
+            raise FileNotFoundError(f"shard {name} listed in {index} is missing from {path}")
+        if name.endswith(".safetensors"):
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    put(key, f.get_tensor(key))
+            continue
+        try:
+            state = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # pickles that are not plain tensors, or not zip-format files
+            lines = str(e).splitlines() or [type(e).__name__]
+            reason = next((line.strip() for line in lines if "error:" in line), lines[0])
+            raise ValueError(f"{file}: not a plain state dict of tensors (torch.load with weights_only=True: {reason}); "
+                             "convert the checkpoint to safetensors") from None
+        for key, t in state.items():
+            put(key, t)
     return tensors
+
+
+def _weight_files(path: Path, single: str, pattern: str) -> tuple[list[str], str | None]:
+    """The weight files of one format: the shards its index lists, the single file, or every file
+    matching `pattern`; and the index's name when there is one."""
+    index = path / f"{single}.index.json"
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values())), index.name
+    if (path / single).is_file():
+        return [single], None
+    return sorted(p.name for p in path.glob(pattern) if p.name != "training_args.bin"), None
 
 
 def build_module(
@@ -182,7 +212,7 @@ def load_tokenizer(path: Path):
 def eos_ids(path: Path, config: ModelConfig, tokenizer) -> tuple[int, ...]:
     ids = list(config.eos_token_ids)
     gen = path / "generation_config.json"
-    if gen.is_file():
+    if path.is_dir() and gen.is_file():
         eos = json.loads(gen.read_text()).get("eos_token_id")
         ids += eos if isinstance(eos, list) else ([eos] if eos is not None else [])
     if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
@@ -190,14 +220,31 @@ def eos_ids(path: Path, config: ModelConfig, tokenizer) -> tuple[int, ...]:
     return tuple(dict.fromkeys(int(i) for i in ids))
 
 
-def load_model(path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> LoadedModel:
-    """Load a local HF checkpoint directory (or `builtin:NAME`) into ttc_fast's own model."""
+def read_checkpoint(path: str | Path, device: torch.device, dtype: str | torch.dtype | None):
+    """(path, raw config dict, tensors cast to the resolved dtype on `device`, tokenizer, dtype)
+    of a checkpoint directory, `builtin:NAME` or a `.gguf` file."""
+    if is_gguf(path):
+        from .gguf import read_gguf
+
+        path = Path(path).expanduser()
+        raw, state, tokenizer = read_gguf(path)
+        dtype = resolve_dtype(dtype, device, None)
+        return path, raw, {k: v.to(device=device, dtype=dtype) for k, v in state.items()}, tokenizer, dtype
     path = resolve_path(path)
     raw = json.loads((path / "config.json").read_text())
-    config = ModelConfig.from_dict(raw, str(path / "config.json"))
-    device = resolve_device(device)
     dtype = resolve_dtype(dtype, device, raw.get("dtype") or raw.get("torch_dtype"))
-    state = read_state_dict(path, device, dtype)
+    return path, raw, read_state_dict(path, device, dtype), load_tokenizer(path), dtype
+
+
+def config_source(path: Path) -> str:
+    """Where a checkpoint's config comes from, for error messages."""
+    return str(path) if path.is_file() else str(path / "config.json")
+
+
+def load_model(path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> LoadedModel:
+    """Load a local HF checkpoint directory, `builtin:NAME` or a `.gguf` file into ttc_fast's own model."""
+    device = resolve_device(device)
+    path, raw, state, tokenizer, dtype = read_checkpoint(path, device, dtype)
+    config = ModelConfig.from_dict(raw, config_source(path))
     module = build_module(config, state, device, dtype, path)
-    tokenizer = load_tokenizer(path)
     return LoadedModel(module, config, tokenizer, path, device, dtype, eos_ids(path, config, tokenizer))

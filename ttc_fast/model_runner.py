@@ -47,10 +47,24 @@ class ModelRunner:
         if num_blocks is None:
             num_blocks = plan_num_blocks(self.config, block_size, model.dtype, self.device, kv_cache_bytes, gpu_memory_fraction)
         self.pool = KVPool(self.config, num_blocks, block_size, model.dtype, self.device)
+        self.enable_prefix_cache = enable_prefix_cache
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_cache)
         self.num_blocks = num_blocks
         # The shared segments' gathered K/V, reused across decode steps; valid until a block is freed.
         self.shared_kv_memo = K.SharedKVMemo()
+
+    def reallocate(self, num_blocks: int) -> None:
+        """A new pool of `num_blocks` blocks (and a new block manager) in place of the current
+        one, whose memory is released first; no sequence may be live."""
+        if self.blocks.num_sequences:
+            raise ValueError(f"reallocate: {self.blocks.num_sequences} sequences are live in the pool")
+        self.pool = self.blocks = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.pool = KVPool(self.config, num_blocks, self.block_size, self.model.dtype, self.device)
+        self.blocks = BlockManager(num_blocks, self.block_size, self.enable_prefix_cache)
+        self.num_blocks = num_blocks
+        self.shared_kv_memo.clear()
 
     # --- sequences -----------------------------------------------------------------------------
     def new_sequence(self, prompt: list[int] | None = None) -> tuple[int, int]:

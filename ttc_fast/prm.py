@@ -104,6 +104,7 @@ import json
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -428,7 +429,9 @@ class PRM:
     def free(self, handle: PRMHandle) -> None:
         raise NotImplementedError
 
-    def score_steps(self, handles: list[PRMHandle], steps: list[str]) -> list[float]:
+    def score_steps(self, handles: list[PRMHandle], steps: list[str]) -> list[float | None]:
+        """Each handle's score after its new step; None (the handle unchanged) where a model PRM's
+        context cannot hold the step."""
         raise NotImplementedError
 
     def score_full(self, question: str, steps: list[str]) -> list[float]:
@@ -564,9 +567,13 @@ class ModelPRM(PRM):
     def start_many(self, questions):
         """Encode each question's prefix segment (prefix-cache hits are reused) in one forward."""
         handles, seqs, feeds = [], [], []
+        limit = self.model.config.max_context
         try:
             for q in questions:
                 ids = self.fmt.prefix_ids(q)
+                if len(ids) >= limit:
+                    raise ValueError(f"the question is {len(ids)} tokens in the PRM's format, and the PRM "
+                                     f"({self.model.path}) attends over at most {limit}")
                 seq, cached = self.runner.new_sequence(ids)
                 handles.append(PRMHandle(q, seq=seq))
                 self._resident[id(handles[-1])] = handles[-1]
@@ -653,23 +660,29 @@ class ModelPRM(PRM):
         them, else in as few chunks as it holds (see the module docstring). Outcome mode appends
         the new bodies the same way, then runs the tags on forks of the handles (one more forward
         per chunk). If a forward fails, the rows it ran with are evicted (re-encoded from their
-        recorded steps when next used), so no handle keeps half a step."""
+        recorded steps when next used), so no handle keeps half a step. A row whose step would take
+        its text past the PRM's context (max_position_embeddings) is not appended and scores None."""
         self._check(handles, steps)
         segs = [self._row_ids(s, h.num_steps) for h, s in zip(handles, steps)]
         blocks = self.runner.blocks
-        for h, (kept, tag, _) in zip(handles, segs):
+        limit = self.model.config.max_context
+        fits = []
+        for i, (h, (kept, tag, _)) in enumerate(zip(handles, segs)):
             context = self.runner.seq_len(h.seq) if h.seq is not None else len(self._kept_ids(h.question, h.steps)[0])
             n = context + len(kept)
+            if n + len(tag) > limit:
+                continue
+            fits.append(i)
             if self.runner.blocks_for(n) + self._probe_blocks(n, len(tag)) > blocks.num_blocks:
                 raise PRMOutOfBlocks(
                     f"the PRM's KV pool ({blocks.num_blocks} blocks of {blocks.block_size} tokens) cannot hold one "
                     f"partial solution of {n + len(tag)} tokens even when empty; nothing was appended: "
                     f"raise kv_cache_bytes (or num_blocks)"
                 )
-        scores = [0.0] * len(handles)
+        scores: list[float | None] = [None] * len(handles)
         self.last_row_tokens = [0] * len(handles)
         # Rows holding KV first: under pressure they need only their new tokens.
-        pending = sorted(range(len(handles)), key=lambda i: handles[i].seq is None)
+        pending = sorted(fits, key=lambda i: handles[i].seq is None)
         while pending:
             rows = self._make_room(handles, steps, segs, pending)
             # Outcome mode: the score is at the tag, run on a fork of the handle (its KV copied on
@@ -794,17 +807,13 @@ def _load_base(path, device, dtype):
     """Our decoder for a PRM checkpoint (PRM architectures accepted, lm_head optional) and the
     checkpoint tensors that are not ours (the heads)."""
     from .config import ModelConfig
-    from .loader import (LoadedModel, build_module, eos_ids, load_tokenizer, read_state_dict, resolve_device,
-                         resolve_dtype)
+    from .loader import LoadedModel, build_module, config_source, eos_ids, read_checkpoint, resolve_device
 
-    raw = json.loads((path / "config.json").read_text())
-    config = ModelConfig.from_dict(raw, str(path / "config.json"), allow_prm=True)
     device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device, raw.get("dtype") or raw.get("torch_dtype"))
-    state = read_state_dict(path, device, dtype)
+    path, raw, state, tokenizer, dtype = read_checkpoint(path, device, dtype)
+    config = ModelConfig.from_dict(raw, config_source(path), allow_prm=True)
     extra = {k: v for k, v in state.items() if not k.startswith("model.") and k != "lm_head.weight"}
     module = build_module(config, state, device, dtype, path, require_lm_head=False)
-    tokenizer = load_tokenizer(path)
     return LoadedModel(module, config, tokenizer, path, device, dtype, eos_ids(path, config, tokenizer)), raw, extra
 
 
@@ -835,9 +844,11 @@ def load_prm(path_or_callable, kind: str | None = None, device=None, dtype=None,
         if base not in (None, "callable"):
             raise ValueError(f"kind {kind!r} needs a checkpoint path, not a callable")
         return CallablePRM(path_or_callable, outcome=outcome, step_separator=step_separator or "\n\n")
-    from .loader import resolve_path
+    from .loader import is_gguf, resolve_path
 
-    path = resolve_path(path_or_callable)
+    path = Path(path_or_callable).expanduser() if is_gguf(path_or_callable) else resolve_path(path_or_callable)
+    if base is None and path.is_file():
+        raise ValueError(f"{path}: a .gguf file names no PRM architecture; pass kind= one of {', '.join(KINDS)}")
     if base is None:
         archs = json.loads((path / "config.json").read_text()).get("architectures") or []
         found = [_ARCH_KIND[a] for a in archs if a in _ARCH_KIND]

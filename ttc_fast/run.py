@@ -18,7 +18,13 @@ Line schema (one object per problem)::
      "correct": {"1": {"maj": bool, "naive": bool, "weighted": bool}, ...},
      "policy_tokens",                                     # every token generated, pruned paths too
      "prm_tokens",                                        # tokens the verifier processed (see below)
-     "seconds"}                                           # wall time of this problem
+     "seconds",                                           # wall time of this problem
+     "error"}                                             # only on a problem that failed on its own
+
+A problem that fails on its own input (its prompt longer than a model's context, its text
+rejected by the chat template) is written as such a line with its reason in "error" and no
+completions or picks; the others go on, `--resume` skips it like any finished problem, and the
+summary counts it as wrong. Only run-level faults (a missing model, a bad flag) stop a run.
 
 ``width`` / ``iterations`` are null for strategies that have none (best-of-N family). Without a
 verifier (majority vote) the picks hold "maj" only.
@@ -48,6 +54,7 @@ import time
 from pathlib import Path
 
 VOLATILE_FIELDS = ("seconds", "prm_tokens")
+TEMPLATE_PROBE = "What is 1 + 1?"  # rendered once before a run: a broken chat template stops it
 
 # CLI names (case-insensitive) -> class names in ttc_fast.strategies.STRATEGIES. Every class name
 # there (lower-cased, e.g. "beamsearch") is accepted too.
@@ -195,7 +202,7 @@ def run_settings(strategy, sampling, prompt=None) -> dict:
 
 def result_to_record(result, strategy, sampling, prompt=None) -> dict:
     """The JSON line for one SearchResult (see the module docstring)."""
-    return {
+    record = {
         "id": result.problem_id,
         "question": result.question,
         "gold": result.gold,
@@ -213,6 +220,9 @@ def result_to_record(result, strategy, sampling, prompt=None) -> dict:
         "prm_tokens": int(result.prm_tokens),
         "seconds": round(float(result.seconds), 4),
     }
+    if result.error is not None:
+        record["error"] = result.error
+    return record
 
 
 def _settings(record: dict, strategy) -> dict:
@@ -380,6 +390,8 @@ def run_search(engine, prm, strategy, sampling, problems, out_path, resume: bool
     previous = read_results(out_path, repair=True) if resume else []
     done_ids = {r["id"] for r in previous}
     prompt = PromptFormat(system_prompt, chat_template, chat_template_kwargs)
+    if engine.tokenizer is not None:  # a template that fails on any text is the run's fault, not a problem's
+        prompt.encode(TEMPLATE_PROBE, engine.tokenizer, engine.model.path)
     mine = run_settings(strategy, sampling, prompt)
     picks = {"maj", "naive", "weighted"} if prm is not None else {"maj"}  # no verifier: majority only
     for line, record in enumerate(previous, start=1):
@@ -437,13 +449,17 @@ def summarize(records: list[dict], wall_seconds: float | None = None, new_policy
     if first.get("iterations") is not None:
         head += f"  iterations={first.get('iterations')}"
     lines = [head, f"{'n':>6}  " + "  ".join(f"{p:>9}" for p in picks) + f"  {'problems':>8}"]
+    failed = [r for r in records if r.get("error")]  # counted as wrong in every cell
     for n in ns:
         have = [r for r in records if str(n) in r.get("correct", {})]
         cells = []
         for p in picks:
-            scored = [r["correct"][str(n)][p] for r in have if p in r["correct"][str(n)]]
+            scored = [r["correct"][str(n)][p] for r in have if p in r["correct"][str(n)]] + [False] * len(failed)
             cells.append(f"{100 * sum(map(bool, scored)) / len(scored):8.1f}%" if scored else f"{'-':>9}")
-        lines.append(f"{n:>6}  " + "  ".join(cells) + f"  {len(have):>8}")
+        lines.append(f"{n:>6}  " + "  ".join(cells) + f"  {len(have) + len(failed):>8}")
+    if failed:
+        lines.append(f"failed: {len(failed)} problem{'s' * (len(failed) != 1)} (counted as wrong; their lines hold the "
+                     f"error), e.g. {failed[0]['id']}: {failed[0]['error']}")
     policy = sum(int(r.get("policy_tokens", 0)) for r in records)
     prm = sum(int(r.get("prm_tokens", 0)) for r in records)
     lines.append(f"policy tokens: {policy}   PRM tokens: {prm}")

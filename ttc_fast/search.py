@@ -49,6 +49,7 @@ class SearchResult:
     policy_tokens: int  # every token the policy generated for this problem, pruned paths included
     prm_tokens: int  # every token the PRM processed for this problem
     seconds: float
+    error: str | None = None  # the problem failed on its own (no completions): why
 
 
 @dataclass
@@ -60,6 +61,7 @@ class _Node:
     tokens: int
     group: int  # pruning group inside the problem (DVTS subtree; 0 for beam search)
     finish_reason: str = "stop"
+    cut: bool = False  # its last step was cut at the policy's context: kept as text, not scored
 
 
 @dataclass
@@ -120,7 +122,14 @@ class TreeSearch:
         flight: list[_Problem] = []
         while queue or flight:
             while queue and self._room_for_another(flight):
-                flight.append(self._start(*queue.popleft()))
+                index, problem = queue.popleft()
+                started = time.perf_counter()
+                try:
+                    flight.append(self._start(index, problem))
+                except ValueError as e:  # this problem's own input: the others go on
+                    yield self._failed(problem, e, started), problem
+            if not flight:
+                continue
             self._iterate(flight)
             for st in [st for st in flight if not st.frontier]:
                 flight.remove(st)
@@ -164,9 +173,22 @@ class TreeSearch:
         st = _Problem(index, problem, root, None, time.perf_counter())
         if self.prm is not None:
             before = self.prm.tokens_processed
-            st.prm_root = self.prm.start(problem.question)
+            try:
+                st.prm_root = self.prm.start(problem.question)
+            except BaseException:
+                self.engine.release(root)
+                raise
             st.prm_tokens += self.prm.tokens_processed - before  # the question, encoded once
         return st
+
+    def _failed(self, problem: Problem, error: Exception, started: float) -> SearchResult:
+        """The result of a problem that failed on its own input (its prompt too long for a model,
+        its text rejected by the chat template): no completions, and why."""
+        return SearchResult(
+            problem_id=problem.id, question=problem.question, gold=problem.answer, strategy=self.strategy.name,
+            completions=[], picks={}, correct={}, policy_tokens=0, prm_tokens=0,
+            seconds=time.perf_counter() - started, error=f"{type(error).__name__}: {error}",
+        )
 
     # --- one iteration: expand, score, prune ---------------------------------------------------
     def _iterate(self, flight: list[_Problem]) -> None:
@@ -210,10 +232,12 @@ class TreeSearch:
                 group = self._group_of_first_child(j) if parent is None else parent.group
                 base = parent or _Node(None, None, [], [], 0, 0)
                 finish = out.finish_reason
-                if self.step_lengths is not None and finish == "length":
+                cut = finish == "length" and len(branch.token_ids) >= self.engine.model.config.max_context
+                if self.step_lengths is not None and finish == "length" and not cut:
                     finish = "stop"  # an emulated step end
                 text = out.text if out.text is not None else " ".join(map(str, out.token_ids))
-                node = _Node(branch, prm_handle, base.steps + [text], base.scores, base.tokens + len(out.token_ids), group, finish)
+                node = _Node(branch, prm_handle, base.steps + [text], base.scores, base.tokens + len(out.token_ids), group,
+                             finish, cut)
                 children.append((st, node))
                 parents.append(k)
         for st in flight:
@@ -253,34 +277,54 @@ class TreeSearch:
         # up to a step are one PRM input there (`_score_once`). `prefix[i]` names solution i's
         # steps so far: its problem before the first step, then the child scored for them (each
         # index's keys are all of one kind, since a solution live at k was live at k - 1).
+        # A solution cut at the policy's context keeps its cut last step as text, unscored; one
+        # whose next step would not fit the PRM's context stops being scored there.
         steps = [split_steps(node.steps[-1], self.strategy.delimiter) for _, node in children]
+        scorable = [len(s) - node.cut for s, (_, node) in zip(steps, children)]
         for _, node in children:
             node.steps, node.scores = [], []
         prefix: list[int] = [id(st) for st, _ in children]
-        for k in range(max(len(s) for s in steps)):
-            live = [i for i, s in enumerate(steps) if k < len(s)]
+        for k in range(max(scorable)):
+            live = [i for i in range(len(steps)) if k < scorable[i]]
             keys = [(prefix[i], steps[i][k]) for i in live]
             scores, scored_for = self._score_once([children[i] for i in live], keys, [steps[i][k] for i in live])
             for i, score, j in zip(live, scores, scored_for):
+                if score is None:
+                    scorable[i] = k
+                    children[i][1].finish_reason = "length"
+                    continue
                 children[i][1].steps.append(steps[i][k])
                 children[i][1].scores.append(score)
                 prefix[i] = live[j]
+        for (_, node), texts in zip(children, steps):
+            node.steps += texts[len(node.steps):]
 
     def _score_new_steps(self, children: list[tuple[_Problem, _Node]], parents: list[int]) -> None:
         """Score each child's new step. Children of one branch that wrote the same step text are
         the same PRM input (`_score_once`): small policies at low temperature repeat their
-        likeliest step in many samples."""
-        new_steps = [node.steps[-1] for _, node in children]
-        scores, _ = self._score_once(children, list(zip(parents, new_steps)), new_steps)
-        for (_, node), score in zip(children, scores):
-            node.scores = node.scores + [score]
+        likeliest step in many samples. A step cut at the policy's context is not scored; one that
+        does not fit the PRM's context ends its path ("length"): both keep their last complete
+        step's score."""
+        todo = [k for k, (_, node) in enumerate(children) if not node.cut]
+        new_steps = [children[k][1].steps[-1] for k in todo]
+        scores, _ = self._score_once([children[k] for k in todo], [(parents[k], step) for k, step in zip(todo, new_steps)],
+                                     new_steps)
+        for k, score in zip(todo, scores):
+            node = children[k][1]
+            if score is None:
+                node.finish_reason = "length"
+            else:
+                node.scores = node.scores + [score]
 
     def _score_once(self, children: list[tuple[_Problem, _Node]], keys: list,
-                    steps: list[str]) -> tuple[list[float], list[int]]:
+                    steps: list[str]) -> tuple[list[float | None], list[int]]:
         """Score `steps[i]` on `children[i]`'s PRM sequence, once per distinct key: a key names a
         PRM input (the sequence's content and the step), and each copy frees its sequence, takes
         a fork of the scored one (extended by the step) and its score. Returns the scores and,
-        per child, the position of the child that was scored for it."""
+        per child, the position of the child that was scored for it (a score is None where the
+        PRM's context cannot hold the step)."""
+        if not children:
+            return [], []
         first: dict[object, int] = {}
         for i, key in enumerate(keys):
             first.setdefault(key, i)
@@ -294,7 +338,7 @@ class TreeSearch:
                 node.prm = self.prm.fork(children[j][1].prm, 1)[0]
         return [scores[j] for j in scored], scored
 
-    def _score_batch(self, items: list[tuple[_Problem, object, str]]) -> list[float]:
+    def _score_batch(self, items: list[tuple[_Problem, object, str]]) -> list[float | None]:
         """One batched PRM call; each problem is charged the tokens its rows ran (a verifier
         object that does not report them per row: the call's tokens split evenly over its items)."""
         before = self.prm.tokens_processed
@@ -304,7 +348,7 @@ class TreeSearch:
             per_row = [(self.prm.tokens_processed - before) / max(1, len(items))] * len(items)
         for (st, _, _), tokens in zip(items, per_row):
             st.prm_tokens += tokens
-        return [float(s) for s in scores]
+        return [None if s is None else float(s) for s in scores]
 
     def _lookahead(self, children: list[tuple[_Problem, _Node]]) -> None:
         """Roll each live candidate out `lookahead` greedy steps on forks of its policy and PRM
@@ -320,8 +364,9 @@ class TreeSearch:
             for (st, node, _, prm_handle), res, score in zip(rollouts, results, scores):
                 (branch, out), = res
                 st.policy_tokens += len(out.token_ids)
-                node.scores = node.scores[:-1] + [score]
-                if out.finish_reason == "stop":
+                if score is not None:  # None: the PRM's context is full; the rollout ends here
+                    node.scores = node.scores[:-1] + [score]
+                if out.finish_reason == "stop" and score is not None:
                     still.append((st, node, branch, prm_handle))
                 else:
                     self.engine.release(branch)
@@ -362,7 +407,7 @@ class TreeSearch:
         agg = self.strategy.aggregation
         best: dict[tuple[int, int], tuple[float, _Node]] = {}
         for st, node in children:  # the first of equal scores wins, as argmax
-            score = aggregate(node.scores, agg)
+            score = path_score(node.scores, agg)
             key = (id(st), node.group)
             if key not in best or score > best[key][0]:
                 best[key] = (score, node)
@@ -392,7 +437,7 @@ class TreeSearch:
                 owners.append(st)
         if not candidates:
             return
-        scores = torch.tensor([aggregate(n.scores, self.strategy.aggregation) for n in candidates], dtype=torch.float32)
+        scores = torch.tensor([path_score(n.scores, self.strategy.aggregation) for n in candidates], dtype=torch.float32)
         seg = torch.tensor(seg_ptr, dtype=torch.int32)
         if self.engine.runner.attention.name == "triton":
             dev = self.engine.model.device
@@ -411,7 +456,7 @@ class TreeSearch:
         a particle drawn k times is expanded k times (its copies share its blocks)."""
         if not nodes:
             return []
-        scores = torch.tensor([aggregate(n.scores, self.strategy.aggregation) for n in nodes], dtype=torch.float64)
+        scores = torch.tensor([path_score(n.scores, self.strategy.aggregation) for n in nodes], dtype=torch.float64)
         probs = torch.softmax(scores / self.strategy.temperature, dim=0)
         g = torch.Generator().manual_seed(sample_seed(self.seed, st.index, st.iteration, 1 << 20))
         draws = torch.multinomial(probs, len(nodes), replacement=True, generator=g)
@@ -451,14 +496,14 @@ class TreeSearch:
         completions = [
             Completion(
                 text=self.strategy.delimiter.join(node.steps), steps=node.steps, step_scores=node.scores,
-                score=aggregate(node.scores, agg), answer=extract_answer(self.strategy.delimiter.join(node.steps)),
+                score=path_score(node.scores, agg), answer=extract_answer(self.strategy.delimiter.join(node.steps)),
                 finish_reason=node.finish_reason, policy_tokens=node.tokens,
             )
             for node in done
         ]
         answers = [c.answer for c in completions]
         scores = [c.score for c in completions]
-        ns = [n for n in _powers_of_two(len(completions))]
+        ns = [n for n in powers_of_two(len(completions))]
         picks = picks_at_n(answers, scores, ns) if completions else {}
         if self.prm is None:  # no verifier, no scores: only the majority pick means anything
             picks = {k: {"maj": p["maj"]} for k, p in picks.items()}
@@ -471,18 +516,25 @@ class TreeSearch:
         )
 
 
+def path_score(step_scores: list[float], aggregation: str) -> float:
+    """A path's score; 0.0, a model PRM's lowest, for a path whose first step did not fit the
+    PRM's context (or was cut at the policy's) and so has no score."""
+    return aggregate(step_scores, aggregation) if step_scores else 0.0
+
+
 def _best_in_order(nodes: list[_Node], n: int, aggregation: str) -> list[_Node]:
     """Exactly n of `nodes`, as search-and-learn: the n best by aggregated score, kept in the
     order they finished (best-of-N: sample order, so that the picks at n < N read the first n
     samples, not the n best); if fewer finished, they are repeated in turn (a, b, a, b, ...)."""
-    best = sorted(range(len(nodes)), key=lambda i: aggregate(nodes[i].scores, aggregation), reverse=True)[:n]
+    best = sorted(range(len(nodes)), key=lambda i: path_score(nodes[i].scores, aggregation), reverse=True)[:n]
     done = [nodes[i] for i in sorted(best)]
     if done and len(done) < n:
         done = (done * -(-n // len(done)))[:n]
     return done
 
 
-def _powers_of_two(n: int) -> list[int]:
+def powers_of_two(n: int) -> list[int]:
+    """1, 2, 4, ... up to n, and n itself: the n at which the picks are read."""
     out, k = [], 1
     while k <= n:
         out.append(k)

