@@ -205,6 +205,16 @@ def test_skywork_matches_reference(which, case, test_tokenizers, smol_tokenizers
     assert len(flags) == sum(len(s.split("\n")) for s in steps) + len(steps) - 1
 
 
+def test_qwen_prm_system_prompt(test_tokenizers):
+    """system_prompt None is Qwen's own, "" none (no system turn), as everywhere in the API."""
+    tok = test_tokenizers["qwen-prm"]
+    question, steps = CASES[0]
+    own = make_format("qwen-prm", tok).full_ids(question, steps)[0]
+    assert own == make_format("qwen-prm", tok, system_prompt=QWEN_PRM_SYSTEM).full_ids(question, steps)[0]
+    bare = tok.decode(make_format("qwen-prm", tok, system_prompt="").full_ids(question, steps)[0])
+    assert bare.startswith("<|im_start|>user\n" + question) and "system" not in bare
+
+
 def test_format_options_are_checked(test_tokenizers):
     with pytest.raises(ValueError, match="layout= applies to math-shepherd"):
         make_format("rlhflow", test_tokenizers["rlhflow"], layout="sal")

@@ -329,17 +329,18 @@ class _QwenPRMFormat(_Format):
         self.tag = ids[0]
         # The assistant header's text after its last special token ("assistant\n") goes with the
         # first step, so that a step starting with whitespace tokenizes as in the whole text.
-        msgs = [{"role": "system", "content": self.system}, {"role": "user", "content": _SENTINEL_Q},
-                {"role": "assistant", "content": _SENTINEL_L}]
-        text = _render(tok, msgs, source)
+        text = _render(tok, self._messages(_SENTINEL_Q), source)
         head = text[text.index(_SENTINEL_Q) + len(_SENTINEL_Q): text.index(_SENTINEL_L)]
         cut = max((head.rindex(t) + len(t) for t in tok.get_added_vocab() if t and t in head), default=0)
         self.head_tail = head[cut:]
 
+    def _messages(self, question):
+        """[system (none for system_prompt ""), user: question, assistant: a sentinel]."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + [{"role": "user", "content": question}, {"role": "assistant", "content": _SENTINEL_L}]
+
     def prefix_ids(self, question):
-        msgs = [{"role": "system", "content": self.system}, {"role": "user", "content": question},
-                {"role": "assistant", "content": _SENTINEL_L}]
-        text = _render(self.tok, msgs, self.source)
+        text = _render(self.tok, self._messages(question), self.source)
         return self.seg.encode(text[: text.index(_SENTINEL_L) - len(self.head_tail)], first=True)
 
     def step_ids(self, step, index):
@@ -835,8 +836,8 @@ def load_prm(path_or_callable, kind: str | None = None, device=None, dtype=None,
     "sal" (search-and-learn's: its system prompt before the question, steps joined by "\\n\\n").
     step_separator: math-shepherd's separator between a step tag and the next step (default: the
     layout's), or the joiner of a callable's outcome text ("\\n\\n"). system_prompt: qwen-prm's
-    system message (default Qwen's), or the text before the question in math-shepherd's sal layout
-    (default search-and-learn's MATH prompt); no other format has one."""
+    system message (None: Qwen's, "": none), or the text before the question in math-shepherd's
+    sal layout (None: search-and-learn's MATH prompt); no other format has one."""
     if path_or_callable == "builtin:toy-checker":  # the toy task's hard-coded step verifier
         from .toy import check_step as path_or_callable
     base, outcome = _parse_kind(kind, path_or_callable)
