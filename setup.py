@@ -19,7 +19,7 @@ ext_modules = [
 setup(
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
-    packages=["ttc_fast", "ttc_fast.toy", "ttc_fast.kernels"],
+    packages=["ttc_fast", "ttc_fast.prm", "ttc_fast.strategies", "ttc_fast.toy", "ttc_fast.kernels"],
     package_dir={"ttc_fast": "ttc_fast", "ttc_fast.kernels": "kernels"},
     # The built-in toy checkpoints (HF format) ship inside the package: builtin:NAME; and the
     # search-and-learn preset's data file.

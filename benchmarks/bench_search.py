@@ -17,7 +17,7 @@ Default mode (CPU, side by side in one run, same random models, same step length
             caches nothing across iterations, as its transformers PRM never does.
 
 Random-weight models never write the step delimiter, so a step ends after an emulated number
-of tokens (`TreeSearch(step_lengths=...)`), drawn per (problem, iteration, parent) uniformly in
+of tokens (`emulated_steps` below), drawn per (problem, iteration, parent) uniformly in
 mean +- spread; both sides use the same lengths, so both generate exactly the same number of
 policy tokens. A policy token id decodes to one character of a set the PRM tokenizer never
 merges, so the PRM sees one token per policy token (as with a shared Llama 3 tokenizer).
@@ -168,6 +168,24 @@ def load_questions(path: str, k: int) -> list:
 
 
 # --- ours ----------------------------------------------------------------------------------------
+def emulated_steps(strategy, lengths):
+    """`strategy` whose steps end after `lengths(problem index, iteration, k)` tokens (EOS ignored;
+    k numbers the paths a problem expands in that iteration, whose children share the length)
+    instead of at the delimiter, which random-weight models never write."""
+    from dataclasses import fields, replace
+
+    class Emulated(type(strategy)):
+        def expansion_sampling(self, sampling, state, k):
+            params = super().expansion_sampling(sampling, state, k)
+            return replace(params, stop=(), max_tokens=lengths(state.index, state.iteration, k), ignore_eos=True)
+
+        def child_finish(self, finish_reason, cut):
+            return "stop" if finish_reason == "length" and not cut else finish_reason  # an emulated step end
+
+    Emulated.__name__ = type(strategy).__name__
+    return Emulated(**{f.name: getattr(strategy, f.name) for f in fields(strategy)})
+
+
 def run_ours(engine, prm, problems, strategy, lengths, seed: int, timers: Timers, max_in_flight=None) -> dict:
     from ttc_fast.sampling import SamplingParams
     from ttc_fast.search import TreeSearch
@@ -177,8 +195,8 @@ def run_ours(engine, prm, problems, strategy, lengths, seed: int, timers: Timers
     prm_before = prm.tokens_processed
     engine.stats["peak_used_blocks"] = 0
     timers.reset()
-    search = TreeSearch(engine, prm, strategy, sampling, system_prompt="", max_problems_in_flight=max_in_flight,
-                        step_lengths=lengths)
+    search = TreeSearch(engine, prm, emulated_steps(strategy, lengths), sampling, system_prompt="",
+                        max_problems_in_flight=max_in_flight)
     sync(engine.model.device)
     t0 = time.perf_counter()
     results = list(search.run(problems))

@@ -21,25 +21,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ttc_fast import DVTS, BeamSearch, SamplingParams  # noqa: E402
-from ttc_fast.search import TreeSearch  # noqa: E402
+from ttc_fast.search import SearchObserver, TreeSearch  # noqa: E402
 from ttc_fast.toy import dev_problems  # noqa: E402
 from ttc_fast.toy.evaluate import ITERATIONS, STEP_TOKENS, TEMPERATURE, policy_s, toy_prm  # noqa: E402
 from ttc_fast.toy.task import prefix_labels  # noqa: E402
 
 
-class RecordingSearch(TreeSearch):
+class Rounds(SearchObserver):
     """Records, per problem and iteration, every candidate path and the beams kept after pruning."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self):
         self.rounds: dict[str, list[tuple[list, list]]] = collections.defaultdict(list)
 
-    def _prune(self, flight, children):
-        candidates = {id(st): [node.steps for s, node in children if s is st] for st in flight}
-        super()._prune(flight, children)
-        for st in flight:
-            if candidates[id(st)]:
-                self.rounds[st.problem.id].append((candidates[id(st)], [node.steps for node, _ in st.frontier]))
+    def on_prune(self, state, children, kept):
+        if children:
+            self.rounds[state.problem.id].append(([p.steps for p in children], [p.steps for p, _ in kept]))
 
 
 def classify(question: str, result, rounds) -> tuple[str, int, int]:
@@ -69,15 +65,16 @@ def main() -> None:
     args = ap.parse_args()
     problems = dev_problems(args.dev_size)
     strategy = (BeamSearch if args.strategy == "beam" else DVTS)(n=args.n, width=min(4, args.n), iterations=ITERATIONS)
-    search = RecordingSearch(policy_s("cpu"), toy_prm(args.prm, "cpu"), strategy,
-                             SamplingParams(temperature=TEMPERATURE, max_tokens=STEP_TOKENS, seed=0))
+    rounds = Rounds()
+    search = TreeSearch(policy_s("cpu"), toy_prm(args.prm, "cpu"), strategy,
+                        SamplingParams(temperature=TEMPERATURE, max_tokens=STEP_TOKENS, seed=0), observer=rounds)
     questions = {p.id: p.question for p in problems}
     classes = collections.Counter()
     results = list(search.run(problems))
     for result in results:
         if result.correct[args.n]["weighted"]:
             continue
-        name, expanded_right, expanded = classify(questions[result.problem_id], result, search.rounds[result.problem_id])
+        name, expanded_right, expanded = classify(questions[result.problem_id], result, rounds.rounds[result.problem_id])
         if name == "unwritten":
             name = "unwritten, all beams right" if expanded_right == expanded else "unwritten, some beams wrong"
         classes[name] += 1

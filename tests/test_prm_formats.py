@@ -218,7 +218,7 @@ def test_qwen_prm_system_prompt(test_tokenizers):
 def test_format_options_are_checked(test_tokenizers):
     with pytest.raises(ValueError, match="layout= applies to math-shepherd"):
         make_format("rlhflow", test_tokenizers["rlhflow"], layout="sal")
-    with pytest.raises(ValueError, match="system_prompt= applies to qwen-prm"):
+    with pytest.raises(ValueError, match="system_prompt= applies to math-shepherd, qwen-prm"):
         make_format("skywork", test_tokenizers["skywork"], system_prompt="x")
     with pytest.raises(ValueError, match="unknown PRM kind"):
         make_format("orm", test_tokenizers["skywork"])

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from ttc_fast.cli import main
-from ttc_fast.run import VOLATILE_FIELDS, canonical, differences, read_results, run_search, summarize
+from ttc_fast.results import VOLATILE_FIELDS, canonical, differences, read_results, summarize
+from ttc_fast.run import run_search
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -281,9 +282,9 @@ def test_run_search_api_matches_cli(setup, full_run, tmp_path):
     root, policy, data = setup
     engine = tf.Engine(tf.load_model(policy, device="cpu"))
     out = tmp_path / "api.jsonl"
-    records = run_search(engine, HashVerifier(), make_strategy("Beam", 4, 2, 2), 
+    records = run_search(engine, HashVerifier(), make_strategy("Beam", 4, 2, 2),
                          tf.SamplingParams(temperature=0.8, top_p=1.0, max_tokens=12, seed=0),
-                         load_problems(data), out, progress=False)
+                         load_problems(data), out, progress=False).records
     assert len(records) == N_PROBLEMS
     assert canonical(records) == canonical(read_results(full_run))
     assert set(VOLATILE_FIELDS) <= set(records[0])

@@ -11,7 +11,8 @@ import ttc_fast as tf
 from ttc_fast.data import Problem
 from ttc_fast.loader import BUILTIN_DIR
 from ttc_fast.prm import aggregate
-from ttc_fast.run import run_search, summarize
+from ttc_fast.results import summarize
+from ttc_fast.run import run_search
 from ttc_fast.toy import eval_problems
 
 SAMPLING = tf.SamplingParams(temperature=0.6, max_tokens=160, seed=0)
@@ -102,7 +103,7 @@ def test_problems_that_fail_on_their_own_are_error_records(tmp_path, policy, cap
     out = tmp_path / "run.jsonl"
     problems = _problems_with_bad_ones()
     records = run_search(engine, prm, strategy, SAMPLING, problems, out, progress=False, system_prompt="",
-                         chat_template=REJECTING_TEMPLATE)
+                         chat_template=REJECTING_TEMPLATE).records
     by_id = {r["id"]: r for r in records}
     assert len(records) == 5 and set(by_id) == {p.id for p in problems}
     assert "the model attends over at most 512" in by_id["too-long"]["error"]
@@ -113,7 +114,7 @@ def test_problems_that_fail_on_their_own_are_error_records(tmp_path, policy, cap
     assert len(good) == 3 and all(len(r["completions"]) == 4 for r in good)
     # the same three problems alone give the same lines
     alone = run_search(engine, prm, strategy, SAMPLING, [p for p in problems if p.id in {r["id"] for r in good}],
-                       tmp_path / "alone.jsonl", progress=False, system_prompt="", chat_template=REJECTING_TEMPLATE)
+                       tmp_path / "alone.jsonl", progress=False, system_prompt="", chat_template=REJECTING_TEMPLATE).records
     strip = lambda rs: sorted(({k: v for k, v in r.items() if k not in ("seconds", "prm_tokens")} for r in rs), key=lambda r: r["id"])
     assert strip(alone) == strip(good)
     table = summarize(records)
@@ -122,9 +123,9 @@ def test_problems_that_fail_on_their_own_are_error_records(tmp_path, policy, cap
     row4 = next(line for line in table.splitlines() if line.split()[0] == "4")
     assert f"{100 * correct4 / 5:8.1f}%" in row4 and row4.split()[-1] == "5"  # out of all five problems
     before = out.read_text()
-    run_search(engine, prm, strategy, SAMPLING, problems, out, resume=True, progress=False, system_prompt="",
-               chat_template=REJECTING_TEMPLATE)
-    assert out.read_text() == before and run_search.last_new_records == 0
+    resumed = run_search(engine, prm, strategy, SAMPLING, problems, out, resume=True, progress=False, system_prompt="",
+                         chat_template=REJECTING_TEMPLATE)
+    assert out.read_text() == before and resumed.new_records == []
 
 
 def test_a_question_too_long_for_the_prm_is_an_error_record(tmp_path, policy):

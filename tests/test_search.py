@@ -154,7 +154,6 @@ def test_blocks_in_use_stay_within_the_beam_bound(engine, tmp_path):
     """Policy pool: prompt blocks + N x (blocks of the longest path the search wrote, pruned ones
     included, + 1); the PRM's pool likewise in PRM tokens (question + format prefix, then each
     path's step tokens), watched after every forward of either model."""
-    from ttc_fast.search import TreeSearch
     from ttc_fast.testing_prm import build_math_shepherd_prm
 
     prm = tf.load_prm(build_math_shepherd_prm(tmp_path / "prm", seed=3), kind="math-shepherd", device="cpu",
@@ -172,16 +171,16 @@ def test_blocks_in_use_stay_within_the_beam_bound(engine, tmp_path):
         runner.forward = watched
     longest = {"policy": 0, "prm": 0}
 
-    class Watching(TreeSearch):
-        def _prune(self, flight, children):
-            for _, node in children:  # every path written, before pruning
-                longest["policy"] = max(longest["policy"], node.tokens)
-                ids, _ = prm.full_ids(flight[0].problem.question, node.steps)
-                longest["prm"] = max(longest["prm"], len(ids) - len(prm.fmt.prefix_ids(flight[0].problem.question)))
-            super()._prune(flight, children)
+    class Watching(tf.search.SearchObserver):
+        def on_prune(self, state, children, kept):
+            for path in children:  # every path written
+                longest["policy"] = max(longest["policy"], path.tokens)
+                ids, _ = prm.full_ids(state.problem.question, path.steps)
+                longest["prm"] = max(longest["prm"], len(ids) - len(prm.fmt.prefix_ids(state.problem.question)))
 
     try:
-        search = Watching(engine, prm, tf.BeamSearch(n=n, width=4, iterations=4, delimiter=DELIM), SAMPLING)
+        search = tf.search.TreeSearch(engine, prm, tf.BeamSearch(n=n, width=4, iterations=4, delimiter=DELIM), SAMPLING,
+                                      observer=Watching())
         [result] = list(search.run(problems(1)))
     finally:
         del engine.runner.forward

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import ttc_fast as tf
 from ttc_fast.cli import main
 from ttc_fast.prompts import DEFAULT_SYSTEM_PROMPT, PromptFormat, encode_prompt
-from ttc_fast.run import differences, read_results
+from ttc_fast.results import differences, read_results
 from ttc_fast.search import split_steps
 
 from test_prm_formats import ref_rlhflow

@@ -12,9 +12,9 @@ import torch
 
 import ttc_fast as tf
 from ttc_fast.data import Problem
-from ttc_fast.prm import aggregate
-from ttc_fast.search import TreeSearch, _Node, _Problem
+from ttc_fast.search import SearchObserver, TreeSearch
 from ttc_fast.testing import build_tiny_model
+from ttc_fast.tree import Path
 
 DELIM = "e"
 SAMPLING = tf.SamplingParams(temperature=1.0, max_tokens=10, seed=0)
@@ -39,26 +39,35 @@ def problems(k: int) -> list[Problem]:
     return [Problem(f"p{i}", f"What is {i} times {i + 4}?", str(i * (i + 4)), "math", {}) for i in range(k)]
 
 
-class RecordingSearch(TreeSearch):
-    """Records every pruning: the candidates (problem, subtree, aggregated score, finished?) and
-    the frontier it left (problem -> [(candidate, subtree, times to expand)])."""
+class Recorder(SearchObserver):
+    """Records every pruning, grouped by iteration: the candidates (problem, subtree, aggregated
+    score, finished?) and the frontier it left (problem -> [(candidate, subtree, times to
+    expand)]); and each problem's finished paths' subtrees."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self):
         self.prunings = []
         self.completed_groups = {}
+        self._iteration = None
 
-    def _prune(self, flight, children):
-        agg = self.strategy.aggregation
-        candidates = [(st.index, node.group, aggregate(node.scores, agg), self._is_done(st, node), id(node))
-                      for st, node in children]
-        super()._prune(flight, children)
-        frontier = {st.index: [(id(node), node.group, count) for node, count in st.frontier] for st in flight}
-        self.prunings.append((candidates, frontier))
+    def on_iteration(self, states):
+        self._iteration = None
 
-    def _result(self, st):
-        self.completed_groups[st.index] = Counter(node.group for node in st.completed)
-        return super()._result(st)
+    def on_prune(self, state, children, kept):
+        agg = state.strategy.aggregation
+        if self._iteration is None:
+            self._iteration = ([], {})
+            self.prunings.append(self._iteration)
+        candidates, frontier = self._iteration
+        candidates += [(state.index, p.group, p.score(agg), p.done, id(p)) for p in children]
+        frontier[state.index] = [(id(p), p.group, count) for p, count in kept]
+
+    def on_result(self, state, result):
+        self.completed_groups[state.index] = Counter(p.group for p in state.completed)
+
+
+def recording_search(engine, prm, strategy, sampling):
+    recorder = Recorder()
+    return TreeSearch(engine, prm, strategy, sampling, observer=recorder), recorder
 
 
 def test_dvts_subtrees_keep_their_best_candidate_and_end_on_their_own(engine):
@@ -67,11 +76,11 @@ def test_dvts_subtrees_keep_their_best_candidate_and_end_on_their_own(engine):
     never stops because others finished; each returns `width` paths."""
     n, width = 8, 2
     strategy = tf.DVTS(n=n, width=width, iterations=5, delimiter=DELIM)
-    search = RecordingSearch(engine, tf.load_prm(path_score), strategy, SAMPLING)
+    search, recorder = recording_search(engine, tf.load_prm(path_score), strategy, SAMPLING)
     results = [r for r in search.run(problems(3))]
     ended_on_a_finished_best = continued_after_another_ended = 0
     ended: set[tuple[int, int]] = set()
-    for candidates, frontier in search.prunings:
+    for candidates, frontier in recorder.prunings:
         by_subtree = {}
         for problem, group, score, done, node in candidates:
             by_subtree.setdefault((problem, group), []).append((score, done, node))
@@ -90,17 +99,17 @@ def test_dvts_subtrees_keep_their_best_candidate_and_end_on_their_own(engine):
     assert ended_on_a_finished_best > 0 and continued_after_another_ended > 0  # both rules were exercised
     for r in results:
         assert len(r.completions) == n
-    for groups in search.completed_groups.values():
+    for groups in recorder.completed_groups.values():
         assert sorted(groups) == list(range(n // width))  # every subtree ran to a finished path
 
 
 def test_beam_search_keeps_the_top_n_over_width_of_the_whole_problem(engine):
     n, width = 8, 4
     strategy = tf.BeamSearch(n=n, width=width, iterations=4, delimiter=DELIM)
-    search = RecordingSearch(engine, tf.load_prm(path_score), strategy, SAMPLING)
+    search, recorder = recording_search(engine, tf.load_prm(path_score), strategy, SAMPLING)
     list(search.run(problems(2)))
     checked = 0
-    for candidates, frontier in search.prunings:
+    for candidates, frontier in recorder.prunings:
         for problem in {c[0] for c in candidates}:
             live = sorted((c for c in candidates if c[0] == problem and not c[3]), key=lambda c: -c[2])
             kept = frontier[problem]
@@ -118,31 +127,30 @@ def test_beam_search_keeps_the_top_n_over_width_of_the_whole_problem(engine):
 def test_particle_filtering_resamples_in_proportion_to_softmax_of_the_scores(engine):
     """Draw after draw, how often each particle is expanded matches softmax(score / T)."""
     scores, temperature = [0.1, 0.5, 0.9, 0.2], 0.5
-    search = TreeSearch(engine, tf.load_prm(path_score), tf.ParticleFiltering(n=4, temperature=temperature), SAMPLING)
-    st = _Problem(0, problems(1)[0], None, None, 0.0)
-    nodes = [_Node(None, None, ["step"], [s], 1, 0) for s in scores]
-    drawn = torch.zeros(len(nodes))
-    for iteration in range(2000):
-        st.iteration = iteration
-        frontier = search._resample(st, nodes)
-        assert sum(count for _, count in frontier) == len(nodes)  # as many particles as before
-        for node, count in frontier:
-            drawn[nodes.index(node)] += count
+    strategy = tf.ParticleFiltering(n=4, temperature=temperature)
+    paths = [Path(["step"], [s]) for s in scores]
+    drawn = torch.zeros(len(paths))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2000):
+        frontier = strategy.resample(paths, g)
+        assert sum(count for _, count in frontier) == len(paths)  # as many particles as before
+        for path, count in frontier:
+            drawn[paths.index(path)] += count
     expected = torch.softmax(torch.tensor(scores) / temperature, dim=0)
     assert torch.allclose(drawn / drawn.sum(), expected, atol=0.02), (drawn / drawn.sum(), expected)
 
 
-class RollingOut(TreeSearch):
-    """Marks the verifier calls made by the lookahead's rollouts."""
+class RollingOut(SearchObserver):
+    """Marks the verifier calls made by the lookahead's rollouts: from on_lookahead to the
+    pruning that follows."""
 
     rolling = False
 
-    def _lookahead(self, children):
+    def on_lookahead(self, items):
         RollingOut.rolling = True
-        try:
-            super()._lookahead(children)
-        finally:
-            RollingOut.rolling = False
+
+    def on_prune(self, state, children, kept):
+        RollingOut.rolling = False
 
 
 def test_lookahead_scores_each_step_at_the_end_of_its_greedy_rollout(engine):
@@ -156,7 +164,7 @@ def test_lookahead_scores_each_step_at_the_end_of_its_greedy_rollout(engine):
         return path_score(question, steps)
 
     strategy = tf.BeamSearch(n=4, width=2, iterations=3, delimiter=DELIM, lookahead=1)
-    results = list(RollingOut(engine, tf.load_prm(recording), strategy, SAMPLING).run(problems(2)))
+    results = list(TreeSearch(engine, tf.load_prm(recording), strategy, SAMPLING, observer=RollingOut()).run(problems(2)))
     checked = 0
     for r in results:
         for c in r.completions:
@@ -199,23 +207,23 @@ def test_defaults_are_search_and_learns():
     assert (sampling.temperature, sampling.top_p, sampling.max_tokens) == (0.8, 1.0, 2048)
 
 
-class InFlightSearch(TreeSearch):
+class InFlight(SearchObserver):
     """Records the most problems in flight at once."""
 
     most = 0
 
-    def _iterate(self, flight):
-        self.most = max(self.most, len(flight))
-        super()._iterate(flight)
+    def on_iteration(self, states):
+        self.most = max(self.most, len(states))
 
 
 def _search_on_a_pool(model_path, num_blocks: int, k: int):
     engine = tf.Engine(tf.load_model(model_path, device="cpu"), num_blocks=num_blocks, block_size=4)
     strategy = tf.BeamSearch(n=4, width=2, iterations=3, delimiter=DELIM)
-    search = InFlightSearch(engine, tf.load_prm(path_score), strategy, SAMPLING)
+    in_flight = InFlight()
+    search = TreeSearch(engine, tf.load_prm(path_score), strategy, SAMPLING, observer=in_flight)
     results = {r.problem_id: [c.text for c in r.completions] for r in search.run(problems(k))}
     assert engine.runner.blocks.num_used_blocks == 0
-    return search.most, results
+    return in_flight.most, results
 
 
 def test_problems_in_flight_are_bounded_by_the_pool_not_a_batch_size(model_path):
@@ -248,16 +256,14 @@ def test_a_pool_that_cannot_hold_one_sequence_raises_out_of_blocks(model_path):
                       tf.SamplingParams(temperature=1.0, max_tokens=40, seed=0), prm=tf.load_prm(path_score))
 
 
-class FrontierTexts(TreeSearch):
+class FrontierTexts(SearchObserver):
     """Records, after every pruning, each problem's kept beams as their step texts."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self):
         self.kept = []
 
-    def _prune(self, flight, children):
-        super()._prune(flight, children)
-        self.kept.append({st.index: [tuple(node.steps) for node, _ in st.frontier] for st in flight})
+    def on_prune(self, state, children, kept):
+        self.kept.append({state.index: [tuple(p.steps) for p, _ in kept]})
 
 
 @pytest.mark.parametrize("filter_duplicates", [False, True])
@@ -266,9 +272,11 @@ def test_beam_search_filter_duplicates(engine, filter_duplicates):
     only the first of equal texts competes, so the kept beams are distinct; without it the copies
     fill the beam slots."""
     strategy = tf.BeamSearch(n=4, width=2, iterations=3, delimiter=DELIM, filter_duplicates=filter_duplicates)
-    search = FrontierTexts(engine, tf.load_prm(path_score), strategy, tf.SamplingParams(temperature=0.0, max_tokens=10, seed=0))
+    texts = FrontierTexts()
+    search = TreeSearch(engine, tf.load_prm(path_score), strategy, tf.SamplingParams(temperature=0.0, max_tokens=10, seed=0),
+                        observer=texts)
     list(search.run(problems(2)))
-    kept = [beams for step in search.kept for beams in step.values() if beams]
+    kept = [beams for step in texts.kept for beams in step.values() if beams]
     assert kept
     for beams in kept:
         if filter_duplicates:

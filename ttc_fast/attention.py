@@ -5,13 +5,14 @@ Two backends run behind one interface: `torch` calls the pure-torch references i
 under TRITON_INTERPRET=1). "auto" picks triton on CUDA and torch elsewhere.
 
 Batch layout: decode sequences (one new token each) come first, then prefill/extend sequences.
-The metadata is built once per forward and shared by every layer.
+The metadata is planned once per forward (`plan`) and shared by every layer (`forward`).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import kernels as K
@@ -42,6 +43,18 @@ class AttentionMetadata:
     max_group_rows: int = 0
     max_prefix_len: int = 0
     max_suffix_len: int = 0
+
+
+@dataclass
+class BatchPlan:
+    """`AttentionBackend.plan` of one forward: the row order it chose (`perm`, into the caller's
+    decodes-first order), the rows' token offsets `cu_q_lens` [rows + 1] and `context_lens`
+    [rows] on the host, in that order, and the metadata every layer reads."""
+
+    perm: np.ndarray
+    cu_q_lens: np.ndarray
+    context_lens: np.ndarray
+    meta: AttentionMetadata
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
@@ -100,6 +113,53 @@ class AttentionBackend:
             block_tables, context_lens, block_size,
             min_prefix_tokens=self.cascade_min_prefix_tokens, min_group_size=self.cascade_min_group_size,
         )
+
+    def plan(self, block_tables: np.ndarray, context_lens: np.ndarray, q_lens: np.ndarray, slots: np.ndarray,
+             block_size: int, device, memo=None) -> BatchPlan:
+        """Once per forward, shared by every layer (FlashInfer's plan / run split): the metadata
+        of a batch whose rows come decodes first. block_tables [rows, max_blocks], context_lens
+        [rows], q_lens [rows] (new tokens), slots [tokens]: host arrays in that order. The triton
+        cascade path may reorder the decode rows into shared-prefix groups (`BatchPlan.perm`);
+        the torch path plans the rows' prefix tree (`memo`: a `SharedKVMemo` its caller clears
+        whenever a block is freed)."""
+        rows = len(q_lens)
+        num_decode = int((q_lens == 1).sum())
+        perm = np.arange(rows)
+        group_indptr = prefix_lens = None
+        groups = None
+        if num_decode:
+            groups = self.plan_decode_groups(torch.from_numpy(block_tables[:num_decode]),
+                                             torch.from_numpy(context_lens[:num_decode]), block_size)
+        if groups is not None:
+            decode_perm, group_indptr, prefix_lens = (x.numpy() for x in groups)
+            # Decode rows carry one token each, so the same permutation reorders tokens and slots.
+            perm[:num_decode] = decode_perm
+            block_tables, context_lens, q_lens = block_tables[perm], context_lens[perm], q_lens[perm]
+            slots = np.concatenate([slots[:num_decode][decode_perm], slots[num_decode:]])
+        prefix_tree = None
+        if self.uses_prefix_tree:
+            prefix_tree = self.plan_prefix_tree(block_tables, context_lens, q_lens, block_size, device, memo=memo)
+        cu = np.zeros(rows + 1, dtype=np.int64)
+        np.cumsum(q_lens, out=cu[1:])
+        bounds = {"max_decode_context_len": int(context_lens[:num_decode].max()) if num_decode else 0}
+        if group_indptr is not None:
+            row_prefix = np.repeat(prefix_lens, np.diff(group_indptr))
+            bounds.update(max_group_rows=int(np.diff(group_indptr).max()), max_prefix_len=int(prefix_lens.max()),
+                          max_suffix_len=max(1, int((context_lens[:num_decode] - row_prefix).max())))
+        meta = AttentionMetadata(
+            slot_mapping=torch.as_tensor(slots, dtype=torch.int32).to(device),
+            block_tables=torch.as_tensor(block_tables, dtype=torch.int32).to(device),
+            context_lens=torch.as_tensor(context_lens, dtype=torch.int32).to(device),
+            cu_q_lens=torch.as_tensor(cu, dtype=torch.int32).to(device),
+            max_q_len=int(q_lens.max()),
+            max_context_len=int(context_lens.max()),
+            num_decode_seqs=num_decode,
+            prefix_tree=prefix_tree,
+            group_indptr=None if group_indptr is None else torch.as_tensor(group_indptr, dtype=torch.int32).to(device),
+            prefix_lens=None if prefix_lens is None else torch.as_tensor(prefix_lens, dtype=torch.int32).to(device),
+            **bounds,
+        )
+        return BatchPlan(perm, cu, context_lens, meta)
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """q: [T, Hq, D]; k, v: [T, Hkv, D]. Returns attention output [T, Hq, D]."""

@@ -221,7 +221,8 @@ def _describe_pools(engine, prm) -> str:
 
 def cmd_run(args) -> int:
     """Search a problem file with a policy and a verifier; see `ttc_fast.run` for the output."""
-    from .run import RunError, make_strategy, needs_prm, resolve_prm, run_search, summarize
+    from .results import summarize
+    from .run import RunError, make_strategy, needs_prm, resolve_prm, run_search
 
     if args.policy is None:
         given = [_flag(f) for f in POLICY_ONLY_FLAGS if getattr(args, f) is not None]
@@ -293,15 +294,14 @@ def cmd_run(args) -> int:
         print(plan.describe())
     else:
         print(_describe_pools(engine, prm))
-    records = run_search(engine, prm, strategy, sampling, problems, out, resume=args.resume, overwrite=args.overwrite,
+    outcome = run_search(engine, prm, strategy, sampling, problems, out, resume=args.resume, overwrite=args.overwrite,
                          progress=not args.no_progress, max_problems_in_flight=args.max_in_flight,
                          system_prompt=prompt.system_prompt, chat_template=prompt.chat_template,
                          chat_template_kwargs=prompt.chat_template_kwargs)
     ids = {p.id for p in problems}
-    mine = [r for r in records if r["id"] in ids]
-    new_tokens = sum(r["policy_tokens"] for r in records[len(records) - run_search.last_new_records:]) if run_search.last_new_records else 0
-    print(summarize(mine, wall_seconds=run_search.last_wall_seconds, new_policy_tokens=new_tokens))
-    print(f"results: {out} ({run_search.last_new_records} new, {len(mine)} of {len(problems)} problems)")
+    mine = [r for r in outcome.records if r["id"] in ids]
+    print(summarize(mine, wall_seconds=outcome.wall_seconds, new_policy_tokens=outcome.new_policy_tokens))
+    print(f"results: {out} ({len(outcome.new_records)} new, {len(mine)} of {len(problems)} problems)")
     return 0
 
 

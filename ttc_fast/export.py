@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .run import RunError, read_results
+from .results import RunError, read_results
 from .search import powers_of_two
 
 FORMATS = ("sal",)

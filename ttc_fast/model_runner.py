@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import kernels as K
-from .attention import AttentionBackend, AttentionMetadata
+from .attention import AttentionBackend
 from .block_manager import BlockManager
 from .kv_pool import KVPool, plan_num_blocks
 from .loader import LoadedModel
@@ -122,35 +122,19 @@ class ModelRunner:
             if self.blocks.seq_len(seq) + n > limit:
                 raise ValueError(f"sequence {seq} would reach {self.blocks.seq_len(seq) + n} tokens; the model attends over at most {limit}")
 
-        # Decode rows (one token) first, then extend rows; the cascade planner may reorder decodes.
+        # Decode rows (one token) first, then extend rows; the backend's plan may reorder decodes.
         order = np.concatenate([np.flatnonzero(counts == 1), np.flatnonzero(counts > 1)])
         ordered_seqs = [seqs[i] for i in order]
         slots, copies = self.blocks.append_batch(ordered_seqs, [tokens[i] for i in order])
         if len(copies):
             self.attention.copy_blocks(self.pool.kv, torch.as_tensor(np.asarray(copies, dtype=np.int32).reshape(-1, 2), device=self.device))
         tables, ctx = self.blocks.block_tables(ordered_seqs)
-        num_decode = int((counts == 1).sum())
-
-        group_indptr = prefix_lens = None
-        plan = None
-        if num_decode:
-            plan = self.attention.plan_decode_groups(torch.from_numpy(tables[:num_decode]), torch.from_numpy(ctx[:num_decode]), self.block_size)
-        if plan is not None:
-            perm, group_indptr, prefix_lens = (x.numpy() for x in plan)
-            # Decode rows carry one token each, so the same permutation reorders tokens and slots.
-            order[:num_decode] = order[:num_decode][perm]
-            tables[:num_decode], ctx[:num_decode] = tables[:num_decode][perm], ctx[:num_decode][perm]
-            slots = np.concatenate([slots[:num_decode][perm], slots[num_decode:]])
-
-        ordered_counts = counts[order]
-        prefix_tree = None
         if self.attention.uses_prefix_tree:
             self.shared_kv_memo.begin_forward()
-            prefix_tree = self.attention.plan_prefix_tree(tables, ctx, ordered_counts, self.block_size, self.device,
-                                                          memo=self.shared_kv_memo)
-        cu = np.zeros(len(order) + 1, dtype=np.int64)
-        np.cumsum(ordered_counts, out=cu[1:])
-        starts = np.repeat(ctx.astype(np.int64) - ordered_counts, ordered_counts)
+        plan = self.attention.plan(tables, ctx, counts[order], slots, self.block_size, self.device, memo=self.shared_kv_memo)
+        order = order[plan.perm]
+        cu, ordered_counts = plan.cu_q_lens, counts[order]
+        starts = np.repeat(plan.context_lens.astype(np.int64) - ordered_counts, ordered_counts)
         positions = starts + np.arange(cu[-1]) - np.repeat(cu[:-1], ordered_counts)
         input_ids = np.fromiter((t for i in order for t in tokens[i]), dtype=np.int64, count=int(cu[-1]))
 
@@ -163,24 +147,7 @@ class ModelRunner:
             row_starts.append(len(rows))
 
         dev = self.device
-        bounds = {"max_decode_context_len": int(ctx[:num_decode].max()) if num_decode else 0}
-        if group_indptr is not None:
-            row_prefix = np.repeat(prefix_lens, np.diff(group_indptr))
-            bounds.update(max_group_rows=int(np.diff(group_indptr).max()), max_prefix_len=int(prefix_lens.max()),
-                          max_suffix_len=max(1, int((ctx[:num_decode] - row_prefix).max())))
-        meta = AttentionMetadata(
-            slot_mapping=torch.as_tensor(slots, dtype=torch.int32).to(dev),
-            block_tables=torch.as_tensor(tables, dtype=torch.int32).to(dev),
-            context_lens=torch.as_tensor(ctx, dtype=torch.int32).to(dev),
-            cu_q_lens=torch.as_tensor(cu, dtype=torch.int32).to(dev),
-            max_q_len=int(ordered_counts.max()),
-            max_context_len=int(ctx.max()),
-            num_decode_seqs=num_decode,
-            prefix_tree=prefix_tree,
-            group_indptr=None if group_indptr is None else torch.as_tensor(group_indptr, dtype=torch.int32).to(dev),
-            prefix_lens=None if prefix_lens is None else torch.as_tensor(prefix_lens, dtype=torch.int32).to(dev),
-            **bounds,
-        )
+        meta = plan.meta
         logits, hidden = self.model.module(
             torch.as_tensor(input_ids).to(dev),
             torch.as_tensor(positions).to(dev),

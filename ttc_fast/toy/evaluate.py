@@ -113,11 +113,11 @@ def run_toy(out_dir: str | Path = "runs/toy", limit: int | None = None, ns=NS, r
         policy, prm = policy_s(device, backend), toy_prm(device=device, backend=backend)
         path = out_dir / f"{name}-n{n}.jsonl"
         if resume and path.exists():
-            records = run_search(policy, prm, strategy, sampling, problems, path, resume=True, progress=progress)
+            outcome = run_search(policy, prm, strategy, sampling, problems, path, resume=True, progress=progress)
         else:
-            records = run_search(policy, prm, strategy, sampling, problems, path, overwrite=True, progress=progress)
-        new = run_search.last_new_records  # a resumed run counts only what it generated itself
-        tokens += sum(r["policy_tokens"] for r in records[len(records) - new:]) if new else 0
+            outcome = run_search(policy, prm, strategy, sampling, problems, path, overwrite=True, progress=progress)
+        records = outcome.records
+        tokens += outcome.new_policy_tokens  # a resumed run counts only what it generated itself
         if name == "best-of-n":
             for label, key in (("majority", "maj"), ("best-of-n", "naive"), ("weighted best-of-n", "weighted")):
                 table[label] = {m: _mean(r["correct"][str(m)][key] for r in records) for m in ns}

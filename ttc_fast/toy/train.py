@@ -543,21 +543,20 @@ def pruning_candidates(prm_path: Path, n_problems: int, n: int, seed: int, tempe
     still be lost. A proxy: the toy job picks by weighted score (the answer whose paths' scores
     sum highest), and a pair here only says a wrong path scored at or above the best right one.
     Returns (decisions, how often the best-scored finished path's answer is right)."""
-    from ..prm import aggregate
     from ..sampling import SamplingParams
-    from ..search import TreeSearch
+    from ..search import SearchObserver, TreeSearch
     from ..strategies import BeamSearch
     from .evaluate import ITERATIONS, STEP_TOKENS, policy_s, toy_prm
 
-    class RecordingSearch(TreeSearch):
-        def _keep_top(self, flight, live):
-            for st in flight:
-                nodes = live[id(st)]
-                if len(nodes) > self.strategy.keep:
-                    agg = self.strategy.aggregation
-                    decisions.append(_decision(st.problem.question,
-                                               [(node.steps, aggregate(node.scores, agg)) for node in nodes]))
-            super()._keep_top(flight, live)
+    class Recording(SearchObserver):
+        """Every top-k pruning with more live candidates than beams kept (a problem that has n
+        finished paths stops without one)."""
+
+        def on_prune(self, state, children, kept):
+            strategy = state.strategy
+            live = [p for p in children if not p.done]
+            if len(live) > strategy.keep and len(state.completed) < strategy.n:
+                decisions.append(_decision(state.problem.question, [(p.steps, p.score(strategy.aggregation)) for p in live]))
 
     decisions: list = []
     rng = random.Random(seed)
@@ -566,7 +565,8 @@ def pruning_candidates(prm_path: Path, n_problems: int, n: int, seed: int, tempe
     engine, prm = policy_s("cpu"), toy_prm(prm_path, "cpu")
     sampling = SamplingParams(temperature=temperature, top_p=1.0, max_tokens=STEP_TOKENS, seed=seed)
     right = 0
-    for result in RecordingSearch(engine, prm, BeamSearch(n=n, width=4, iterations=ITERATIONS), sampling).run(problems):
+    search = TreeSearch(engine, prm, BeamSearch(n=n, width=4, iterations=ITERATIONS), sampling, observer=Recording())
+    for result in search.run(problems):
         right += result.correct[n]["naive"]
         decision = final_pick(result) if final_picks else None
         if decision is not None:

@@ -1,0 +1,13 @@
+"""Search strategies: each class holds its settings and its rules (`Strategy`); the loop that
+runs them is `ttc_fast.search`. A new strategy is one class in one file here, and one entry in
+`STRATEGIES`."""
+from .base import SEARCH_SAMPLING, STEP_DELIMITER, Strategy
+from .beam_search import BeamSearch
+from .best_of_n import BestOfN, MajorityVote, WeightedBestOfN
+from .dvts import DVTS
+from .particle_filtering import ParticleFiltering
+
+STRATEGIES = {cls.__name__: cls for cls in (BestOfN, MajorityVote, WeightedBestOfN, BeamSearch, DVTS, ParticleFiltering)}
+
+__all__ = ["SEARCH_SAMPLING", "STEP_DELIMITER", "STRATEGIES", "Strategy", "BestOfN", "MajorityVote", "WeightedBestOfN",
+           "BeamSearch", "DVTS", "ParticleFiltering"]
