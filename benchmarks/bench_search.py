@@ -436,7 +436,7 @@ def real_shapes(args) -> dict:
     import ttc_fast as tf
     from ttc_fast.config import ModelConfig, RopeConfig
     from ttc_fast.kv_pool import bytes_per_block
-    from ttc_fast.prm import ModelPRM, _MathShepherdFormat, _Segmenter
+    from ttc_fast.prm import ModelPRM, make_format
     from ttc_fast.prompts import encode_prompt
     from ttc_fast.testing_prm import _tokenizer
 
@@ -469,7 +469,7 @@ def real_shapes(args) -> dict:
     prm_model = random_model(prm_cfg, device, dtype, tok, "llama-3.1-8b-prm-shape", 2)
     sync(device)
     t_build = time.perf_counter() - t_build
-    fmt = _MathShepherdFormat(tok, _Segmenter(tok), "random PRM")
+    fmt = make_format("math-shepherd", tok, "random PRM")
 
     bs = args.block_size
     gb = 1 << 30
