@@ -17,11 +17,14 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-from ttc_fast.block_manager import BlockManager
-from ttc_fast.block_manager_ref import PyBlockManager
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the Python twin lives with the tests
+
+from ttc_fast.block_manager import BlockManager  # noqa: E402
+from block_manager_ref import PyBlockManager  # noqa: E402
 
 
 def make_trace(args):

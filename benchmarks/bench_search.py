@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test PRM checkpoints' builders
 
 DEFAULT_DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "math500.jsonl")
 # Printable characters absent from the training corpus of `ttc_fast.testing.build_tokenizer`:
@@ -323,7 +324,7 @@ def cpu_side_by_side(args) -> dict:
 
     import ttc_fast as tf
     from ttc_fast.testing import build_tiny_model
-    from ttc_fast.testing_prm import build_math_shepherd_prm
+    from prm_builders import build_math_shepherd_prm
 
     device = torch.device(args.device or "cpu")
     # One more problem than measured: the warm-up runs on it, so the prefix caches of the timed
@@ -401,7 +402,7 @@ def cpu_side_by_side(args) -> dict:
     print(f"{'':<42} {'ttc_fast':>10} {'baseline':>10}   baseline / ttc_fast")
     for name, a, b, r in rows:
         print(f"{name:<42} {a!s:>10} {b!s:>10}   {r}")
-    print(f"\nttc_fast time split (s, whole run): " + ", ".join(f"{k2} {v:.2f}" for k2, v in ours["split_s"].items()))
+    print("\nttc_fast time split (s, whole run): " + ", ".join(f"{k2} {v:.2f}" for k2, v in ours["split_s"].items()))
     print(f"baseline time split (s, whole run): generate {base['generate_s']:.2f}, prm {base['prm_s']:.2f}")
     return {"info": info, "ours": ours, "baseline": base, "ratios": ratios}
 
@@ -438,7 +439,7 @@ def real_shapes(args) -> dict:
     from ttc_fast.kv_pool import bytes_per_block
     from ttc_fast.prm import ModelPRM, make_format
     from ttc_fast.prompts import encode_prompt
-    from ttc_fast.testing_prm import _tokenizer
+    from prm_builders import _tokenizer
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[

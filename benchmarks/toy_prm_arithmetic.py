@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from ttc_fast.toy.evaluate import TEMPERATURE  # noqa: E402
 from ttc_fast.toy.task import prefix_labels  # noqa: E402
 from ttc_fast.toy.tokenizer import build_tokenizer  # noqa: E402
-from ttc_fast.toy.train import (  # noqa: E402
+from toy_training import (  # noqa: E402
     BUILTIN, _fresh_problem, own_slip_pairs, policy_row, policy_view, prm_data, prm_row,
 )
 

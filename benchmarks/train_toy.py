@@ -5,7 +5,7 @@
     python benchmarks/train_toy.py policy-l --threads 1   # S and L can run side by side
     python benchmarks/train_toy.py prm                # needs toy-policy-s and toy-policy-l
 
-See ttc_fast/toy/train.py for what is trained and how; the log (params, wall time, loss and
+See benchmarks/toy_training.py for what is trained and how; the log (params, wall time, loss and
 greedy accuracy over training, PRM held-out AUC) goes to benchmarks/toy_train_log.json.
 """
 import sys
@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ttc_fast.toy.train import main  # noqa: E402
+from toy_training import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -4,8 +4,13 @@ Triton kernels run on the CPU through Triton's interpreter; TRITON_INTERPRET mus
 any kernel is defined (at import of ttc_fast.kernels), so it is set here, first.
 """
 import os
+import sys
+from pathlib import Path
 
 import torch
+
+# The toy task's training code (benchmarks/toy_training.py) is tested here too.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

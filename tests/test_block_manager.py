@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from ttc_fast.block_manager import BlockManager, OutOfBlocks
-from ttc_fast.block_manager_ref import PyBlockManager
+from block_manager_ref import PyBlockManager
 
 IMPLS = [BlockManager, PyBlockManager]
 
@@ -246,7 +246,7 @@ def M(request):
 
 def test_exports():
     import ttc_fast._C as C
-    from ttc_fast import block_manager_ref
+    import block_manager_ref
 
     assert OutOfBlocks is C.OutOfBlocks and block_manager_ref.OutOfBlocks is OutOfBlocks
     assert issubclass(OutOfBlocks, RuntimeError)

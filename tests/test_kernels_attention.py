@@ -224,7 +224,7 @@ def test_paged_extend_head_dims(device, d):
     qlens, ctx = [3, 12], [3, 30]
     kc, vc = make_cache(8, 1, d, torch.bfloat16, device, gen)
     bt = make_tables(ctx, 8, gen).to(device)
-    cu = torch.tensor([0, 3, 15], dtype=torch.int32, device=device)
+    cu = torch.tensor([0, *torch.tensor(qlens).cumsum(0).tolist()], dtype=torch.int32, device=device)
     ctx_t = torch.tensor(ctx, dtype=torch.int32, device=device)
     q = torch.randn(15, 2, d, generator=gen).bfloat16().to(device)
     ref = paged_extend_attention_ref(q, kc, vc, bt, cu, ctx_t, 12, d ** -0.5)

@@ -97,7 +97,7 @@ def test_runner_reallocates_its_pool(tmp_path):
 
 
 def test_cli_prints_the_pools_and_refuses_gpu_flags_on_the_cpu(tmp_path, capsys):
-    from ttc_fast.testing_prm import build_math_shepherd_prm
+    from prm_builders import build_math_shepherd_prm
 
     policy = build_tiny_model(tmp_path / "policy", "llama")
     prm = build_math_shepherd_prm(tmp_path / "prm")
@@ -120,7 +120,7 @@ def test_plan_device_memory_reallocates_both_pools_to_the_plan(tmp_path):
     """The glue around the arithmetic, with a stated (free, total) instead of a CUDA device's:
     what is in use beside the small profiling pools is counted once, and both pools get the plan."""
     from ttc_fast.memory_plan import plan_device_memory
-    from ttc_fast.testing_prm import build_math_shepherd_prm
+    from prm_builders import build_math_shepherd_prm
 
     engine = tf.Engine(tf.load_model(build_tiny_model(tmp_path / "policy", "llama"), device="cpu"), num_blocks=8)
     prm = tf.load_prm(build_math_shepherd_prm(tmp_path / "prm"), kind="math-shepherd", device="cpu", num_blocks=8)

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ttc_fast import OutOfBlocks
 from ttc_fast.prm import KINDS, PRMOutOfBlocks, aggregate, load_prm
-from ttc_fast.testing_prm import PRM_BUILDERS, prm_model_classes
+from prm_builders import PRM_BUILDERS, prm_model_classes
 
 ATOL = 1e-4
 QUESTIONS = ["What is 2 + 3?", "Natalia sold 48 clips in April and half as many in May. How many in all?"]

@@ -25,7 +25,7 @@ from transformers import AutoTokenizer
 
 from ttc_fast.presets import sal_preset
 from ttc_fast.prm import QWEN_PRM_SYSTEM, make_format
-from ttc_fast.testing_prm import PRM_BUILDERS
+from prm_builders import PRM_BUILDERS
 
 SAL_SYSTEM = sal_preset()["system_prompt"]
 

@@ -201,7 +201,7 @@ def test_resume_with_a_model_prm_matches_uninterrupted(setup, tmp_path):
     """With a real (tiny, fp32) math-shepherd PRM: a run cut after two problems and resumed one
     problem at a time (other batches than the uninterrupted run's) gives the same results: the
     same texts, steps, answers and picks, scores within 1e-5."""
-    from ttc_fast.testing_prm import build_math_shepherd_prm
+    from prm_builders import build_math_shepherd_prm
 
     root, policy, data = setup
     prm = build_math_shepherd_prm(tmp_path / "prm", seed=3)
@@ -469,7 +469,7 @@ def test_preset_chat_template_is_sals_for_llama3_policies_only(tmp_path):
 
     from ttc_fast.cli import _chat_template
     from ttc_fast.presets import sal_preset
-    from ttc_fast.testing_prm import build_qwen_prm, build_rlhflow_prm
+    from prm_builders import build_qwen_prm, build_rlhflow_prm
 
     llama3 = AutoTokenizer.from_pretrained(str(build_rlhflow_prm(tmp_path / "llama3")))
     chatml = AutoTokenizer.from_pretrained(str(build_qwen_prm(tmp_path / "qwen")))

@@ -154,7 +154,7 @@ def test_blocks_in_use_stay_within_the_beam_bound(engine, tmp_path):
     """Policy pool: prompt blocks + N x (blocks of the longest path the search wrote, pruned ones
     included, + 1); the PRM's pool likewise in PRM tokens (question + format prefix, then each
     path's step tokens), watched after every forward of either model."""
-    from ttc_fast.testing_prm import build_math_shepherd_prm
+    from prm_builders import build_math_shepherd_prm
 
     prm = tf.load_prm(build_math_shepherd_prm(tmp_path / "prm", seed=3), kind="math-shepherd", device="cpu",
                       dtype="float32", num_blocks=1024, block_size=4)
@@ -225,7 +225,7 @@ def test_best_of_n_solutions_that_agree_up_to_a_step_are_scored_once_there(engin
     one solution N times, so once per problem; sampled: samples that differ before k are not
     merged even where step k agrees), and every completion's step scores still equal the same
     steps scored one by one on a fresh sequence."""
-    from ttc_fast.testing_prm import build_math_shepherd_prm
+    from prm_builders import build_math_shepherd_prm
 
     path = build_math_shepherd_prm(tmp_path / "prm", seed=3)
     prm = tf.load_prm(path, kind="math-shepherd", device="cpu", dtype="float32")
@@ -245,7 +245,7 @@ def test_children_that_wrote_the_same_step_are_scored_once(engine, tmp_path, mon
     """Greedy expansion makes every child of a branch write the same step: the PRM scores one per
     branch (the copies fork its sequence and take its score), and every completion's step scores
     still equal the same steps scored one by one on a fresh sequence."""
-    from ttc_fast.testing_prm import build_math_shepherd_prm
+    from prm_builders import build_math_shepherd_prm
 
     prm = tf.load_prm(build_math_shepherd_prm(tmp_path / "prm", seed=3), kind="math-shepherd", device="cpu", dtype="float32")
     expansions = record_expansions(engine, monkeypatch)
@@ -261,7 +261,7 @@ def test_policy_and_prm_with_different_tokenizers(tmp_path):
     """The PRM tokenizes the step text itself: a policy whose tokenizer splits text otherwise
     (another BPE vocabulary) searches with it, and every step score equals the PRM's own
     scoring of the same step texts."""
-    from ttc_fast.testing_prm import build_math_shepherd_prm
+    from prm_builders import build_math_shepherd_prm
 
     policy = tf.Engine(tf.load_model(build_tiny_model(tmp_path / "policy", "llama", seed=5, vocab_size=272), device="cpu"),
                        num_blocks=1024, block_size=4)

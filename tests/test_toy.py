@@ -99,7 +99,7 @@ def test_prm_token_labels_mark_the_first_wrong_character():
     arithmetic of right steps, 0 from the first digit that cannot be right, and 0 on every later
     step; a wrong operand is marked at the operand; a step in another form gets none."""
     from ttc_fast.toy.tokenizer import build_tokenizer
-    from ttc_fast.toy.train import prm_row
+    from toy_training import prm_row
 
     tok = build_tokenizer()
     q = "Tom has 7 apples. He buys 5 more. He gives away 3. How many apples does he have now?"
@@ -125,7 +125,7 @@ def test_prm_arithmetic_targets_are_the_right_tokens_only():
     keeps a step right is predicted from the position before it; the wrong digit and all after
     it are not targets."""
     from ttc_fast.toy.tokenizer import build_tokenizer
-    from ttc_fast.toy.train import expression_targets, prm_row
+    from toy_training import expression_targets, prm_row
 
     tok = build_tokenizer()
     q = "Tom has 7 apples. He buys 5 more. He gives away 3. How many apples does he have now?"
@@ -145,7 +145,7 @@ def test_teacher_view_aligns_the_arithmetic_of_both_formats():
     steps joined by blank lines), and each arithmetic token of the PRM row, right or wrong, is
     matched with the same token of L's row (also after a slip and in later steps)."""
     from ttc_fast.toy.tokenizer import build_tokenizer
-    from ttc_fast.toy.train import policy_row, prm_row, teacher_view
+    from toy_training import policy_row, prm_row, teacher_view
 
     tok = build_tokenizer()
     q = "Tom has 7 apples. He buys 5 more. He gives away 3. How many apples does he have now?"
@@ -166,7 +166,7 @@ def test_own_slip_pairs_mend_the_first_wrong_step():
     """train.own_slip_pairs: a sample's first wrong step, cut there, paired with the same step
     mended (its words kept, the right arithmetic written); wrong answers are mended too, and a
     sample with no wrong step gives no pair."""
-    from ttc_fast.toy.train import own_slip_pairs
+    from toy_training import own_slip_pairs
 
     q = "Tom has 7 apples. He buys 5 more. He gives away 3. How many apples does he have now?"
     right = ["He buys 5 more, so 7 + 5 = 12.", "He gives away 3, so 12 - 3 = 9.", "The answer is \\boxed{9}."]
@@ -187,7 +187,7 @@ def test_search_hard_pairs_keep_the_wrong_steps_a_search_would_pick():
     """train.search_hard_pairs: a wrong candidate scored at or above its best right sibling (or
     above the floor when no sibling is right) is a hard case, paired with the same step mended;
     a wrong step scored below the right one is not, and copies of a step count once."""
-    from ttc_fast.toy.train import search_hard_pairs
+    from toy_training import search_hard_pairs
 
     q = "Tom has 7 apples. He buys 5 more. He gives away 3. How many apples does he have now?"
     first = "He buys 5 more, so 7 + 5 = 12."
@@ -213,7 +213,7 @@ def test_pruning_hard_pairs_pair_wrong_paths_with_the_best_right_one():
     the best right one is paired with that right path, including a path whose last step is
     right arithmetic on a value an earlier slip made wrong; a pruning without a right path gives
     none, and a path seen in two prunings counts once."""
-    from ttc_fast.toy.train import pruning_hard_pairs
+    from toy_training import pruning_hard_pairs
 
     q = "Tom has 7 apples. He buys 5 more. He gives away 3. How many apples does he have now?"
     ok1, slip1 = "He buys 5 more, so 7 + 5 = 12.", "He buys 5 more, so 7 + 5 = 13."
@@ -231,7 +231,7 @@ def test_final_pick_is_a_decision_only_when_the_finished_paths_differ():
     """train.final_pick: a search result's completions become one decision (stripped steps and
     aggregated scores, in order), unless every completion is the same path."""
     from ttc_fast.search import Completion, SearchResult
-    from ttc_fast.toy.train import final_pick
+    from toy_training import final_pick
 
     q = "Tom has 7 apples. He buys 5 more. How many apples does he have now?"
 
@@ -284,7 +284,7 @@ def test_pruning_candidates_record_every_pruning_of_beam_search():
     """train.pruning_candidates: every pruning of beam search (more live candidates than it
     keeps) on fresh problems is recorded with each candidate's steps and its score in [0, 1];
     with final_picks, each problem's finished paths follow as one more decision."""
-    from ttc_fast.toy.train import BUILTIN, pruning_candidates
+    from toy_training import BUILTIN, pruning_candidates
 
     decisions, accuracy = pruning_candidates(BUILTIN / "toy-prm", 2, 4, seed=3)
     assert decisions and 0.0 <= accuracy <= 1.0
@@ -301,7 +301,7 @@ def test_pruning_candidates_record_every_pruning_of_beam_search():
 def test_step_candidates_sample_next_steps_from_right_partial_solutions():
     """train.step_candidates: fresh (non-eval) problems, each a right partial solution cut before
     one of its steps, and k one-step samples of S from it (no blank line inside a step)."""
-    from ttc_fast.toy.train import BUILTIN, step_candidates
+    from toy_training import BUILTIN, step_candidates
 
     cands = step_candidates(BUILTIN / "toy-policy-s", 6, 4, seed=5)
     assert len(cands) == 6
@@ -346,7 +346,7 @@ def test_prm_separates_right_from_wrong_steps_of_policy_samples():
     """On policy S's own samples for eval problems (which the PRM never trained on), the PRM's
     step scores rank the checker's good steps above its bad ones: AUC well above chance (0.5)."""
     from ttc_fast.loader import BUILTIN_DIR as ckpts
-    from ttc_fast.toy.train import auc, sample_solutions
+    from toy_training import auc, sample_solutions
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     samples = sample_solutions(ckpts / "toy-policy-s", eval_problems()[:20], 4, temperature=1.0, seed=11)

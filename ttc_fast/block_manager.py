@@ -21,7 +21,7 @@ KV blocks of `block_size` token slots; the flat slot of position p in block b is
   `block_table(seq)`, `seq_len(seq)`, `reset_prefix_cache()`, `check_invariants()`.
 
 Running out of blocks raises `OutOfBlocks` (a RuntimeError) and leaves the manager unchanged;
-unknown sequence ids raise KeyError. `ttc_fast.block_manager_ref.PyBlockManager` is a pure-Python
+unknown sequence ids raise KeyError. `tests/block_manager_ref.py`'s `PyBlockManager` is a pure-Python
 twin with the identical policy (the test oracle and benchmark baseline).
 """
 try:

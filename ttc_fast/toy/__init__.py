@@ -5,7 +5,7 @@
     prm = load_prm(check_step)                     # builtin:toy-checker, the hard-coded verifier
 
 Trained checkpoints ship as builtin:toy-policy-s, builtin:toy-policy-l and builtin:toy-prm
-(math-shepherd format); `benchmarks/train_toy.py` (ttc_fast.toy.train) rebuilds them.
+(math-shepherd format); `benchmarks/train_toy.py` (benchmarks/toy_training.py) rebuilds them.
 """
 from .task import (DEV_SEED, EVAL_SEED, LEVELS, check_step, dev_problems, eval_problems, make_dataset, make_problem,
                    prefix_labels, solve)

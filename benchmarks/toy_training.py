@@ -92,13 +92,13 @@ from pathlib import Path
 
 import torch
 
-from .evaluate import TEMPERATURE
-from .task import _APPLY, EVAL_SEED, check_step, eval_problems, final_value, make_problem, prefix_labels, solve
-from .tokenizer import build_tokenizer
+from ttc_fast.toy.evaluate import TEMPERATURE
+from ttc_fast.toy.task import _APPLY, eval_problems, final_value, make_problem, prefix_labels, solve
+from ttc_fast.toy.tokenizer import build_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
-BUILTIN = ROOT / "builtin"
-LOG = ROOT.parent / "benchmarks" / "toy_train_log.json"
+REPO = Path(__file__).resolve().parents[1]
+BUILTIN = REPO / "ttc_fast" / "builtin"
+LOG = REPO / "benchmarks" / "toy_train_log.json"
 
 # name -> (hidden, layers, heads, kv_heads, intermediate)
 SIZES = {
@@ -212,11 +212,11 @@ def _pad(rows, pad_id):
 
 def greedy_accuracy(path: Path, problems, max_tokens: int = 160) -> float:
     """Greedy accuracy of a saved checkpoint on problems, decoded by ttc_fast's Engine."""
-    from ..engine import Engine
-    from ..grading import extract_answer, grade
-    from ..loader import load_model
-    from ..sampling import SamplingParams
-    from ..prompts import encode_prompt
+    from ttc_fast.engine import Engine
+    from ttc_fast.grading import extract_answer, grade
+    from ttc_fast.loader import load_model
+    from ttc_fast.sampling import SamplingParams
+    from ttc_fast.prompts import encode_prompt
 
     engine = Engine(load_model(str(path), device="cpu"))
     prompts = [encode_prompt(p.question, engine.tokenizer, "") for p in problems]
@@ -312,11 +312,11 @@ def train_policy(name: str, log: dict, steps: int | None = None, threads: int = 
 # --- PRM ----------------------------------------------------------------------------------------
 def sample_solutions(policy: Path, problems, n: int, temperature: float = 1.0, seed: int = 0):
     """n samples per problem from a policy, split into steps: [(problem, steps)]."""
-    from ..engine import Engine
-    from ..loader import load_model
-    from ..sampling import SamplingParams
-    from ..prompts import encode_prompt
-    from ..search import split_steps
+    from ttc_fast.engine import Engine
+    from ttc_fast.loader import load_model
+    from ttc_fast.sampling import SamplingParams
+    from ttc_fast.prompts import encode_prompt
+    from ttc_fast.search import split_steps
 
     engine = Engine(load_model(str(policy), device="cpu"))
     prompts = [encode_prompt(p.question, engine.tokenizer, "") for p in problems]
@@ -493,10 +493,10 @@ def step_candidates(policy: Path, n_problems: int, k: int, seed: int, temperatur
     """The siblings a search ranks: for `n_problems` fresh problems, a right partial solution (the
     reference cut before a random step) and `k` samples of the policy's next step from it, at
     `temperature` (default the toy job's): [(question, prefix, [candidate steps])]."""
-    from ..engine import Engine
-    from ..loader import load_model
-    from ..sampling import SamplingParams
-    from .evaluate import STEP_TOKENS
+    from ttc_fast.engine import Engine
+    from ttc_fast.loader import load_model
+    from ttc_fast.sampling import SamplingParams
+    from ttc_fast.toy.evaluate import STEP_TOKENS
 
     rng = random.Random(seed)
     problems = [_fresh_problem(rng, f"hard-{i}") for i in range(n_problems)]
@@ -543,10 +543,10 @@ def pruning_candidates(prm_path: Path, n_problems: int, n: int, seed: int, tempe
     still be lost. A proxy: the toy job picks by weighted score (the answer whose paths' scores
     sum highest), and a pair here only says a wrong path scored at or above the best right one.
     Returns (decisions, how often the best-scored finished path's answer is right)."""
-    from ..sampling import SamplingParams
-    from ..search import SearchObserver, TreeSearch
-    from ..strategies import BeamSearch
-    from .evaluate import ITERATIONS, STEP_TOKENS, policy_s, toy_prm
+    from ttc_fast.sampling import SamplingParams
+    from ttc_fast.search import SearchObserver, TreeSearch
+    from ttc_fast.strategies import BeamSearch
+    from ttc_fast.toy.evaluate import ITERATIONS, STEP_TOKENS, policy_s, toy_prm
 
     class Recording(SearchObserver):
         """Every top-k pruning with more live candidates than beams kept (a problem that has n
@@ -985,8 +985,8 @@ def train_prm(log: dict, threads: int = 1, steps: int | None = None, init: str |
 def evaluate(log: dict, threads: int = 1, n_search: int = 50) -> dict:
     """Greedy accuracy of S and L on the whole eval set (our Engine), and S + PRM-guided search
     (beam search n=16, width 4; best-of-16) against S greedy on the first n_search problems."""
-    from .. import BeamSearch, BestOfN, Engine, load_model, load_prm
-    from ..sampling import SamplingParams
+    from ttc_fast import BeamSearch, BestOfN, Engine, load_model, load_prm
+    from ttc_fast.sampling import SamplingParams
 
     torch.set_num_threads(threads)
     evals = eval_problems()
@@ -1000,11 +1000,11 @@ def evaluate(log: dict, threads: int = 1, n_search: int = 50) -> dict:
     entry["policy-s_greedy_acc_subset"] = greedy_accuracy(BUILTIN / "toy-policy-s", sub)
     entry["policy-l_greedy_acc_subset"] = greedy_accuracy(BUILTIN / "toy-policy-l", sub)
     engine = Engine(load_model(str(BUILTIN / "toy-policy-s"), device="cpu"))
-    from .evaluate import TEMPERATURE  # the toy job's sampling temperature
+    from ttc_fast.toy.evaluate import TEMPERATURE  # the toy job's sampling temperature
 
     sampling = SamplingParams(temperature=TEMPERATURE, max_tokens=64, seed=0)
     whole = SamplingParams(temperature=TEMPERATURE, max_tokens=160, seed=0)
-    from .task import check_step as checker
+    from ttc_fast.toy.task import check_step as checker
 
     for label, prm in (("prm", load_prm(str(BUILTIN / "toy-prm"), kind="math-shepherd", device="cpu")),
                        ("checker", load_prm(checker))):

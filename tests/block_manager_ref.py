@@ -13,7 +13,7 @@ from collections import deque
 
 import numpy as np
 
-from ._C import OutOfBlocks
+from ttc_fast._C import OutOfBlocks
 
 __all__ = ["PyBlockManager", "OutOfBlocks", "hash_block", "HASH_SEED"]
 

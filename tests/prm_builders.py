@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .testing import build_tokenizer, tiny_config
+from ttc_fast.testing import build_tokenizer, tiny_config
 
 # Llama 3.1's template, reduced to what matters here: BOS, the always-present system block with the
 # knowledge/today dates, then one header + trimmed content + <|eot_id|> per message.
