@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kv_store import FLOAT_DTYPES, check_launchable, interpreting
+from .common import FLOAT_DTYPES, check_launchable, interpreting
 
 INT64_MIN = -(2 ** 63)
 SEG_BLOCK = 1024

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kv_store import FLOAT_DTYPES, check_launchable, interpreting
+from .common import FLOAT_DTYPES, check_launchable, interpreting
 
 # Elements copied per program iteration.
 COPY_BLOCK = 4096

@@ -30,8 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .kv_store import check_cache, check_launchable, check_pow2_head_dim, interpreting, use_fp32_dot
-from .paged_decode import LOG2E, _check_decode_args, _num_sms, merge_split_states, \
+from .common import (LOG2E, attend_paged_tiles, check_launchable, check_pow2_head_dim, interpreting,
+                     lse_merge_base, merged_lse, use_fp32_dot)
+from .paged_decode import _check_decode_args, _num_sms, merge_split_states, \
     paged_decode_attention, paged_decode_attention_ref
 
 # Larger query tiles mean fewer passes over the prefix (one per tile): 128 rows, 8 warps on GPU.
@@ -70,35 +71,8 @@ def _prefix_attn_kernel(
     if FP32_DOT:
         q = q.to(tl.float32)
     table = bt_ptr + r0.to(tl.int64) * sbt_b  # the group's shared prefix blocks
-    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
-        offs = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs < hi
-        blk = tl.load(table + offs // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
-        pos = (offs % BLOCK_SIZE).to(tl.int64)
-        k = tl.load(k_ptr + blk[:, None] * sk_b + pos[:, None] * sk_p + kvh * sk_h + d[None, :],
-                    mask=nmask[:, None], other=0.0)
-        v = tl.load(v_ptr + blk[:, None] * sv_b + pos[:, None] * sv_p + kvh * sv_h + d[None, :],
-                    mask=nmask[:, None], other=0.0)
-        if FP32_DOT:
-            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = tl.where(nmask[None, :], s * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if FP32_DOT:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-    nonempty = l_i > 0
-    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
-    lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    out, lse = attend_paged_tiles(q, k_ptr, v_ptr, table, kvh, lo, hi, lo, sk_b, sk_p, sk_h, sv_b, sv_p, sv_h,
+                                  scale_log2, BLOCK_M, HEAD_DIM, BLOCK_N, BLOCK_SIZE, False, FP32_DOT)
     tl.store(po_ptr + seq[:, None] * spo_b + heads[:, None] * spo_h + split * spo_s + d[None, :], out,
              mask=rmask[:, None])
     tl.store(plse_ptr + seq * spl_b + heads * spl_h + split * spl_s, lse, mask=rmask)
@@ -116,8 +90,7 @@ def _merge_states_kernel(
     dmask = d < HEAD_DIM
     la = tl.load(la_ptr + n * sla_n + h * sla_h)
     lb = tl.load(lb_ptr + n * slb_n + h * slb_h)
-    m = tl.maximum(la, lb)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    m_safe = lse_merge_base(tl.maximum(la, lb))
     wa = tl.exp(la - m_safe)
     wb = tl.exp(lb - m_safe)
     tot = wa + wb
@@ -127,7 +100,7 @@ def _merge_states_kernel(
     # where() keeps a NaN-free result when one side is empty (weight 0) whatever its out holds
     o = tl.where(wa > 0, oa * (wa * inv), 0.0) + tl.where(wb > 0, ob * (wb * inv), 0.0)
     tl.store(o_ptr + n * so_n + h * so_h + d, o.to(o_ptr.dtype.element_ty), mask=dmask)
-    tl.store(l_ptr + n * sl_n + h * sl_h, tl.where(tot > 0, m_safe + tl.log(tl.where(tot > 0, tot, 1.0)), float("-inf")))
+    tl.store(l_ptr + n * sl_n + h * sl_h, merged_lse(m_safe, tot))
 
 
 def _check_merge_args(out_a, lse_a, out_b, lse_b, out):

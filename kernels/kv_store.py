@@ -10,79 +10,14 @@ Layouts:
   v_cache:       [num_blocks, block_size, Hkv, D] same dtype
   slot_mapping:  [T] int32, -1 = skip
 
-This file also holds the small launch helpers that the other kernel files share.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def interpreting() -> bool:
-    """True when Triton kernels run through the CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _fix_interpreter_scalar_index() -> None:
-    """Triton 3.6's interpreter turns a scalar tensor into a Python int (for `range(lo, hi)` with
-    runtime bounds) via `int(ndarray)`, which NumPy >= 2.3 rejects for its 1-element arrays.
-    Re-register `__index__` so it reads the single element; no effect outside the interpreter."""
-    try:
-        import triton.runtime.interpreter as ti
-    except ImportError:  # pragma: no cover
-        return
-    orig = getattr(ti, "_patch_lang_tensor", None)
-    if orig is None or getattr(orig, "_ttc_fixed", False):
-        return
-
-    def patched(tensor, scope):
-        orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._ttc_fixed = True
-    ti._patch_lang_tensor = patched
-
-
-if interpreting():
-    _fix_interpreter_scalar_index()
-
-
-def check_launchable(name: str, *tensors: torch.Tensor) -> torch.device:
-    """All tensors on one device, and that device able to run Triton (CUDA, or CPU + interpreter)."""
-    dev = tensors[0].device
-    for t in tensors:
-        if t.device != dev:
-            raise ValueError(f"{name}: all tensors must be on one device, got {dev} and {t.device}")
-    if dev.type != "cuda" and not interpreting():
-        raise RuntimeError(
-            f"{name}: tensors are on {dev}; the Triton kernel needs CUDA tensors, or TRITON_INTERPRET=1 "
-            f"set before importing ttc_fast.kernels. On the CPU use {name}_ref instead."
-        )
-    return dev
-
-
-def use_fp32_dot(dtype: torch.dtype) -> bool:
-    """Do tl.dot on fp32-cast operands (exact IEEE fp32): always in the interpreter (its bf16 dot is
-    wrong) and for fp32 caches (so no TF32 rounding); fp16/bf16 on a GPU use the native MMA."""
-    return interpreting() or dtype == torch.float32
-
-
-def check_pow2_head_dim(name: str, d: int) -> None:
-    assert d >= 16 and (d & (d - 1)) == 0, f"{name}: head_dim must be a power of two >= 16, got {d}"
-
-
-def check_cache(name: str, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-    assert k_cache.dim() == 4, f"{name}: k_cache must be [num_blocks, block_size, Hkv, D], got {tuple(k_cache.shape)}"
-    assert v_cache.shape == k_cache.shape, f"{name}: v_cache shape {tuple(v_cache.shape)} != k_cache {tuple(k_cache.shape)}"
-    assert k_cache.dtype == v_cache.dtype and k_cache.dtype in FLOAT_DTYPES, (
-        f"{name}: caches must share one dtype among fp32/fp16/bf16, got {k_cache.dtype}, {v_cache.dtype}")
-    assert k_cache.stride(3) == 1 and v_cache.stride(3) == 1, f"{name}: cache head_dim must be contiguous"
-
+from .common import check_cache, check_launchable
 
 @triton.jit
 def _store_kv_kernel(

@@ -21,15 +21,13 @@ GQA: q head h uses kv head h // (Hq // Hkv). Softmax scale is passed explicitly.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from .kv_store import FLOAT_DTYPES, check_cache, check_launchable, check_pow2_head_dim, interpreting, use_fp32_dot
+from .common import (LOG2E, attend_paged_tiles, check_cache, check_launchable, check_pow2_head_dim,
+                     interpreting, lse_merge_base, merged_lse, use_fp32_dot)
 
-LOG2E = 1.4426950408889634
 # KV positions per inner tile (GPU / interpreter).
 DECODE_BLOCK_N = 64
 DECODE_BLOCK_N_INTERP = 32
@@ -68,35 +66,8 @@ def _paged_decode_kernel(
     q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=gmask[:, None], other=0.0)
     if FP32_DOT:
         q = q.to(tl.float32)
-    m_i = tl.full([BLOCK_G], -1.0e30, tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
-        offs = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs < hi
-        blk = tl.load(bt_ptr + b * sbt_b + offs // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
-        pos = (offs % BLOCK_SIZE).to(tl.int64)
-        k = tl.load(k_ptr + blk[:, None] * sk_b + pos[:, None] * sk_p + kvh * sk_h + d[None, :],
-                    mask=nmask[:, None], other=0.0)
-        v = tl.load(v_ptr + blk[:, None] * sv_b + pos[:, None] * sv_p + kvh * sv_h + d[None, :],
-                    mask=nmask[:, None], other=0.0)
-        if FP32_DOT:
-            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = tl.where(nmask[None, :], s * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if FP32_DOT:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-    nonempty = l_i > 0
-    out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
-    lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    out, lse = attend_paged_tiles(q, k_ptr, v_ptr, bt_ptr + b * sbt_b, kvh, lo, hi, lo, sk_b, sk_p, sk_h, sv_b, sv_p, sv_h,
+                                  scale_log2, BLOCK_G, HEAD_DIM, BLOCK_N, BLOCK_SIZE, False, FP32_DOT)
     tl.store(o_ptr + b * so_b + heads[:, None] * so_h + split * so_s + d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=gmask[:, None])
     tl.store(lse_ptr + b * sl_b + heads * sl_h + split * sl_s, lse, mask=gmask)
@@ -115,15 +86,14 @@ def _merge_splits_kernel(
     d = tl.arange(0, HEAD_DIM)
     smask = s < num_splits
     lse = tl.load(plse_ptr + b * spl_b + h * spl_h + s, mask=smask, other=float("-inf"))
-    m = tl.max(lse, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    m_safe = lse_merge_base(tl.max(lse, 0))
     w = tl.exp(lse - m_safe)
     w_sum = tl.sum(w, 0)
     po = tl.load(po_ptr + b * spo_b + h * spo_h + s[:, None] * spo_s + d[None, :], mask=smask[:, None], other=0.0)
     out = tl.sum(po * w[:, None], 0) / tl.where(w_sum > 0, w_sum, 1.0)
     tl.store(o_ptr + b * so_b + h * so_h + d, out.to(o_ptr.dtype.element_ty))
     if WRITE_LSE:
-        tl.store(lse_ptr + b * sl_b + h, tl.where(w_sum > 0, m_safe + tl.log(tl.where(w_sum > 0, w_sum, 1.0)), float("-inf")))
+        tl.store(lse_ptr + b * sl_b + h, merged_lse(m_safe, w_sum))
 
 
 def _num_sms(device: torch.device) -> int:

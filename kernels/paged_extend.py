@@ -23,10 +23,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .kv_store import check_cache, check_launchable, check_pow2_head_dim, interpreting, use_fp32_dot
+from .common import LOG2E, attend_paged_tiles, check_cache, check_launchable, check_pow2_head_dim, interpreting, use_fp32_dot
 from .paged_decode import _chunks, gather_paged_kv
 
-LOG2E = 1.4426950408889634
 EXTEND_BLOCK_M, EXTEND_BLOCK_N = 64, 64
 EXTEND_BLOCK_M_INTERP, EXTEND_BLOCK_N_INTERP = 32, 32
 
@@ -59,34 +58,8 @@ def _paged_extend_kernel(
     last_tok = tl.minimum((mt * BLOCK_M + BLOCK_M - 1) // GROUP, q_len - 1)
     kv_end = tl.minimum(ctx, ctx - q_len + last_tok + 1)
 
-    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for n0 in range(0, kv_end, BLOCK_N):
-        offs = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs < kv_end
-        blk = tl.load(bt_ptr + b * sbt_b + offs // BLOCK_SIZE, mask=nmask, other=0).to(tl.int64)
-        pos = (offs % BLOCK_SIZE).to(tl.int64)
-        k = tl.load(k_ptr + blk[:, None] * sk_b + pos[:, None] * sk_p + kvh * sk_h + d[None, :],
-                    mask=nmask[:, None], other=0.0)
-        v = tl.load(v_ptr + blk[:, None] * sv_b + pos[:, None] * sv_p + kvh * sv_h + d[None, :],
-                    mask=nmask[:, None], other=0.0)
-        if FP32_DOT:
-            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        valid = nmask[None, :] & (offs[None, :] <= qpos[:, None])
-        s = tl.where(valid, s * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if FP32_DOT:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    out, _ = attend_paged_tiles(q, k_ptr, v_ptr, bt_ptr + b * sbt_b, kvh, 0, kv_end, qpos, sk_b, sk_p, sk_h, sv_b, sv_p, sv_h,
+                                scale_log2, BLOCK_M, HEAD_DIM, BLOCK_N, BLOCK_SIZE, True, FP32_DOT)
     tl.store(o_ptr + t_idx[:, None] * so_t + heads[:, None] * so_h + d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=rmask[:, None])
 
@@ -149,7 +122,6 @@ def paged_extend_attention_ref(q, k_cache, v_cache, block_tables, cu_q_lens, con
     _check_extend_args(q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, out)
     T, Hq, D = q.shape
     Hkv = k_cache.shape[2]
-    group = Hq // Hkv
     if out is None:
         out = torch.empty_like(q)
     S = context_lens.shape[0]
@@ -164,7 +136,6 @@ def paged_extend_attention_ref(q, k_cache, v_cache, block_tables, cu_q_lens, con
     ii = torch.arange(Qm, device=dev)
     pos = torch.arange(L, device=dev)
     for a, z in _chunks(S, L * Hkv * D + Qm * L * Hq):
-        n = z - a
         tok = cu[a:z, None] + ii[None, :]  # [n, Qm]
         qmask = ii[None, :] < qlen[a:z, None]
         tok = torch.where(qmask, tok, torch.zeros_like(tok))

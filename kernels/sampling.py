@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kv_store import FLOAT_DTYPES, check_launchable, interpreting
+from .common import FLOAT_DTYPES, check_launchable, interpreting
 
 SAMPLE_BLOCK = 4096
 SAMPLE_BLOCK_INTERP = 256

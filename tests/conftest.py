@@ -28,3 +28,13 @@ def smollm2_path():
     from ttc_fast.testing_smollm2 import smollm2_dir
 
     return smollm2_dir()
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """../shared/data beside the repository (tests/shared_data.py); missing is a failure, not a skip."""
+    from shared_data import DATA, GSM8K, MATH500
+
+    missing = [str(p) for p in (MATH500, GSM8K) if not p.is_file()]
+    assert not missing, f"missing {', '.join(missing)}: the tests read the evaluation data in ../shared/data beside the repository"
+    return DATA

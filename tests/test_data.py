@@ -1,16 +1,14 @@
 """Tests for ttc_fast.data.load_problems on the real data files and on malformed input."""
 import json
-from pathlib import Path
 
 import pytest
 
 from ttc_fast.data import Problem, load_problems
 from ttc_fast.grading import grade
 
-DATA = Path("/work/shared/data")
-MATH500 = DATA / "math500.jsonl"
-GSM8K = DATA / "gsm8k_test.jsonl"
-needs_data = pytest.mark.skipif(not (MATH500.exists() and GSM8K.exists()), reason="data files absent")
+from shared_data import GSM8K, MATH500
+
+needs_data = pytest.mark.usefixtures("shared_data")  # fails when ../shared/data is missing
 
 
 @needs_data

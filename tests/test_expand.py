@@ -37,11 +37,11 @@ def test_children_share_the_parent_and_stop_at_the_delimiter(engine):
     assert [len(r) for r in results] == [4, 3]
     children = [child for r in results for child, _ in r]
     assert len({c.seq for c in children}) == 7
-    for r in results:
-        for child, out in r:
-            assert out.finish_reason in ("stop", "length")
-            if out.finish_reason == "stop":
-                assert out.stop_reason == "e" and "e" not in out.text
+    outs = [out for r in results for _, out in r]
+    assert all(out.finish_reason in ("stop", "length") for out in outs)
+    stopped = [out for out in outs if out.finish_reason == "stop"]
+    assert stopped and len(stopped) < len(outs)  # both ends happen with this seed
+    assert all(out.stop_reason == "e" and "e" not in out.text for out in stopped)
     # the prompt was computed once per root, not once per child
     used_before = engine.runner.blocks.num_used_blocks
     assert engine.runner.blocks.num_shared_blocks > 0

@@ -1,7 +1,6 @@
 """Tests for ttc_fast.grading: extraction, MATH / GSM8K equivalence and answer picking."""
 import json
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -18,10 +17,9 @@ from ttc_fast.grading import (
     same_answer,
 )
 
-DATA = Path("/work/shared/data")
-MATH500 = DATA / "math500.jsonl"
-GSM8K = DATA / "gsm8k_test.jsonl"
-needs_data = pytest.mark.skipif(not (MATH500.exists() and GSM8K.exists()), reason="data files absent")
+from shared_data import GSM8K, MATH500
+
+needs_data = pytest.mark.usefixtures("shared_data")  # fails when ../shared/data is missing
 
 
 def _math_answers():

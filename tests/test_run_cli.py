@@ -392,7 +392,6 @@ def test_search_strategy_without_verifier(setup, tmp_path, capsys):
 
 def test_plain_callable_verifier_through_load_prm(setup, tmp_path):
     """--prm python:MODULE:FUNCTION naming a plain function goes through ttc_fast.prm.load_prm."""
-    pytest.importorskip("ttc_fast.prm")
     root, policy, data = setup
     out = tmp_path / "callable.jsonl"
     args = _args(policy, data, out, "--limit", "2")
@@ -404,7 +403,6 @@ def test_plain_callable_verifier_through_load_prm(setup, tmp_path):
 
 
 def test_missing_prm_checkpoint(setup, tmp_path, capsys):
-    pytest.importorskip("ttc_fast.prm")
     root, policy, data = setup
     args = _args(policy, data, tmp_path / "out.jsonl")
     args[args.index("--prm") + 1] = str(tmp_path / "no-such-prm")

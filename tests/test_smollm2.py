@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,10 +19,10 @@ from ttc_fast.prompts import DEFAULT_SYSTEM_PROMPT, PromptFormat, encode_prompt
 from ttc_fast.results import differences, read_results
 from ttc_fast.search import split_steps
 
+from shared_data import GSM8K
 from test_prm_formats import ref_rlhflow
 from test_run_cli import kill_after_first_line
 
-GSM8K = Path("/work/shared/data/gsm8k_test.jsonl")  # as tests/test_data.py
 QUESTIONS = ["What is 12 * 7? Answer briefly.", "Name three prime numbers.", "Write one sentence about the sea."]
 GREEDY = tf.SamplingParams(temperature=0.0, max_tokens=48)
 
@@ -248,8 +247,7 @@ N_PROBLEMS = 4
 
 
 @pytest.fixture(scope="module")
-def gsm8k_four(tmp_path_factory):
-    assert GSM8K.is_file(), f"{GSM8K} is missing: the tests read the shared evaluation data"
+def gsm8k_four(tmp_path_factory, shared_data):
     path = tmp_path_factory.mktemp("smol_run") / "gsm8k4.jsonl"
     path.write_text("".join(GSM8K.read_text(encoding="utf-8").splitlines(keepends=True)[:N_PROBLEMS]), encoding="utf-8")
     return path
