@@ -233,7 +233,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
 BlockManagerMachine.TestCase.settings = settings(
     max_examples=400, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
-TestBlockManagerDifferential = BlockManagerMachine.TestCase
+TestBlockManagerDifferential = pytest.mark.slow(BlockManagerMachine.TestCase)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ def model(tmp_path_factory):
     return tf.load_model(path, device="cpu")
 
 
+@pytest.mark.slow
 def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(model):
     engine = tf.Engine(model, num_blocks=256, block_size=4)
     params = tf.SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=20, seed=123, ignore_eos=True, n=4)

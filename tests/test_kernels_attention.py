@@ -125,6 +125,7 @@ def test_references_match_naive_dense_attention():
 
 
 # ------------------------------------------------------------------ paged decode
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 @pytest.mark.parametrize("hq,hkv", HEADS)
@@ -191,6 +192,7 @@ def test_decode_rejects_bad_inputs(monkeypatch):
 
 
 # ------------------------------------------------------------------ paged extend
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
 @pytest.mark.parametrize("hq,hkv", HEADS[:2])
@@ -248,6 +250,7 @@ def make_groups(group_sizes, prefix_blocks, suffix_lens, gen, num_blocks=64):
     return ctx, tables, indptr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES[:2])
 @pytest.mark.parametrize("hq,hkv", HEADS[:2])
@@ -275,6 +278,7 @@ def test_cascade_decode(device, dtype, atol, rtol, hq, hkv):
     assert_close(out0, ref, atol, rtol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_cascade_large_group_tiles(device):
     """A group of 40 beams x 4 GQA heads = 160 query rows spans several query tiles."""

@@ -31,6 +31,7 @@ def test_uniform_hash():
     assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.var()) - 1 / 12) < 0.005
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_sample_matches_reference(device, dtype):
@@ -52,6 +53,7 @@ def test_sample_matches_reference(device, dtype):
     assert allowed[torch.arange(b), want].all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_greedy_and_top_k_1(device):
     gen = torch.Generator().manual_seed(1)
@@ -87,6 +89,7 @@ def target_distribution(logits, temp, top_k, top_p):
     return p / p.sum()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temp,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 0.8), (1.3, 5, 1.0), (1.0, 6, 0.7)])
 def test_sampling_distribution(temp, top_k, top_p):
     """Empirical frequencies over many seeds match the target distribution; masked tokens never

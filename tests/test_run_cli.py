@@ -183,6 +183,7 @@ def kill_after_first_line(argv: list[str], out: Path, seconds: float) -> None:
     assert proc.returncode == -signal.SIGKILL  # killed, not finished
 
 
+@pytest.mark.slow
 def test_resume_after_killed_process_matches_uninterrupted(setup, full_run):
     """A real `python -m ttc_fast.cli run` killed (SIGKILL) once its first line is on disk (its
     verifier is slow, so the kill lands mid-run), resumed with the usual one."""
@@ -197,6 +198,7 @@ def test_resume_after_killed_process_matches_uninterrupted(setup, full_run):
     _check_same(full_run, out)
 
 
+@pytest.mark.slow
 def test_resume_with_a_model_prm_matches_uninterrupted(setup, tmp_path):
     """With a real (tiny, fp32) math-shepherd PRM: a run cut after two problems and resumed one
     problem at a time (other batches than the uninterrupted run's) gives the same results: the
@@ -221,6 +223,7 @@ def test_resume_with_a_model_prm_matches_uninterrupted(setup, tmp_path):
     _check_same(full, cut, exact=False)
 
 
+@pytest.mark.slow
 def test_resume_checks_every_line_and_the_verifier(setup, full_run, tmp_path, capsys):
     """A line from before lines recorded `options` counts as the class defaults; a line with
     other settings anywhere in the file, or written with(out) a verifier, is refused."""
@@ -330,6 +333,7 @@ def test_strategy_names_case_insensitive(name, cls):
         assert (s.width, s.iterations) == (2, 3)
 
 
+@pytest.mark.slow
 def test_lookahead_and_particle_filtering_temperature_reach_the_strategy(setup, tmp_path, capsys):
     from ttc_fast.run import make_strategy
 
@@ -509,6 +513,7 @@ def test_prm_options_reach_only_the_formats_that_have_them():
     assert options("--prm-layout", "model-card") == {"layout": "model-card"}
 
 
+@pytest.mark.slow
 def test_prompt_settings_are_recorded_and_checked_on_resume(setup, tmp_path, capsys):
     root, policy, data = setup
     out = tmp_path / "brief.jsonl"

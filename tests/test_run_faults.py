@@ -15,6 +15,8 @@ from ttc_fast.results import summarize
 from ttc_fast.run import run_search
 from ttc_fast.toy import eval_problems
 
+pytestmark = pytest.mark.slow  # searches with the toy models
+
 SAMPLING = tf.SamplingParams(temperature=0.6, max_tokens=160, seed=0)
 
 

@@ -131,6 +131,7 @@ def word_engine(tmp_path_factory):
     return tf.Engine(tf.load_model(path, device="cpu"), num_blocks=2048, block_size=4)
 
 
+@pytest.mark.slow
 def test_beam_search_finds_the_rewarded_pattern_far_more_often_than_best_of_n(word_engine, verifier):
     """Steps are words and the verifier rewards a word that holds PATTERN. Found: some completion
     of the problem whose first K words all hold it, read the same way from both strategies'
@@ -221,6 +222,7 @@ def test_best_of_n_keeps_sample_order_so_picks_at_small_n_read_the_first_samples
     assert unsorted >= 2  # 8 scores in sample order are (almost) never sorted
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_best_of_n_solutions_that_agree_up_to_a_step_are_scored_once_there(engine, tmp_path, monkeypatch, temperature):
     """Best-of-N scores step k once per distinct run of steps 0..k in a problem's samples (greedy:
@@ -243,6 +245,7 @@ def test_best_of_n_solutions_that_agree_up_to_a_step_are_scored_once_there(engin
     assert_scores_match_fresh_scoring(prm, results)
 
 
+@pytest.mark.slow
 def test_children_that_wrote_the_same_step_are_scored_once(engine, tmp_path, monkeypatch):
     """Greedy expansion makes every child of a branch write the same step: the PRM scores one per
     branch (the copies fork its sequence and take its score), and every completion's step scores
@@ -259,6 +262,7 @@ def test_children_that_wrote_the_same_step_are_scored_once(engine, tmp_path, mon
     assert_scores_match_fresh_scoring(prm, results)
 
 
+@pytest.mark.slow
 def test_policy_and_prm_with_different_tokenizers(tmp_path):
     """The PRM tokenizes the step text itself: a policy whose tokenizer splits text otherwise
     (another BPE vocabulary) searches with it, and every step score equals the PRM's own

@@ -23,6 +23,8 @@ from shared_data import GSM8K
 from test_prm_formats import ref_rlhflow
 from test_run_cli import kill_after_first_line
 
+pytestmark = pytest.mark.slow  # every test here loads a 135M-parameter model
+
 QUESTIONS = ["What is 12 * 7? Answer briefly.", "Name three prime numbers.", "Write one sentence about the sea."]
 GREEDY = tf.SamplingParams(temperature=0.0, max_tokens=48)
 

@@ -226,6 +226,7 @@ def _search_on_a_pool(model_path, num_blocks: int, k: int):
     return in_flight.most, results
 
 
+@pytest.mark.slow
 def test_problems_in_flight_are_bounded_by_the_pool_not_a_batch_size(model_path):
     """A larger pool runs more problems at once; a pool that holds only one problem's beams
     still finishes every problem, with the same completions (seeds are per problem)."""

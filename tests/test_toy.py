@@ -284,6 +284,7 @@ def test_search_misses_are_classified_at_the_first_iteration_that_lost_the_right
     assert misses.classify(q, wrong_only, all_right) == ("unwritten", 2, 2)
 
 
+@pytest.mark.slow
 @needs_ckpt
 def test_pruning_candidates_record_every_pruning_of_beam_search():
     """train.pruning_candidates: every pruning of beam search (more live candidates than it
@@ -346,6 +347,7 @@ def test_checkpoints_load_and_tokenizer():
     assert os.path.isdir(BUILTIN_DIR / "toy-prm")
 
 
+@pytest.mark.slow
 @needs_ckpt
 def test_prm_separates_right_from_wrong_steps_of_policy_samples():
     """On policy S's own samples for eval problems (which the PRM never trained on), the PRM's
@@ -390,6 +392,7 @@ def greedy_and_beam_search(prm, subset, n=16):
     return greedy, searched
 
 
+@pytest.mark.slow
 @needs_ckpt
 def test_verifier_guided_search_beats_greedy():
     """Beam search of policy S guided by the toy verifier (builtin:toy-checker, through load_prm)
@@ -398,6 +401,7 @@ def test_verifier_guided_search_beats_greedy():
     assert searched >= greedy + 3, (greedy, searched)  # measured: 7/20 -> 11/20
 
 
+@pytest.mark.slow
 @needs_ckpt
 def test_learned_prm_guided_search_beats_greedy():
     """The same with the learned PRM (builtin:toy-prm, math-shepherd format): S + PRM-guided

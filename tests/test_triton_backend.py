@@ -20,6 +20,7 @@ def model_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("qwen3"), "qwen3", seed=4, with_tokenizer=False, layers=1)
 
 
+@pytest.mark.slow
 def test_triton_path_with_cascade_matches_torch_and_transformers(model_dir, monkeypatch):
     model = tf.load_model(model_dir, device="cpu", dtype="float32")
     calls = []
@@ -40,6 +41,7 @@ def test_triton_path_with_cascade_matches_torch_and_transformers(model_dir, monk
         assert [o.token_ids for o in b.outputs] == [expected] * 3
 
 
+@pytest.mark.slow
 def test_triton_sampling_matches_torch_sampling(model_dir):
     model = tf.load_model(model_dir, device="cpu", dtype="float32")
     params = tf.SamplingParams(temperature=0.9, top_p=0.8, top_k=20, max_tokens=NEW_TOKENS, ignore_eos=True, n=2, seed=7)
