@@ -9,7 +9,7 @@ reads the next-token prediction of the PRM's LM head at every result digit ("...
 boxed answer) of fresh reference solutions written in the PRM's math-shepherd format, and the
 same for policy L (the PRM's initialisation) in the policy's own format, and reports how often
 each predicts the right digit. The toy PRM had fallen to 93.6% against L's 99.2% before its
-arithmetic stages (see benchmarks/RESULTS.md).
+arithmetic stages (see benchmarks/toy_training_notes.md).
 
 `--own-slips N` asks the question a search asks: S samples 4 solutions of N fresh problems at the
 toy job's temperature; each first wrong step is paired with the same step mended

@@ -437,7 +437,8 @@ def test_read_results_repairs_only_the_last_line(tmp_path):
 
 # --- prompts, presets, export ----------------------------------------------------------------------
 def _settings(*argv):
-    from ttc_fast.cli import build_parser, resolve_run_settings
+    from ttc_fast.cli import build_parser
+    from ttc_fast.run_options import resolve_run_settings
 
     return resolve_run_settings(build_parser().parse_args(["run", "--policy", "p", *argv]))
 
@@ -469,15 +470,15 @@ def test_preset_sal_fills_every_setting_and_flags_override_it(tmp_path):
 def test_preset_chat_template_is_sals_for_llama3_policies_only(tmp_path):
     from transformers import AutoTokenizer
 
-    from ttc_fast.cli import _chat_template
+    from ttc_fast.run_options import chat_template_for
     from ttc_fast.presets import sal_preset
     from prm_builders import build_qwen_prm, build_rlhflow_prm
 
     llama3 = AutoTokenizer.from_pretrained(str(build_rlhflow_prm(tmp_path / "llama3")))
     chatml = AutoTokenizer.from_pretrained(str(build_qwen_prm(tmp_path / "qwen")))
-    assert _chat_template("sal-auto", llama3) == sal_preset()["llama3_chat_template"]
-    assert _chat_template("sal-auto", chatml) is None  # the checkpoint's own, as its Qwen recipes
-    assert _chat_template("none", chatml) == "" and _chat_template("checkpoint", llama3) is None
+    assert chat_template_for("sal-auto", llama3) == sal_preset()["llama3_chat_template"]
+    assert chat_template_for("sal-auto", chatml) is None  # the checkpoint's own, as its Qwen recipes
+    assert chat_template_for("none", chatml) == "" and chat_template_for("checkpoint", llama3) is None
     # search-and-learn's template writes no BOS; the Llama 3 tokenizer's BOS is added once
     from ttc_fast.prompts import encode_prompt
 
@@ -496,7 +497,8 @@ def test_preset_chat_template_is_sals_for_llama3_policies_only(tmp_path):
 
 
 def test_prm_options_reach_only_the_formats_that_have_them():
-    from ttc_fast.cli import build_parser, prm_options, resolve_run_settings
+    from ttc_fast.cli import build_parser
+    from ttc_fast.run_options import prm_options, resolve_run_settings
     from ttc_fast.presets import sal_preset
 
     def options(*argv):

@@ -5,13 +5,16 @@
     scores = prm.score_steps(beams, steps)  # one new step per handle, ONE batched forward
 
 `formats`: the published PRMs' token layouts, heads and read-outs (`make_format`, `FORMATS`);
-`scorer`: the PRM's own prefix-shared paged cache, scoring only new step tokens (`ModelPRM`) and
-callable verifiers (`CallablePRM`); `loading`: `load_prm`.
+`base`: the verifier interface; `scorer`: a PRM checkpoint in its own prefix-shared paged
+cache, scoring only new step tokens (`ModelPRM`); `callable`: Python verifiers (`CallablePRM`);
+`loading`: `load_prm`.
 """
 from ..scores import AGGREGATIONS, aggregate
 from .formats import FORMATS, KINDS, MATH_SHEPHERD_LAYOUTS, QWEN_PRM_SYSTEM, Format, make_format
 from .loading import ALL_KINDS, VERIFIERS, load_prm
-from .scorer import PRM, CallablePRM, ModelPRM, PRMHandle, PRMOutOfBlocks
+from .base import PRM, PRMHandle
+from .callable import CallablePRM
+from .scorer import ModelPRM, PRMOutOfBlocks
 
 __all__ = ["AGGREGATIONS", "ALL_KINDS", "FORMATS", "KINDS", "MATH_SHEPHERD_LAYOUTS", "QWEN_PRM_SYSTEM", "VERIFIERS", "PRM",
            "CallablePRM", "Format", "ModelPRM", "PRMHandle", "PRMOutOfBlocks", "aggregate", "load_prm", "make_format"]

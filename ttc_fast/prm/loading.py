@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 from .formats import FORMATS, KINDS, make_format
-from .scorer import PRM, CallablePRM, ModelPRM
+from .base import PRM
+from .callable import CallablePRM
+from .scorer import ModelPRM
 
 ALL_KINDS = KINDS + ("outcome", "outcome:<kind>", "<callable>")
 _ARCH_KIND = {"Qwen2ForProcessRewardModel": "qwen-prm", "Qwen2ForPrmModel": "skywork"}

@@ -34,9 +34,6 @@ ids. `default_aggregation` is "last". For a callable it is called as fn(question
 the steps joined by `step_separator` ("\n\n"). kind="outcome" alone means a callable, or a
 checkpoint whose architecture names its kind (Qwen2ForProcessRewardModel, Qwen2ForPrmModel).
 
-A callable verifier: fn(question, steps) -> float (the latest step's score) or list[float] (one
-per step; the last is taken in score_steps). No tokens, no KV cache.
-
 Pool full: a search never fails for want of PRM blocks. When a call's new tokens do not fit,
 `score_steps` evicts the KV of other handles, least recently scored first (an evicted handle
 stays valid: its next call re-encodes its text, helped by the prefix cache; `stats["evictions"]`,
@@ -48,128 +45,17 @@ larger `kv_cache_bytes`.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from ..block_manager import OutOfBlocks
-from ..scores import aggregate
+from .base import PRM, PRMHandle
 from .formats import Format
 
 
 class PRMOutOfBlocks(OutOfBlocks, ValueError):
     """The PRM's KV pool cannot hold one row of a call even when empty; nothing was appended
     (an `OutOfBlocks`, and a `ValueError` about the PRM's size): raise kv_cache_bytes."""
-
-
-@dataclass(eq=False)
-class PRMHandle:
-    """One partial solution being scored: its question, the steps scored so far and (model PRMs)
-    its sequence in the PRM's own KV cache."""
-
-    question: str
-    steps: list[str] = field(default_factory=list)
-    seq: int | None = None  # None for a model PRM's handle whose KV was evicted (re-encoded on use)
-    alive: bool = True
-
-    @property
-    def num_steps(self) -> int:
-        return len(self.steps)
-
-
-class PRM:
-    """Common interface; see the module docstring. `tokens_processed` counts every token this PRM
-    ran through its model (prefix + steps + outcome probes + re-encodes + score_full); `stats`
-    splits it."""
-
-    kind: str
-    outcome: bool = False
-    # Tokens the model ran for each handle of the latest `score_steps` call (a search charges
-    # them to the handle's problem)
-    last_row_tokens: list[int]
-
-    @property
-    def default_aggregation(self) -> str:
-        return "last" if self.outcome else "min"
-
-    def start(self, question: str) -> PRMHandle:
-        return self.start_many([question])[0]
-
-    def start_many(self, questions: list[str]) -> list[PRMHandle]:
-        raise NotImplementedError
-
-    def fork(self, handle: PRMHandle, n: int) -> list[PRMHandle]:
-        raise NotImplementedError
-
-    def free(self, handle: PRMHandle) -> None:
-        raise NotImplementedError
-
-    def score_steps(self, handles: list[PRMHandle], steps: list[str]) -> list[float | None]:
-        """Each handle's score after its new step; None (the handle unchanged) where a model PRM's
-        context cannot hold the step."""
-        raise NotImplementedError
-
-    def score_full(self, question: str, steps: list[str]) -> list[float]:
-        raise NotImplementedError
-
-    def score(self, question: str, steps: list[str], how: str | None = None) -> float:
-        """One number for a (partial) solution scored without the cache."""
-        return aggregate(self.score_full(question, steps), how or self.default_aggregation)
-
-    @staticmethod
-    def _check(handles, steps):
-        if len(handles) != len(steps):
-            raise ValueError(f"score_steps: {len(handles)} handles but {len(steps)} steps")
-        for h in handles:
-            if not h.alive:
-                raise ValueError("score_steps: a handle was already freed")
-        if len({id(h) for h in handles}) != len(handles):
-            raise ValueError("score_steps: the same handle appears twice in one call")
-
-
-class CallablePRM(PRM):
-    """A hard-coded verifier fn(question, steps) -> float | list[float]."""
-
-    def __init__(self, fn: Callable, outcome: bool = False, step_separator: str = "\n\n"):
-        self.fn, self.outcome, self.sep = fn, outcome, step_separator
-        self.kind = "outcome:callable" if outcome else "callable"
-        self.tokens_processed = 0
-        self.stats = {"tokens_processed": 0, "calls": 0}
-
-    def _call(self, question, steps) -> float:
-        self.stats["calls"] += 1
-        if self.outcome:
-            steps = [self.sep.join(steps)]
-        out = self.fn(question, list(steps))
-        if isinstance(out, (list, tuple)):
-            if not out:
-                raise ValueError("the verifier returned an empty list")
-            out = out[-1]
-        return float(out)
-
-    def start_many(self, questions):
-        return [PRMHandle(q) for q in questions]
-
-    def fork(self, handle, n):
-        return [PRMHandle(handle.question, list(handle.steps)) for _ in range(n)]
-
-    def free(self, handle):
-        handle.alive = False
-
-    def score_steps(self, handles, steps):
-        self._check(handles, steps)
-        self.last_row_tokens = [0] * len(handles)
-        out = []
-        for h, s in zip(handles, steps):
-            h.steps.append(s)
-            out.append(self._call(h.question, h.steps))
-        return out
-
-    def score_full(self, question, steps):
-        if self.outcome:
-            return [self._call(question, steps)]
-        return [self._call(question, steps[: k + 1]) for k in range(len(steps))]
 
 
 class ModelPRM(PRM):

@@ -22,11 +22,9 @@ NS = (1, 4, 16, 64)
 STEP_TOKENS = 48  # longest step of a toy solution, in tokens
 SOLUTION_TOKENS = 192  # longest whole solution
 ITERATIONS = 10  # toy solutions have at most 7 steps
-# Sampling temperature of every search. At 0.4 (the job's setting until the twelfth PRM recipe)
-# even the exact checker's beam search stays below L greedy (0.912 at N = 64); from 0.6 up it
-# passes it (0.944 at 0.6), and the PRMs since the tenth recipe score about as well there or
-# better. Search-and-learn's 0.8 suits real models; tiny S samples worse there (one sample right
-# 25-50% of the time).
+# Sampling temperature of every search: at 0.4 even the exact checker's beam search stays below
+# L greedy (0.912 at N = 64), from 0.6 up it passes it (0.944); search-and-learn's 0.8 suits real
+# models, where tiny S writes worse samples.
 TEMPERATURE = 0.6
 
 
@@ -107,8 +105,8 @@ def run_toy(out_dir: str | Path = "runs/toy", limit: int | None = None, ns=NS, r
         if progress:
             print(f"{name}, N = {n}", flush=True)
         sampling = SamplingParams(temperature=TEMPERATURE, top_p=1.0, max_tokens=SOLUTION_TOKENS if name == "best-of-n" else STEP_TOKENS, seed=seed)
-        # Fresh caches for each run: on pools that earlier runs had used (their free blocks
-        # scattered, most likely), beam search at N = 64 took 198 s against 101 s.
+        # Fresh caches for each run: reused pools (their free blocks scattered, most likely) made
+        # beam search at N = 64 twice as slow.
         policy = prm = None  # the previous run's pools go before the new ones are allocated
         policy, prm = policy_s(device, backend), toy_prm(device=device, backend=backend)
         path = out_dir / f"{name}-n{n}.jsonl"
