@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634  # the kernels exponentiate in base 2: exp(x) = exp2(x * LOG2E)
+_LOG2E = tl.constexpr(LOG2E)  # the same, for use inside kernels
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -114,7 +115,7 @@ def attend_paged_tiles(q, k_ptr, v_ptr, table_ptr, kvh, lo, hi, qpos, sk_b, sk_p
         m_i = m_new
     nonempty = l_i > 0
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
-    lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+    lse = tl.where(nonempty, (m_i + tl.log2(tl.where(nonempty, l_i, 1.0))) / _LOG2E, float("-inf"))
     return out, lse
 
 

@@ -90,7 +90,7 @@ class TreeSearch:
         None is the policy tokenizer's own, "" none (plain prompt), else Jinja source;
         chat_template_kwargs go to `apply_chat_template` (see `ttc_fast.prompts`)."""
         if prm is None and strategy.needs_verifier:
-            raise ValueError(f"{strategy.name} needs a PRM (load_prm) or a verifier callable; MajorityVote runs without one")
+            raise ValueError(f"{strategy.name} needs a PRM (load_prm) or a verifier callable; majority vote runs without one")
         self.engine, self.prm, self.strategy = engine, prm, strategy
         self.sampling = sampling or SEARCH_SAMPLING
         self.prompt = PromptFormat(system_prompt, chat_template, chat_template_kwargs)
