@@ -16,7 +16,7 @@ PRM (math-shepherd format, kind="math-shepherd"): policy L (as real PRMs are fin
 strong LM) with two more decoder layers on top, each starting as the identity. Checking a result
 digit means comparing the digit the policy would write with the one written, a position after
 the policy's prediction is formed: the extra layers give room for that comparison. Trained on
-policy S's own samples (at temperature 0.4, the toy job's until the twelfth recipe, and 1) and,
+policy S's own samples (at temperatures 0.4 and 1) and,
 in every batch, fresh pairs of a reference solution and the same solution with one slip (a wrong
 result, operand or running value, continued from there), both cut after the same step: S's own
 slips are all wrong results, mostly one wrong digit, and the slip data is drawn like them. Each
@@ -56,8 +56,8 @@ batch from the siblings' hard cases and two from hard cases of beam search's own
 3 to 5) with the current PRM, and each wrong path a pruning scored at or above its best right
 path is paired with that path, mined again at every evaluation, at 0.4 and 0.6 in turn. A
 pruning also weighs other beams' paths, whose earlier slips one prefix's siblings never show:
-half the tenth recipe's pruning misses were a right step losing to right arithmetic on a value
-an earlier slip had made wrong, the verdict read at the last step having forgotten the slip.
+about half the pruning misses were a right step losing to right arithmetic on a value an
+earlier slip had made wrong, the verdict read at the last step having forgotten the slip.
 The fifth mines at 0.6 only, with S's samples, slips and next steps at 0.6 too, and also mines
 the final pick (`prune_final`): the finished paths of each searched problem are one more
 decision, where a right solution, once found, can still lose to a wrong one. Its checkpoints
