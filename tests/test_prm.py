@@ -229,7 +229,7 @@ def test_pool_short_evicts_and_rescores_exactly(prm_case, mode):
         prm_big = load_prm(path, kind=mode + kind, device="cpu", dtype="float32", num_blocks=512, block_size=4)
     first = [f"step {i} " + "with quite a few words in it " * 2 for i in range(4)]
     prefix = len(prm_big.fmt.prefix_ids(QUESTIONS[0]))
-    row = max(-(-len(body + tag) // 4) + bool(tag) for body, tag, _ in (prm_big._row_ids(f, 0) for f in first))
+    row = max(-(-len(body + tag) // 4) + bool(tag) for body, tag, _ in (prm_big.fmt.row_ids(f, 0, prm_big.outcome) for f in first))
     # Room for the prefix and about two of the four rows: the call must evict and chunk.
     prm = load_prm(path, kind=mode + kind, device="cpu", dtype="float32", num_blocks=-(-prefix // 4) + 2 * row + 6,
                    block_size=4)

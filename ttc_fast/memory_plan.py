@@ -114,8 +114,10 @@ def plan_memory(total_bytes: int, utilization: float, in_use_bytes: int, headroo
         prm_blocks = int(kv * prm_kv_fraction) // per_prm
         policy_blocks = (kv - prm_blocks * per_prm) // per_policy
     need = -(-path_tokens // block_size)
-    for name, blocks, flag in (("policy", policy_blocks, "--gpu-memory-utilization"),
-                               ("PRM", prm_blocks if prm is not None else need, "--gpu-memory-utilization or --prm-kv-fraction")):
+    pools = [("policy", policy_blocks, "--gpu-memory-utilization")]
+    if prm is not None:
+        pools.append(("PRM", prm_blocks, "--gpu-memory-utilization or --prm-kv-fraction"))
+    for name, blocks, flag in pools:
         if blocks < need:
             raise ValueError(f"the memory plan gives the {name}'s KV pool {blocks * block_size} tokens, fewer than one path "
                              f"({path_tokens} tokens: the longest prompt and --max-tokens): raise {flag}, or lower --max-tokens")

@@ -193,8 +193,10 @@ class TreeSearch:
         self.observer.on_iteration(flight)
         children, parents = self._expand(flight)
         self.scorer.score(children, parents)
-        live = [(st, path) for st, path in children if not st.strategy.is_done(path, st.iteration)]
-        for strategy, items in _by_strategy(live):
+        for st, path in children:  # scoring may have ended a path (the PRM's context is full)
+            path.done = st.strategy.is_done(path, st.iteration)
+        live = [(st, path) for st, path in children if not path.done]
+        for strategy, items in _by_strategy(live, lambda item: item[0].strategy):
             strategy.rescore(self, items)
         self._prune(flight, children)
 
@@ -271,18 +273,16 @@ class TreeSearch:
 
     # --- prune ---------------------------------------------------------------------------------
     def _prune(self, flight: list[ProblemState], children: list[tuple[ProblemState, Path]]) -> None:
-        """Finished paths join their problem's completions; each strategy selects the next
-        frontier of its problems; every other path is freed."""
+        """Finished paths (`done`, set after scoring) join their problem's completions; each
+        strategy selects the next frontier of its problems; every other path is freed."""
         new: dict[int, list[Path]] = {id(st): [] for st in flight}
         for st, path in children:
             new[id(st)].append(path)
-            if st.strategy.is_done(path, st.iteration):
-                path.done = True
+            if path.done:
                 st.completed.append(path)
                 self._drop(path)
         ctx = PruneContext(self.seed, self._topk)
-        for strategy, states in _by_strategy([(st, st) for st in flight]):
-            states = [st for st, _ in states]
+        for strategy, states in _by_strategy(flight, lambda st: st.strategy):
             for st, frontier in zip(states, strategy.select(states, [new[id(st)] for st in states], ctx)):
                 kept = {id(path) for path, _ in frontier}
                 for path in new[id(st)]:
@@ -332,11 +332,12 @@ class TreeSearch:
         )
 
 
-def _by_strategy(items: list[tuple[ProblemState, object]]):
-    """(strategy, its items) for the strategies of the items' problems, in order of first use."""
+def _by_strategy(items: list, strategy_of) -> list[tuple[Strategy, list]]:
+    """(strategy, its items) for each strategy `strategy_of(item)` names, in order of first use."""
     groups: dict[int, tuple[Strategy, list]] = {}
-    for st, item in items:
-        groups.setdefault(id(st.strategy), (st.strategy, []))[1].append((st, item))
+    for item in items:
+        strategy = strategy_of(item)
+        groups.setdefault(id(strategy), (strategy, []))[1].append(item)
     return list(groups.values())
 
 

@@ -135,13 +135,27 @@ class Format:
     def outcome_ids(self, step: str, index: int) -> tuple[list[int], list[int], int]:
         raise NotImplementedError
 
+    def row_ids(self, step: str, index: int, outcome: bool = False) -> tuple[list[int], list[int], int]:
+        """What step `index` adds: (ids kept in the handle's sequence, tag ids run only on a
+        throwaway fork to probe the score (outcome mode), score offset within kept + tag)."""
+        if outcome:
+            return self.outcome_ids(step, index)
+        ids, off = self.step_ids(step, index)
+        return ids, [], off
+
+    def kept_ids(self, question: str, steps: list[str], outcome: bool = False) -> tuple[list[int], list[int], list[int]]:
+        """The ids a handle's sequence holds after `steps` (prefix + every step's kept ids), the
+        steps' score positions (in ids + that step's tag) and the last step's tag ids."""
+        ids, positions, tag = self.prefix_ids(question), [], []
+        for k, step in enumerate(steps):
+            kept, tag, off = self.row_ids(step, k, outcome)
+            positions.append(len(ids) + off)
+            ids = ids + kept
+        return ids, positions, tag
+
     def full_ids(self, question: str, steps: list[str]) -> tuple[list[int], list[int]]:
         """Step mode: the ids of (question, steps) and each step's score position."""
-        ids, positions = self.prefix_ids(question), []
-        for k, step in enumerate(steps):
-            seg, off = self.step_ids(step, k)
-            positions.append(len(ids) + off)
-            ids = ids + seg
+        ids, positions, _ = self.kept_ids(question, steps)
         return ids, positions
 
 

@@ -178,24 +178,6 @@ class ModelPRM(PRM):
             )
 
     # --- scoring ----------------------------------------------------------------------------------
-    def _row_ids(self, step: str, index: int) -> tuple[list[int], list[int], int]:
-        """What step `index` adds: (ids kept in the handle's sequence, tag ids run only on a
-        throwaway fork to probe the score (outcome mode), score offset within kept + tag)."""
-        if self.outcome:
-            return self.fmt.outcome_ids(step, index)
-        ids, off = self.fmt.step_ids(step, index)
-        return ids, [], off
-
-    def _kept_ids(self, question: str, steps: list[str]) -> tuple[list[int], list[int], list[int]]:
-        """The ids a handle's sequence holds after `steps` (prefix + every step's kept ids), the
-        steps' score positions (in ids + that step's tag) and the last step's tag ids."""
-        ids, positions, tag = self.fmt.prefix_ids(question), [], []
-        for k, s in enumerate(steps):
-            kept, tag, off = self._row_ids(s, k)
-            positions.append(len(ids) + off)
-            ids = ids + kept
-        return ids, positions, tag
-
     def _probe_blocks(self, seq_len: int, tag_len: int) -> int:
         """Blocks a fork of a `seq_len`-token sequence takes to run `tag_len` tag tokens: a copy of
         a partial last block plus the new blocks."""
@@ -213,12 +195,12 @@ class ModelPRM(PRM):
         recorded steps when next used), so no handle keeps half a step. A row whose step would take
         its text past the PRM's context (max_position_embeddings) is not appended and scores None."""
         self._check(handles, steps)
-        segs = [self._row_ids(s, h.num_steps) for h, s in zip(handles, steps)]
+        segs = [self.fmt.row_ids(s, h.num_steps, self.outcome) for h, s in zip(handles, steps)]
         blocks = self.runner.blocks
         limit = self.model.config.max_context
         fits = []
         for i, (h, (kept, tag, _)) in enumerate(zip(handles, segs)):
-            context = self.runner.seq_len(h.seq) if h.seq is not None else len(self._kept_ids(h.question, h.steps)[0])
+            context = self.runner.seq_len(h.seq) if h.seq is not None else len(self.fmt.kept_ids(h.question, h.steps, self.outcome)[0])
             n = context + len(kept)
             if n + len(tag) > limit:
                 continue
@@ -285,7 +267,7 @@ class ModelPRM(PRM):
                     rows.append((i, kept, off))
                     continue
                 # Evicted: re-encode its whole text (cached full blocks of it are reused).
-                ids, positions, _ = self._kept_ids(h.question, h.steps + [steps[i]])
+                ids, positions, _ = self.fmt.kept_ids(h.question, h.steps + [steps[i]], self.outcome)
                 h.seq, cached = self.runner.new_sequence(ids[: positions[-1]])
                 fresh.append(h)
                 rows.append((i, ids[cached:], positions[-1] - cached))
@@ -316,7 +298,7 @@ class ModelPRM(PRM):
     def full_ids(self, question: str, steps: list[str]) -> tuple[list[int], list[int]]:
         """The whole token sequence of (question, steps) and the positions of the step scores
         (outcome mode: prefix + every step's body + the last step's tag, and the one position)."""
-        ids, positions, tag = self._kept_ids(question, steps)
+        ids, positions, tag = self.fmt.kept_ids(question, steps, self.outcome)
         if self.outcome:
             return ids + tag, positions[-1:]
         return ids, positions
