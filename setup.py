@@ -1,4 +1,5 @@
-"""Build script: the pure-Python package plus the C++ block manager extension `ttc_fast._C`.
+"""Build script: the pure-Python package plus the C++ extension `ttc_fast._C` (block manager,
+CPU sampler filter).
 
 Install with `pip install --no-build-isolation -e .` after `pip install torch==2.13.0 pybind11`:
 the extension uses pybind11 only (no libtorch), so torch never enters the build environment.
@@ -9,7 +10,7 @@ from setuptools import setup
 ext_modules = [
     Pybind11Extension(
         "ttc_fast._C",
-        sources=["csrc/block_manager.cpp", "csrc/bindings.cpp"],
+        sources=["csrc/block_manager.cpp", "csrc/gumbel_sample.cpp", "csrc/bindings.cpp"],
         include_dirs=["csrc"],
         cxx_std=17,
         extra_compile_args=["-O3"],

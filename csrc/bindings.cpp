@@ -1,5 +1,6 @@
-// pybind11 glue for ttc::BlockManager (module ttc_fast._C). Converts Python token lists to flat
-// int32 buffers and writes results straight into numpy arrays; all logic is in block_manager.cpp.
+// pybind11 glue for ttc::BlockManager and the CPU sampler's candidate filter (module ttc_fast._C).
+// Converts Python token lists to flat int32 buffers and writes results straight into numpy
+// arrays; all logic is in block_manager.cpp and gumbel_sample.cpp.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -7,6 +8,7 @@
 #include <limits>
 
 #include "block_manager.h"
+#include "gumbel_sample.h"
 
 namespace py = pybind11;
 using ttc::BlockManager;
@@ -54,7 +56,28 @@ py::dict stats(const BlockManager& m) {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-    m.doc() = "ttc_fast C++ extension: the paged KV-cache block manager";
+    m.doc() = "ttc_fast C++ extension: the paged KV-cache block manager, the CPU sampler's filter";
+
+    m.def(
+        "gumbel_sample",
+        [](py::array_t<float, py::array::c_style> x, py::array_t<float, py::array::c_style> inv_t,
+           py::array_t<int64_t, py::array::c_style> seeds, py::array_t<int64_t, py::array::c_style> positions,
+           py::array_t<uint8_t, py::array::c_style> greedy) {
+            if (x.ndim() != 2) throw py::value_error("gumbel_sample: x must be [rows, vocab]");
+            const int64_t rows = x.shape(0), vocab = x.shape(1);
+            if (inv_t.size() != rows || seeds.size() != rows || positions.size() != rows || greedy.size() != rows)
+                throw py::value_error("gumbel_sample: inv_t, seeds, positions and greedy need one entry per row");
+            py::array_t<int64_t> out(rows);
+            int64_t* dst = out.mutable_data();
+            {
+                py::gil_scoped_release release;
+                ttc::gumbel_sample(x.data(), rows, vocab, inv_t.data(), seeds.data(), positions.data(),
+                                   greedy.data(), dst);
+            }
+            return out;
+        },
+        py::arg("x"), py::arg("inv_t"), py::arg("seeds"), py::arg("positions"), py::arg("greedy"),
+        "One Gumbel-max draw per row: int64[rows]; see csrc/gumbel_sample.h.");
 
     py::register_exception<ttc::OutOfBlocksError>(m, "OutOfBlocks", PyExc_RuntimeError);
     py::register_exception_translator([](std::exception_ptr p) {
@@ -97,6 +120,28 @@ blocks, and a content-verified prefix cache with LRU eviction. See ttc_fast.bloc
             "Reserve KV slots for tokens; returns (slots int32[n], [(src, dst) block copies]).")
         .def(
             "append_batch",
+            [](BlockManager& self, py::array_t<int64_t, py::array::c_style | py::array::forcecast> seqs,
+               py::array_t<int32_t, py::array::c_style | py::array::forcecast> flat,
+               py::array_t<int64_t, py::array::c_style | py::array::forcecast> offsets) {
+                // The engine's hot path: flat token buffer, no Python lists.
+                if (offsets.size() != seqs.size() + 1)
+                    throw py::value_error("append_batch: offsets needs one entry per sequence, plus one");
+                std::vector<int64_t> seq_v(seqs.data(), seqs.data() + seqs.size());
+                std::vector<int32_t> flat_v(flat.data(), flat.data() + flat.size());
+                std::vector<int64_t> off_v(offsets.data(), offsets.data() + offsets.size());
+                if (off_v.front() != 0 || off_v.back() != static_cast<int64_t>(flat_v.size()))
+                    throw py::value_error("append_batch: offsets must run from 0 to the number of tokens");
+                for (size_t i = 0; i + 1 < off_v.size(); ++i)
+                    if (off_v[i + 1] < off_v[i]) throw py::value_error("append_batch: offsets must not decrease");
+                py::array_t<int32_t> slots(static_cast<py::ssize_t>(flat_v.size()));
+                std::vector<ttc::Copy> copies;
+                self.append_batch(seq_v, flat_v, off_v, slots.mutable_data(), copies);
+                return py::make_tuple(slots, copies_to_list(copies));
+            },
+            py::arg("seqs"), py::arg("flat_tokens"), py::arg("offsets"),
+            "append_batch with numpy inputs: sequence i's tokens are flat_tokens[offsets[i]:offsets[i+1]].")
+        .def(
+            "append_batch",
             [](BlockManager& self, const std::vector<int64_t>& seqs, py::sequence tokens) {
                 if (static_cast<size_t>(py::len(tokens)) != seqs.size())
                     throw py::value_error("append_batch: " + std::to_string(seqs.size()) +
@@ -120,12 +165,48 @@ blocks, and a content-verified prefix cache with LRU eviction. See ttc_fast.bloc
             "int32[sum n], copies).")
         .def("fork", &BlockManager::fork, py::arg("parent"), py::arg("n"),
              "n new sequences sharing every block of parent; returns their ids.")
+        .def(
+            "set_tokens",
+            [](BlockManager& self, py::array_t<int64_t, py::array::c_style | py::array::forcecast> seqs,
+               py::array_t<int64_t, py::array::c_style | py::array::forcecast> positions,
+               py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens) {
+                if (positions.size() != seqs.size() || tokens.size() != seqs.size())
+                    throw py::value_error("set_tokens: seqs, positions and tokens must have the same length");
+                self.set_tokens(seqs.data(), positions.data(), tokens.data(), seqs.size());
+            },
+            py::arg("seqs"), py::arg("positions"), py::arg("tokens"),
+            "Write tokens appended as unknown (-1) once they are known; a block they complete "
+            "enters the prefix cache. All or nothing.")
+        .def("truncate", &BlockManager::truncate, py::arg("seq"), py::arg("n"),
+             "Remove the last n tokens of seq, which must all be unknown (-1).")
         .def("free", &BlockManager::free, py::arg("seq"), "Release a sequence and its blocks.")
         .def("block_table", &BlockManager::block_table, py::arg("seq"))
         .def("seq_len", &BlockManager::seq_len, py::arg("seq"))
+        .def(
+            "seq_lens",
+            [](const BlockManager& self, py::array_t<int64_t, py::array::c_style | py::array::forcecast> seqs) {
+                py::array_t<int64_t> lens(seqs.size());
+                auto* out = lens.mutable_data();
+                for (py::ssize_t i = 0; i < seqs.size(); ++i) out[i] = self.seq_len(seqs.data()[i]);
+                return lens;
+            },
+            py::arg("seqs"), "seq_len of each sequence: int64[B].")
         .def("refcount", &BlockManager::refcount, py::arg("block"))
         .def("blocks_needed", &BlockManager::blocks_needed, py::arg("seq"), py::arg("n"),
              "New blocks an append of n tokens would take (copy-on-write included).")
+        .def(
+            "block_tables",
+            [](const BlockManager& self, py::array_t<int64_t, py::array::c_style> seqs_array, int64_t width) {
+                std::vector<int64_t> seqs(seqs_array.data(), seqs_array.data() + seqs_array.size());
+                if (width < 0) throw py::value_error("width must be >= 0");
+                const int64_t w = std::max(width, self.max_blocks(seqs));
+                const auto b = static_cast<py::ssize_t>(seqs.size());
+                py::array_t<int32_t> tables({b, static_cast<py::ssize_t>(w)});
+                py::array_t<int32_t> lens(b);
+                self.fill_block_tables(seqs, w, tables.mutable_data(), lens.mutable_data());
+                return py::make_tuple(tables, lens);
+            },
+            py::arg("seqs"), py::arg("width") = 0)
         .def(
             "block_tables",
             [](const BlockManager& self, const std::vector<int64_t>& seqs, int64_t width) {

@@ -120,11 +120,13 @@ void BlockManager::dec_ref(int32_t b) {
     }
 }
 
-void BlockManager::on_block_full(const Sequence& s, int32_t b) {
+void BlockManager::on_block_full(const Sequence& s, size_t index) {
     if (!enable_prefix_cache_) return;  // hashes only serve the prefix cache
+    const int32_t b = s.blocks[index];
     Block& blk = blocks_[b];
-    const size_t nb = s.blocks.size();
-    blk.parent = nb >= 2 ? s.blocks[nb - 2] : -1;
+    // A block still holding a token not yet known is hashed when set_tokens completes it.
+    if (std::find(blk.tokens.begin(), blk.tokens.end(), kUnknownToken) != blk.tokens.end()) return;
+    blk.parent = index >= 1 ? s.blocks[index - 1] : -1;
     const uint64_t ph = blk.parent >= 0 ? blocks_[blk.parent].hash : kHashSeed;
     blk.hash = hash_block(ph, blk.tokens.data(), static_cast<int64_t>(blk.tokens.size()));
     // First writer wins: an identical block filled later stays private and is freed normally.
@@ -201,7 +203,56 @@ void BlockManager::append_unchecked(Sequence& s, const int32_t* tokens, int64_t 
         blocks_[b].tokens.push_back(tokens[i]);
         slots_out[i] = b * bs + off;
         ++s.len;
-        if (off + 1 == bs) on_block_full(s, b);
+        if (off + 1 == bs) on_block_full(s, s.blocks.size() - 1);
+    }
+}
+
+void BlockManager::set_tokens(const int64_t* seqs, const int64_t* positions, const int32_t* tokens,
+                              int64_t n) {
+    // Validate every entry first: all or nothing.
+    for (int64_t i = 0; i < n; ++i) {
+        const Sequence& s = get(seqs[i]);
+        if (positions[i] < 0 || positions[i] >= s.len)
+            throw std::invalid_argument("set_tokens: position " + std::to_string(positions[i]) +
+                                        " is outside sequence " + std::to_string(seqs[i]) + " (" +
+                                        std::to_string(s.len) + " tokens)");
+        const Block& blk = blocks_[s.blocks[positions[i] / block_size_]];
+        if (blk.tokens[positions[i] % block_size_] != kUnknownToken || blk.ref != 1)
+            throw std::invalid_argument("set_tokens: position " + std::to_string(positions[i]) +
+                                        " of sequence " + std::to_string(seqs[i]) +
+                                        " is not an unknown token of a block it owns alone");
+        if (tokens[i] < 0) throw std::invalid_argument("set_tokens: token ids must be >= 0");
+    }
+    for (int64_t i = 0; i < n; ++i) {
+        const Sequence& s = get(seqs[i]);
+        const size_t index = static_cast<size_t>(positions[i] / block_size_);
+        Block& blk = blocks_[s.blocks[index]];
+        blk.tokens[positions[i] % block_size_] = tokens[i];
+        if (static_cast<int64_t>(blk.tokens.size()) == block_size_) on_block_full(s, index);
+    }
+}
+
+void BlockManager::truncate(int64_t seq, int64_t n) {
+    Sequence& s = get(seq);
+    if (n < 0 || n > s.len)
+        throw std::invalid_argument("truncate: cannot remove " + std::to_string(n) + " of the " +
+                                    std::to_string(s.len) + " tokens of sequence " + std::to_string(seq));
+    // Only unknown tokens: a known one may have completed a block in the prefix cache.
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t pos = s.len - 1 - i;
+        const Block& blk = blocks_[s.blocks[pos / block_size_]];
+        if (blk.tokens[pos % block_size_] != kUnknownToken || blk.ref != 1)
+            throw std::invalid_argument("truncate: position " + std::to_string(pos) + " of sequence " +
+                                        std::to_string(seq) + " is not an unknown token of a block it owns alone");
+    }
+    for (int64_t i = 0; i < n; ++i) {
+        const int32_t b = s.blocks.back();
+        blocks_[b].tokens.pop_back();
+        --s.len;
+        if (blocks_[b].tokens.empty()) {
+            s.blocks.pop_back();
+            dec_ref(b);
+        }
     }
 }
 

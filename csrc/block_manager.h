@@ -52,6 +52,12 @@ public:
     void append_batch(const std::vector<int64_t>& seqs, const std::vector<int32_t>& flat,
                       const std::vector<int64_t>& offsets, int32_t* slots_out,
                       std::vector<Copy>& copies);
+    // Overlapped decoding reserves a token's slot before the token is known: such a token is
+    // kUnknownToken until set_tokens() writes it, and a block holding one enters the prefix cache
+    // only once complete and known. truncate() takes back unknown tokens at a sequence's end.
+    static constexpr int32_t kUnknownToken = -1;
+    void set_tokens(const int64_t* seqs, const int64_t* positions, const int32_t* tokens, int64_t n);
+    void truncate(int64_t seq, int64_t n);
     std::vector<int64_t> fork(int64_t parent, int64_t n);
     void free(int64_t seq);
 
@@ -102,7 +108,7 @@ private:
     int32_t allocate();  // caller has checked availability
     void inc_ref(int32_t b, int32_t by = 1);
     void dec_ref(int32_t b);  // releases the block when it reaches 0
-    void on_block_full(const Sequence& s, int32_t b);
+    void on_block_full(const Sequence& s, size_t index);  // s.blocks[index] is full
     void append_unchecked(Sequence& s, const int32_t* tokens, int64_t n, int32_t* slots_out,
                           std::vector<Copy>& copies);
 

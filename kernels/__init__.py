@@ -16,7 +16,7 @@ from .kv_store import store_kv, store_kv_ref
 from .paged_decode import auto_num_splits, paged_decode_attention, paged_decode_attention_ref
 from .paged_extend import paged_extend_attention, paged_extend_attention_ref
 from .sampling import sample, sample_allowed_mask_ref, sample_ref, sampling_uniform
-from .tree_attention import PrefixTree, SharedKVMemo, plan_prefix_tree, tree_attention_torch
+from .tree_attention import DecodePlanCache, PrefixTree, SharedKVMemo, plan_prefix_tree, tree_attention_torch
 
 __all__ = [
     "auto_num_splits",
@@ -35,6 +35,7 @@ __all__ = [
     "plan_prefix_tree",
     "plan_shared_prefix_groups",
     "PrefixTree",
+    "DecodePlanCache",
     "sample",
     "sample_allowed_mask_ref",
     "sample_ref",

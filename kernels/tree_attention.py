@@ -27,7 +27,7 @@ context_lens [B] (this step's tokens included); q_lens [B] >= 1.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -80,6 +80,29 @@ class SharedKVMemo:
                 self.hits += 1
             self._current[key] = kv
         return kv
+
+
+class DecodePlanCache:
+    """The last decode-only plan, kept for the next decode step. While no row's blocks change,
+    the next step's tree is the same and only the leaves' lengths grow by one: their masks are
+    redrawn and everything else is reused. That holds between block boundaries for rows that
+    decode in lockstep (the samples of one prompt); ragged rows (a beam tree) cross boundaries
+    at different steps and are planned afresh. The key is the rows' whole block tables and
+    block counts, so a stale entry cannot match."""
+
+    def __init__(self):
+        self.key = None
+        self.tree: PrefixTree | None = None
+        self.leaves: list = []  # (bucket index, member row per segment [S], kv positions [S, L])
+        self.leaf_rows = self.leaf_b0 = None  # for the `own_tokens` count
+
+    def replan(self, ctx: np.ndarray, block_size: int, device, memo) -> PrefixTree:
+        buckets = list(self.tree.buckets)
+        for k, rows, kv_pos in self.leaves:
+            bias = np.where(kv_pos < ctx[rows][:, None], 0.0, -np.inf).astype(np.float32)[:, None, None]
+            buckets[k] = replace(buckets[k], bias=torch.as_tensor(bias, device=device), by_group={})
+        own = int((ctx[self.leaf_rows] - self.leaf_b0 * block_size).sum())
+        return replace(self.tree, buckets=buckets, own_tokens=own, memo=memo)
 
 
 @dataclass
@@ -136,11 +159,11 @@ def _trie_segments(keyed: np.ndarray, nfull: np.ndarray):
 
 
 def plan_prefix_tree(block_tables, context_lens, q_lens, block_size: int, device=None,
-                     memo: SharedKVMemo | None = None) -> PrefixTree:
+                     memo: SharedKVMemo | None = None, cache: DecodePlanCache | None = None) -> PrefixTree:
     """Cut the rows' contexts into the segments of their prefix trie and bucket them.
     block_tables [B, max_blocks], context_lens [B], q_lens [B]: numpy arrays or host tensors.
     `memo`: keep the shared segments' gathered K/V across forwards (its owner clears it when a
-    block is freed)."""
+    block is freed). `cache`: reuse the last decode-only plan when only the lengths moved."""
     bt = np.asarray(block_tables, dtype=np.int64)
     ctx = np.asarray(context_lens, dtype=np.int64)
     ql = np.asarray(q_lens, dtype=np.int64)
@@ -156,6 +179,12 @@ def plan_prefix_tree(block_tables, context_lens, q_lens, block_size: int, device
     # a block they share with older tokens) are its own, so every row keeps a non-empty leaf.
     start = ctx - ql
     nfull = np.minimum(start // block_size, bt.shape[1])
+    decode_only = cache is not None and B > 0 and bool((ql == 1).all())
+    if decode_only:
+        key = (bt.shape, bt.tobytes(), nfull.tobytes(), block_size, str(device))
+        if cache.key == key:
+            return cache.replan(ctx, block_size, device, memo)
+        cache.key, cache.leaves = None, []
     keyed = np.where(np.arange(bt.shape[1])[None, :] < nfull[:, None], bt, -1)
     order, internal, depth = _trie_segments(keyed, nfull) if B else (np.zeros(0, np.int64), [], np.zeros(0, np.int64))
 
@@ -173,8 +202,11 @@ def plan_prefix_tree(block_tables, context_lens, q_lens, block_size: int, device
     qmax = np.maximum.reduceat(np.append(ql[order], 0), bounds)[::2] if B else np.zeros(0, np.int64)
     shared = int(((b1 - b0) * block_size)[~leaf].sum())
     own = int((ctx[rep] - b0 * block_size)[leaf].sum())
-    keys = np.stack([_pow2s(size), _pow2s(b1 - b0), _pow2s(qmax)], axis=1)
-    bucket_keys, bucket_of = np.unique(keys, axis=0, return_inverse=True) if len(keys) else (keys, keys[:, 0])
+    # Bucket key: (rows, blocks, queries) rounded up to powers of two, as one int (lexicographic
+    # order kept; np.unique over rows of a 2-D array is many times slower).
+    code = (_pow2s(size) << 42) | (_pow2s(b1 - b0) << 21) | _pow2s(qmax)
+    codes, bucket_of = np.unique(code, return_inverse=True)
+    bucket_keys = np.stack([codes >> 42, (codes >> 21) & (2 ** 21 - 1), codes & (2 ** 21 - 1)], axis=1)
 
     buckets, slot_tokens, slot_valid = [], [], []
     for k, (R, _, _) in enumerate(bucket_keys.tolist()):
@@ -203,6 +235,8 @@ def plan_prefix_tree(block_tables, context_lens, q_lens, block_size: int, device
         # query. The key keeps padding -1, not block 0: block 0 may be a live block still being
         # written, and a later segment that really holds it must not match this one.
         shared_key = (ids.shape, ids.tobytes()) if R > 1 else None
+        if decode_only and R == 1:
+            cache.leaves.append((len(buckets), r[:, 0], kv_pos))
         buckets.append(SegmentBucket(torch.as_tensor(tokens.reshape(S, R * Qm), device=device),
                                      torch.as_tensor(blocks, device=device), torch.as_tensor(bias, device=device),
                                      shared_key=shared_key))
@@ -210,8 +244,11 @@ def plan_prefix_tree(block_tables, context_lens, q_lens, block_size: int, device
         slot_valid.append(valid.reshape(-1))
     slot_tokens = np.concatenate(slot_tokens) if slot_tokens else np.zeros(0, np.int64)
     slot_valid = np.concatenate(slot_valid) if slot_valid else np.zeros(0, bool)
-    return PrefixTree(buckets, T, torch.as_tensor(np.flatnonzero(slot_valid), device=device),
+    tree = PrefixTree(buckets, T, torch.as_tensor(np.flatnonzero(slot_valid), device=device),
                       torch.as_tensor(slot_tokens[slot_valid], device=device), shared, own, memo)
+    if decode_only:
+        cache.key, cache.tree, cache.leaf_rows, cache.leaf_b0 = key, tree, rep[leaf], b0[leaf]
+    return tree
 
 
 def _bias_for_group(bucket: SegmentBucket, g: int) -> torch.Tensor:

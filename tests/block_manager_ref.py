@@ -40,6 +40,9 @@ def hash_block(parent_hash: int, tokens) -> int:
     return h
 
 
+UNKNOWN_TOKEN = -1  # a slot reserved before its token is known (overlapped decoding)
+
+
 def _as_tokens(tokens) -> list[int]:
     toks = [operator.index(t) for t in tokens]
     for t in toks:
@@ -155,11 +158,14 @@ class PyBlockManager:
         self._inc_ref(b)
         return b
 
-    def _on_block_full(self, s: _Seq, b: int) -> None:
+    def _on_block_full(self, s: _Seq, index: int) -> None:
         if not self._enable_prefix_cache:
             return
+        b = s.blocks[index]
         blk = self._blocks[b]
-        blk.parent = s.blocks[-2] if len(s.blocks) >= 2 else -1
+        if UNKNOWN_TOKEN in blk.tokens:  # hashed when set_tokens completes it
+            return
+        blk.parent = s.blocks[index - 1] if index >= 1 else -1
         ph = self._blocks[blk.parent].hash if blk.parent >= 0 else HASH_SEED
         blk.hash = hash_block(ph, blk.tokens)
         if blk.hash not in self._cached:  # first writer wins
@@ -188,7 +194,7 @@ class PyBlockManager:
             slots.append(b * bs + off)
             s.len += 1
             if off + 1 == bs:
-                self._on_block_full(s, b)
+                self._on_block_full(s, len(s.blocks) - 1)
 
     # ------------------------------------------------------------------ operations
     def new_sequence(self) -> int:
@@ -275,6 +281,44 @@ class PyBlockManager:
         for s, t in zip(ss, toks):
             self._append_unchecked(s, t, slots, copies)
         return np.array(slots, dtype=np.int32), copies
+
+    def _check_unknown(self, s: _Seq, seq: int, pos: int, what: str) -> None:
+        blk = self._blocks[s.blocks[pos // self._block_size]]
+        if blk.tokens[pos % self._block_size] != UNKNOWN_TOKEN or blk.ref != 1:
+            raise ValueError(f"{what}: position {pos} of sequence {seq} is not an unknown token of a block it owns alone")
+
+    def set_tokens(self, seqs, positions, tokens) -> None:
+        seqs, positions, tokens = ([operator.index(x) for x in a] for a in (seqs, positions, tokens))
+        if not len(seqs) == len(positions) == len(tokens):
+            raise ValueError("set_tokens: seqs, positions and tokens must have the same length")
+        for q, pos, t in zip(seqs, positions, tokens):
+            s = self._get(q)
+            if not 0 <= pos < s.len:
+                raise ValueError(f"set_tokens: position {pos} is outside sequence {q} ({s.len} tokens)")
+            self._check_unknown(s, q, pos, "set_tokens")
+            if t < 0:
+                raise ValueError("set_tokens: token ids must be >= 0")
+        for q, pos, t in zip(seqs, positions, tokens):
+            s = self._get(q)
+            index = pos // self._block_size
+            blk = self._blocks[s.blocks[index]]
+            blk.tokens[pos % self._block_size] = t
+            if len(blk.tokens) == self._block_size:
+                self._on_block_full(s, index)
+
+    def truncate(self, seq: int, n: int) -> None:
+        s = self._get(seq)
+        if not 0 <= n <= s.len:
+            raise ValueError(f"truncate: cannot remove {n} of the {s.len} tokens of sequence {seq}")
+        for i in range(n):
+            self._check_unknown(s, seq, s.len - 1 - i, "truncate")
+        for _ in range(n):
+            b = s.blocks[-1]
+            self._blocks[b].tokens.pop()
+            s.len -= 1
+            if not self._blocks[b].tokens:
+                s.blocks.pop()
+                self._dec_ref(b)
 
     def fork(self, parent: int, n: int) -> list[int]:
         if n < 0:

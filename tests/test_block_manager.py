@@ -155,6 +155,27 @@ class BlockManagerMachine(RuleBasedStateMachine):
             self.history[q] = self.history[q] + list(t)
 
     @precondition(lambda self: self.history)
+    @rule(i=st.integers(0, 100), token=st.integers(0, 2), learned=st.booleans())
+    def decode_unknown(self, i, token, learned):
+        """Overlapped decoding: a slot reserved before its token is known (-1), then the token is
+        set, or the slot taken back (the sample had finished)."""
+        seq = self.pick(i)
+        pos = len(self.history[seq])
+        ok, res = self.run_both(lambda m: m.append(seq, [-1]))
+        if not ok:
+            assert res is OutOfBlocks
+            return
+        slots, copies = res
+        self.write_kv(slots, [token], copies)  # the device writes the token's KV meanwhile
+        if learned:
+            ok, _ = self.run_both(lambda m: m.set_tokens([seq], [pos], [token]))
+            self.history[seq] = self.history[seq] + [token]
+        else:
+            ok, _ = self.run_both(lambda m: m.truncate(seq, 1))
+        assert ok
+        event("decode_unknown: " + ("set" if learned else "truncated"))
+
+    @precondition(lambda self: self.history)
     @rule(i=st.integers(0, 100), n=st.integers(0, 3))
     def fork(self, i, n):
         parent = self.pick(i)
@@ -517,4 +538,35 @@ def test_bad_args(M):
     m.free(s)
     with pytest.raises(KeyError):
         m.free(s)  # double free
+    m.check_invariants()
+
+
+def test_unknown_tokens_enter_the_prefix_cache_only_once_set(M):
+    """A block completed with a token not yet known (-1) is not matchable; set_tokens makes it
+    so. Only unknown tokens of a block owned alone can be set or truncated."""
+    m = M(8, 4)
+    a = m.new_sequence()
+    m.append(a, [5, 6, 7])
+    m.append(a, [-1])  # completes block 0 while its last token is unknown
+    probe = m.new_sequence()
+    assert m.match_prefix(probe, [5, 6, 7, 8, 9]) == 0
+    m.free(probe)
+    with pytest.raises(ValueError):
+        m.set_tokens([a], [2], [9])  # a known token
+    with pytest.raises(ValueError):
+        m.truncate(a, 2)  # the second-to-last token is known
+    m.set_tokens([a], [3], [8])
+    probe = m.new_sequence()
+    assert m.match_prefix(probe, [5, 6, 7, 8, 9]) == 4
+    m.free(probe)
+    m.append(a, [-1])  # a new block for one unknown token
+    used = m.num_used_blocks
+    m.truncate(a, 1)
+    assert m.seq_len(a) == 4 and m.num_used_blocks == used - 1
+    b, = m.fork(a, 1)
+    m.append(a, [-1])
+    m.append(b, [-1])
+    with pytest.raises(ValueError):
+        m.set_tokens([a, b], [4, 4], [1, -3])  # a negative token: nothing is written
+    m.set_tokens([a, b], [4, 4], [1, 2])
     m.check_invariants()

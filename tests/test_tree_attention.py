@@ -181,3 +181,45 @@ def test_shared_kv_memo_does_not_match_a_padded_segment_that_now_holds_block_0()
     forward([[1, 2, 3, 4, 8], [1, 2, 3, 4, 9], [5, 6, 7, 10, 0], [5, 6, 7, 11, 0]], [4 * BS + 1] * 2 + [3 * BS + 1] * 2)
     kc[0], vc[0] = torch.randn(BS, hkv, d, generator=gen), torch.randn(BS, hkv, d, generator=gen)
     forward([[1, 2, 3, 4, 8], [1, 2, 3, 4, 9], [5, 6, 7, 0, 12], [5, 6, 7, 0, 13]], [4 * BS + 1] * 4)
+
+
+@pytest.mark.parametrize("lockstep", [True, False])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_decode_plan_cache_across_steps_equals_fresh_plans(seed, lockstep):
+    """Decode steps planned through a DecodePlanCache (lengths growing by one, rows crossing
+    into new blocks, a row replaced by a fork of another) attend exactly as plans made from
+    scratch. Lockstep rows (samples of one prompt) reuse the plan between block boundaries;
+    ragged rows (a beam tree) almost never can, and must still be right."""
+    from ttc_fast.kernels import DecodePlanCache
+
+    rng = random.Random(20 + seed)
+    gen = torch.Generator().manual_seed(20 + seed)
+    tables, ctx = beam_tree(rng, 400)
+    if lockstep:  # every row one step past the same shared prompt, like n samples of a request
+        tables[:, 0] = tables[0, 0]
+        ctx = torch.full_like(ctx, BS + 1)
+    used = set(tables.flatten().tolist())
+    spare = [b for b in range(400) if b not in used]
+    d, hq, hkv = 32, 4, 2
+    kc, vc = make_cache(400, hkv, d, torch.float32, "cpu", gen)
+    cache, reused = DecodePlanCache(), 0
+    for step in range(2 * BS + 3):
+        ctx = ctx + 1
+        for i in range(len(ctx)):
+            need = -(-int(ctx[i]) // BS)
+            if need > tables.shape[1]:
+                tables = torch.cat([tables, torch.zeros(len(ctx), 1, dtype=torch.int32)], dim=1)
+            if (int(ctx[i]) - 1) % BS == 0:
+                tables[i, need - 1] = spare.pop()  # a new block for the new token
+        if step == 5:
+            tables[0], ctx[0] = tables[1], ctx[1]  # the row now forks another's context
+        q = torch.randn(len(ctx), hq, d, generator=gen)
+        key_before = cache.key
+        cached = plan_prefix_tree(tables.numpy(), ctx.numpy(), [1] * len(ctx), BS, cache=cache)
+        reused += key_before is not None and cache.key == key_before
+        fresh = plan_prefix_tree(tables.numpy(), ctx.numpy(), [1] * len(ctx), BS)
+        assert (cached.shared_tokens, cached.own_tokens) == (fresh.shared_tokens, fresh.own_tokens)
+        assert torch.equal(tree_attention_torch(q, kc, vc, cached, d ** -0.5),
+                           tree_attention_torch(q, kc, vc, fresh, d ** -0.5))
+    if lockstep:
+        assert reused >= 2 * (BS - 2), f"the plan was reused {reused} times: the test would not exercise it"

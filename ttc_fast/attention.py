@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from . import kernels as K
+from .cpu_sampler import sample_cpu
 
 BACKENDS = ("auto", "torch", "triton")
 # The triton shared-prefix (cascade) decode path pays off only when a prefix is read by enough
@@ -92,17 +93,21 @@ class AttentionBackend:
         self.cascade = K.cascade_decode_attention
         self.tree_attention = K.tree_attention_torch
         self.extend = K.paged_extend_attention if triton else K.paged_extend_attention_ref
-        self.sample = K.sample if triton else K.sample_ref
+        # The reference's draws; on the CPU through the filter that skips most of its noise.
+        self.sample = K.sample if triton else (sample_cpu if torch.device(device).type == "cpu" else K.sample_ref)
 
     @property
     def uses_prefix_tree(self) -> bool:
         """The torch path attends over the rows' prefix tree (`plan_prefix_tree`)."""
         return self.use_cascade and self.name == "torch"
 
-    def plan_prefix_tree(self, block_tables, context_lens, q_lens, block_size: int, device, memo=None) -> K.PrefixTree:
+    def plan_prefix_tree(self, block_tables, context_lens, q_lens, block_size: int, device, memo=None,
+                         plan_cache=None) -> K.PrefixTree:
         """block_tables, context_lens, q_lens: host arrays of every row of the forward; memo: a
-        `SharedKVMemo` its caller clears whenever a block is freed."""
-        return K.plan_prefix_tree(block_tables, context_lens, q_lens, block_size, device=device, memo=memo)
+        `SharedKVMemo` its caller clears whenever a block is freed; plan_cache: a
+        `DecodePlanCache` its caller keeps from one forward to the next."""
+        return K.plan_prefix_tree(block_tables, context_lens, q_lens, block_size, device=device, memo=memo,
+                                  cache=plan_cache)
 
     def plan_decode_groups(self, block_tables, context_lens, block_size: int):
         """Order and groups of decode rows for the triton cascade path, or None for the plain
@@ -115,13 +120,13 @@ class AttentionBackend:
         )
 
     def plan(self, block_tables: np.ndarray, context_lens: np.ndarray, q_lens: np.ndarray, slots: np.ndarray,
-             block_size: int, device, memo=None) -> BatchPlan:
+             block_size: int, device, memo=None, plan_cache=None) -> BatchPlan:
         """Once per forward, shared by every layer (FlashInfer's plan / run split): the metadata
         of a batch whose rows come decodes first. block_tables [rows, max_blocks], context_lens
         [rows], q_lens [rows] (new tokens), slots [tokens]: host arrays in that order. The triton
         cascade path may reorder the decode rows into shared-prefix groups (`BatchPlan.perm`);
         the torch path plans the rows' prefix tree (`memo`: a `SharedKVMemo` its caller clears
-        whenever a block is freed)."""
+        whenever a block is freed; `plan_cache`: a `DecodePlanCache` the caller keeps)."""
         rows = len(q_lens)
         num_decode = int((q_lens == 1).sum())
         perm = np.arange(rows)
@@ -138,7 +143,8 @@ class AttentionBackend:
             slots = np.concatenate([slots[:num_decode][decode_perm], slots[num_decode:]])
         prefix_tree = None
         if self.uses_prefix_tree:
-            prefix_tree = self.plan_prefix_tree(block_tables, context_lens, q_lens, block_size, device, memo=memo)
+            prefix_tree = self.plan_prefix_tree(block_tables, context_lens, q_lens, block_size, device, memo=memo,
+                                                plan_cache=plan_cache)
         cu = np.zeros(rows + 1, dtype=np.int64)
         np.cumsum(q_lens, out=cu[1:])
         bounds = {"max_decode_context_len": int(context_lens[:num_decode].max()) if num_decode else 0}

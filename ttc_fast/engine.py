@@ -17,6 +17,7 @@ import numpy as np
 from .block_manager import OutOfBlocks
 from .loader import LoadedModel, load_model
 from .model_runner import ModelRunner
+from .overlap import OverlappedDecoder
 from .sampling import SamplingParams, fresh_seed, sample_seed
 from .scheduler import PoolTooSmall, Scheduler
 from .sequence import Branch, CompletionOutput, Request, RequestOutput, Sample  # noqa: F401  (public names)
@@ -34,6 +35,8 @@ class Engine:
         enable_prefix_cache: bool = True,
         max_batch_tokens: int | None = None,
         num_blocks: int | None = None,
+        overlap: bool = False,
+        cuda_graphs: bool = False,
     ):
         if not isinstance(model, LoadedModel):
             model = load_model(model)
@@ -46,6 +49,8 @@ class Engine:
         )
         self.max_batch_tokens = max_batch_tokens or (8192 if model.device.type == "cuda" else 1024)
         self.stopper = StopChecker(model)
+        # Off by default until a GPU run has checked them (see overlap.py, cuda_graphs.py).
+        self.overlap = overlap
         self.stats = {"prefill_tokens": 0, "decode_tokens": 0, "cached_prompt_tokens": 0, "preemptions": 0, "steps": 0, "peak_used_blocks": 0, "evictions": 0}
 
     # --- public API ----------------------------------------------------------------------------
@@ -177,18 +182,18 @@ class Engine:
     # --- the loop ------------------------------------------------------------------------------
     def _run(self, samples: list[Sample]) -> None:
         sched = Scheduler(self.runner, self.max_batch_tokens, self.stats, self.stopper, samples)
-        while sched.waiting or sched.running:
+        while sched.waiting or len(sched.running):
+            if self.overlap and not sched.waiting and len(sched.running) and OverlappedDecoder(sched).run():
+                continue
             batch = sched.schedule()
             out = None
             while out is None:
                 try:
-                    out = self._forward(batch)
+                    out = self._forward(sched, batch)
                 except OutOfBlocks:
                     batch = sched.preempt(batch)
             self.stats["peak_used_blocks"] = max(self.stats["peak_used_blocks"], self.runner.blocks.num_used_blocks)
             sched.postprocess(batch, out)
 
-    def _forward(self, batch):
-        # Logits are needed where a sample's context is complete: decodes and last prefill chunks.
-        offsets = [[len(chunk) - 1] if len(chunk) == len(s.pending) else [] for s, chunk in batch]
-        return self.runner.forward([s.seq for s, _ in batch], [chunk for _, chunk in batch], offsets)
+    def _forward(self, sched: Scheduler, batch):
+        return self.runner.forward(*batch.forward_inputs(sched.running))

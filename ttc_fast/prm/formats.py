@@ -82,19 +82,24 @@ class _Segmenter:
 
     def __init__(self, tok):
         self.tok = tok
-        first = tok.convert_ids_to_tokens(tok.encode("a", add_special_tokens=False))
+        # A fast tokenizer's Rust object encodes as transformers' encode does (which calls it), at
+        # a fraction of the per-call cost: every step of every beam is encoded here.
+        rust = getattr(tok, "_tokenizer", None)
+        self._encode = (lambda text, special: rust.encode(text, add_special_tokens=special).ids) if \
+            hasattr(rust, "encode") else (lambda text, special: tok.encode(text, add_special_tokens=special))
+        first = tok.convert_ids_to_tokens(self._encode("a", False))
         self.anchor = None
         if first and str(first[0]).startswith("\u2581"):
-            self.anchor = tok.encode("\n", add_special_tokens=False)
+            self.anchor = self._encode("\n", False)
 
     def encode(self, text: str, first: bool = False, special: bool = False) -> list[int]:
         if first or self.anchor is None or not text:
-            return list(self.tok.encode(text, add_special_tokens=special)) if text or special else []
-        ids = list(self.tok.encode("\n" + text, add_special_tokens=False))
+            return list(self._encode(text, special)) if text or special else []
+        ids = list(self._encode("\n" + text, False))
         n = len(self.anchor)
         if ids[:n] == self.anchor:
             return ids[n:]
-        return list(self.tok.encode(text, add_special_tokens=False))
+        return list(self._encode(text, False))
 
     def single_id(self, text: str, what: str, source) -> int:
         ids = self.tok.encode(text, add_special_tokens=False)
