@@ -9,7 +9,8 @@ thread; CPU) so that what remains is the host's: scheduling, block tables, metad
   search iteration  beam search over S live beams (S/64 problems x 64 beams, width 4, steps of
                     8 emulated tokens) with a tiny math-shepherd PRM: (wall - time inside
                     `Engine.expand` - time inside the PRM's forwards) / iterations, i.e. the
-                    search loop and the PRM's bookkeeping
+                    search loop and the PRM's bookkeeping; of which the PRM's tokenization of
+                    each beam's new step (its format's ids), reported on its own
 
 `--baseline REV` measures the same on a checkout of REV (a git worktree built in place) in the
 same run, and prints both side by side.
@@ -43,6 +44,7 @@ class ForwardClock:
 
     def __init__(self, obj, attr: str):
         self.seconds, fn = 0.0, getattr(obj, attr)
+        self.original = fn
 
         def timed(*a, **kw):
             t = time.perf_counter()
@@ -88,6 +90,7 @@ def search_host_ms(policy, prm_path, size: int) -> float:
 
     import ttc_fast as tf
     from ttc_fast.data import Problem
+    from ttc_fast.prm import scorer as prm_scorer
     from ttc_fast.search import TreeSearch
 
     engine = tf.Engine(policy, num_blocks=size * 8 + 256, block_size=16, max_batch_tokens=max(1024, size * 2))
@@ -98,10 +101,18 @@ def search_host_ms(policy, prm_path, size: int) -> float:
     list(TreeSearch(engine, prm, strategy, sampling, system_prompt="").run(problems[:1]))  # warm-up
     expand, prm_forward = ForwardClock(engine, "expand"), ForwardClock(prm.runner, "forward")
     start_many = ForwardClock(prm, "start_many")  # the questions' prefixes: once per problem, not per iteration
+    encode = ForwardClock(prm_scorer, "_map_threaded") if hasattr(prm_scorer, "_map_threaded") else None
     t = time.perf_counter()
     list(TreeSearch(engine, prm, strategy, sampling, system_prompt="").run(problems))
     wall = time.perf_counter() - t
-    return 1e3 * (wall - expand.seconds - prm_forward.seconds - start_many.seconds) / ITERATIONS
+    del engine.expand, prm.runner.forward, prm.start_many
+    host = 1e3 * (wall - expand.seconds - prm_forward.seconds - start_many.seconds) / ITERATIONS
+    # The PRM's tokenization of every beam's new step (in builds that time it on its own).
+    tokenize = None
+    if encode is not None:
+        prm_scorer._map_threaded = encode.original
+        tokenize = 1e3 * encode.seconds / ITERATIONS
+    return host, tokenize
 
 
 def measure(sizes: list[int]) -> dict:
@@ -110,8 +121,9 @@ def measure(sizes: list[int]) -> dict:
         policy, prm_path = build_models(Path(tmp))
         rows = []
         for size in sizes:
+            search, tokenize = search_host_ms(policy, prm_path, size)
             rows.append({"live_sequences": size, "decode_step_host_ms": decode_host_ms(policy, size),
-                         "search_iteration_host_ms": search_host_ms(policy, prm_path, size)})
+                         "search_iteration_host_ms": search, "of_which_prm_tokenize_ms": tokenize})
             print(json.dumps(rows[-1]), flush=True)
     return {"rows": rows}
 
@@ -161,12 +173,13 @@ def main() -> None:
     if args.tree_only:
         return
     base = {r["live_sequences"]: r for r in result.get("baseline", {}).get("rows", [])}
-    print(f"{'live sequences':>14} {'decode step host ms':>20} {'search iteration host ms':>25}")
+    print(f"{'live sequences':>14} {'decode step host ms':>20} {'search iteration host ms':>25} {'of which PRM tokenize':>22}")
     for r in ours["rows"]:
         b = base.get(r["live_sequences"])
         dec = f"{r['decode_step_host_ms']:.2f}" + (f" ({b['decode_step_host_ms']:.2f})" if b else "")
         srch = f"{r['search_iteration_host_ms']:.2f}" + (f" ({b['search_iteration_host_ms']:.2f})" if b else "")
-        print(f"{r['live_sequences']:>14} {dec:>20} {srch:>25}")
+        tok = "-" if r.get("of_which_prm_tokenize_ms") is None else f"{r['of_which_prm_tokenize_ms']:.2f}"
+        print(f"{r['live_sequences']:>14} {dec:>20} {srch:>25} {tok:>22}")
     if base:
         print("(in parentheses: the baseline revision)")
 

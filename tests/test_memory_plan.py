@@ -69,6 +69,30 @@ def test_prm_kv_fraction_splits_the_bytes():
     assert kv - prm_bytes - plan.policy_block_bytes < policy_bytes <= kv - prm_bytes
 
 
+def test_cuda_graphs_pool_is_reserved_and_the_static_buffers_are_counted():
+    """--cuda-graphs: the graphs' pool comes out of the KV budget; the static buffers (Llama-3.2-1B
+    at 128K context, 256 sequences) are what the engine allocates and so count as in use."""
+    from ttc_fast.cuda_graphs import buckets_up_to
+
+    policy = config(LLAMA_32_1B)
+    in_use = weight_bytes(policy, BF16) + GiB
+    plain = plan_memory(H200, 0.9, in_use, 3 * GiB, policy, BF16)
+    graphs = plan_memory(H200, 0.9, in_use, 3 * GiB, policy, BF16, graph_pool_bytes=2 * GiB)
+    assert graphs.policy_blocks == (int(0.9 * H200) - in_use - 3 * GiB - 2 * GiB) // plain.policy_block_bytes
+    assert graphs.policy_blocks < plain.policy_blocks
+    assert "CUDA graphs' pool 2.00 GiB" in graphs.describe()
+    assert buckets_up_to(256) == [1, 2, 4, 8, 16, 32, 64, 128, 256] and buckets_up_to(48)[-1] == 48
+
+
+def test_static_decode_buffers_size(tmp_path):
+    model = tf.load_model(build_tiny_model(tmp_path / "m", "llama", seed=0), device="cpu")
+    engine = tf.Engine(model, num_blocks=64, block_size=16, cuda_graphs=True, cuda_graph_max_batch=32)
+    g, cfg = engine.runner.graphs, model.config
+    width = -(-cfg.max_context // 16)
+    # ids, positions (int64); slots, context lengths (int32); block tables; cu_q_lens; output rows
+    assert g.nbytes == 32 * (8 + 8 + 4 + 4 + 4 * width) + 4 * 33 + 8 * 32  # no split scratch on the CPU
+
+
 def test_a_budget_too_small_names_the_flag_to_change():
     policy, prm = config(LLAMA_32_1B), config(LLAMA_31_8B)
     in_use = weight_bytes(policy, BF16) + weight_bytes(prm, BF16)  # about 17.5 GiB

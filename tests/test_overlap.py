@@ -85,3 +85,23 @@ def test_search_results_do_not_change(model):
 
     plain, overlapped, _ = both(model, run, num_blocks=256)
     assert overlapped == plain
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_static_decode_buffers_draw_the_same_tokens(model, overlap):
+    """Engine(cuda_graphs=True) on the CPU: decode steps of up to 8 sequences run padded to a
+    bucket (1, 2, 4, 8) from the static buffers, larger ones as usual; the tokens do not change."""
+    params = [tf.SamplingParams(temperature=0.9, max_tokens=20, n=n, seed=n, stop_token_ids=[7]) for n in (3, 5, 12)]
+
+    def run(engine):
+        return [outputs(engine.generate(["The answer is", "Step 1:"], p)) for p in params]
+
+    plain = run(tf.Engine(model, block_size=4, num_blocks=256))
+    engine = tf.Engine(model, block_size=4, num_blocks=256, overlap=overlap, cuda_graphs=True, cuda_graph_max_batch=8)
+    calls = []
+    real = engine.runner.graphs.run
+    engine.runner.graphs.run = lambda *a, **k: calls.append(len(a[-1])) or real(*a, **k)
+    assert run(engine) == plain
+    assert set(calls) - {1, 2, 4, 8}, "no step was padded to a bucket"
+    assert max(calls) <= 8 and engine.stats["decode_tokens"] > sum(calls), "every step went through the buffers"
+    assert engine.runner.graphs.nbytes > 0

@@ -116,6 +116,27 @@ def test_full_ids_are_the_formats(prm_case):
         assert prm.fmt.full_ids(q, steps) != stripped
 
 
+def test_many_rows_are_encoded_on_threads_in_order(prm_case):
+    """Past THREADED_MIN_ROWS handles, the steps are tokenized on a thread pool: every row still
+    gets its own step's ids (a row's score equals scoring it alone)."""
+    from ttc_fast.prm import scorer
+
+    kind, path, prm = prm_case
+    n = scorer.THREADED_MIN_ROWS + 6
+    steps = [f"Step 1: add {i} and {i + 1}." for i in range(n)]
+    root, = prm.start_many([QUESTIONS[0]])
+    handles = prm.fork(root, n)  # sharing the question's blocks
+    together = prm.score_steps(handles, steps)
+    for h in handles + [root]:
+        prm.free(h)
+    for i in (0, 17, n - 1):
+        h, = prm.start_many([QUESTIONS[0]])
+        alone, = prm.score_steps([h], [steps[i]])
+        prm.free(h)
+        assert abs(alone - together[i]) < ATOL
+    assert len(set(round(x, 5) for x in together)) > 1
+
+
 @pytest.fixture(scope="module")
 def outcome_case(prm_case):
     kind, path, prm = prm_case

@@ -44,6 +44,9 @@ class AttentionMetadata:
     max_group_rows: int = 0
     max_prefix_len: int = 0
     max_suffix_len: int = 0
+    # Static decode (cuda_graphs.py): the split-KV factor fixed at capture and the caller's scratch.
+    decode_num_splits: int | None = None
+    decode_scratch: tuple | None = None
 
 
 @dataclass
@@ -182,7 +185,10 @@ class AttentionBackend:
                     max_group_rows=meta.max_group_rows, max_prefix_len=meta.max_prefix_len, max_suffix_len=meta.max_suffix_len,
                 )
             else:
-                self.decode(q[:nd], k_cache, v_cache, tables, lens, scale, out=out[:nd], max_context_len=meta.max_decode_context_len)
+                static = {} if meta.decode_num_splits is None else {"num_splits": meta.decode_num_splits,
+                                                                      "scratch": meta.decode_scratch}
+                self.decode(q[:nd], k_cache, v_cache, tables, lens, scale, out=out[:nd],
+                            max_context_len=meta.max_decode_context_len, **static)
         if nd < meta.context_lens.shape[0]:
             cu = meta.cu_q_lens[nd:] - nd
             self.extend(

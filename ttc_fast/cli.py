@@ -21,6 +21,16 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--kv-cache-bytes", type=int, default=None, help="the policy's KV pool (default: 256 MiB on the CPU)")
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--overlap", action="store_true",
+                   help="prepare and launch each decode step before the previous one is settled (off until checked on a GPU)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="decode from static buffers at batch-size buckets, replayed as CUDA graphs (off until checked on a GPU)")
+    p.add_argument("--cuda-graph-max-batch", type=int, default=256, help="largest decode batch run from the static buffers")
+
+
+def _engine_options(args) -> dict:
+    return dict(kv_cache_bytes=args.kv_cache_bytes, block_size=args.block_size, backend=args.backend,
+                overlap=args.overlap, cuda_graphs=args.cuda_graphs, cuda_graph_max_batch=args.cuda_graph_max_batch)
 
 
 def _sampling(args):
@@ -40,7 +50,7 @@ def cmd_demo(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = build_tiny_model(tmp, "llama", seed=0)
         model = tf.load_model(path, device=args.device, dtype=args.dtype)
-        engine = tf.Engine(model, kv_cache_bytes=args.kv_cache_bytes, block_size=args.block_size, backend=args.backend)
+        engine = tf.Engine(model, **_engine_options(args))
         print(f"model: tiny random Llama ({sum(p.numel() for p in model.module.parameters()) / 1e6:.2f} M params) "
               f"on {model.device}, {model.dtype}, backend {engine.runner.attention.name}, {engine.runner.num_blocks} KV blocks")
         prompt = "Natalia sold clips to 48 of her friends in April. How many clips did she sell?"
@@ -61,7 +71,7 @@ def cmd_generate(args) -> int:
     import ttc_fast as tf
 
     model = tf.load_model(args.model, device=args.device, dtype=args.dtype)
-    engine = tf.Engine(model, kv_cache_bytes=args.kv_cache_bytes, block_size=args.block_size, backend=args.backend)
+    engine = tf.Engine(model, **_engine_options(args))
     start = time.perf_counter()
     outs = engine.generate(args.prompt, _sampling(args))
     seconds = time.perf_counter() - start
@@ -89,7 +99,8 @@ def _profile_blocks(args) -> int:
     """A pool that holds the largest forward (8192 tokens on a GPU) of the engine and the PRM."""
     from .memory_plan import profile_blocks
 
-    return profile_blocks(8192, args.block_size)
+    # ... and the static decode step of --cuda-graphs (one block per sequence)
+    return max(profile_blocks(8192, args.block_size), args.cuda_graph_max_batch + 8)
 
 
 def _path_tokens(problems, prompt, engine, max_tokens: int) -> int:
@@ -175,8 +186,7 @@ def cmd_run(args) -> int:
     if model.device.type == "cuda" and model_prm and (args.kv_cache_bytes is None) != (args.prm_kv_cache_bytes is None):
         raise RunError("on a GPU give both --kv-cache-bytes and --prm-kv-cache-bytes, or neither (then "
                        "--gpu-memory-utilization plans both pools together)")
-    engine = tf.Engine(model, kv_cache_bytes=args.kv_cache_bytes, block_size=args.block_size, backend=args.backend,
-                       num_blocks=_profile_blocks(args) if planned else None)
+    engine = tf.Engine(model, **_engine_options(args), num_blocks=_profile_blocks(args) if planned else None)
     # majority needs no verifier, but one given still scores its paths (naive / weighted picks)
     pool = {"num_blocks": _profile_blocks(args)} if planned else {"kv_cache_bytes": args.prm_kv_cache_bytes}
     prm = (resolve_prm(args.prm, kind=args.prm_kind, device=args.device, dtype=args.dtype, block_size=args.block_size,

@@ -37,6 +37,7 @@ class Engine:
         num_blocks: int | None = None,
         overlap: bool = False,
         cuda_graphs: bool = False,
+        cuda_graph_max_batch: int = 256,
     ):
         if not isinstance(model, LoadedModel):
             model = load_model(model)
@@ -45,7 +46,8 @@ class Engine:
         self.tokenizer = model.tokenizer
         self.runner = ModelRunner(
             model, kv_cache_bytes=kv_cache_bytes, block_size=block_size, backend=backend,
-            enable_prefix_cache=enable_prefix_cache, num_blocks=num_blocks,
+            enable_prefix_cache=enable_prefix_cache, num_blocks=num_blocks, cuda_graphs=cuda_graphs,
+            cuda_graph_max_batch=cuda_graph_max_batch,
         )
         self.max_batch_tokens = max_batch_tokens or (8192 if model.device.type == "cuda" else 1024)
         self.stopper = StopChecker(model)

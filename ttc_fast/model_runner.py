@@ -17,6 +17,7 @@ import torch
 from . import kernels as K
 from .attention import AttentionBackend
 from .block_manager import BlockManager
+from .cuda_graphs import DecodeGraphs
 from .kv_pool import KVPool, plan_num_blocks
 from .loader import LoadedModel
 
@@ -66,6 +67,8 @@ class ModelRunner:
         enable_prefix_cache: bool = True,
         num_blocks: int | None = None,
         gpu_memory_fraction: float = 0.9,
+        cuda_graphs: bool = False,
+        cuda_graph_max_batch: int = 256,
     ):
         if block_size < 1 or block_size & (block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {block_size}")
@@ -83,6 +86,11 @@ class ModelRunner:
         # The shared segments' gathered K/V, reused across decode steps; valid until a block is freed.
         self.shared_kv_memo = K.SharedKVMemo()
         self.decode_plan_cache = K.DecodePlanCache()  # the last decode step's plan, for the next
+        self.graphs = None
+        if cuda_graphs:
+            if self.device.type == "cuda" and self.attention.name != "triton":
+                raise ValueError("cuda_graphs needs the triton attention backend on CUDA")
+            self.graphs = DecodeGraphs(self, cuda_graph_max_batch)
 
     def reallocate(self, num_blocks: int) -> None:
         """A new pool of `num_blocks` blocks (and a new block manager) in place of the current
@@ -96,6 +104,8 @@ class ModelRunner:
         self.blocks = BlockManager(num_blocks, self.block_size, self.enable_prefix_cache)
         self.num_blocks = num_blocks
         self.shared_kv_memo.clear()
+        if self.graphs is not None:
+            self.graphs.reset()  # the captured graphs point at the old pool
 
     # --- sequences -----------------------------------------------------------------------------
     def new_sequence(self, prompt: list[int] | None = None) -> tuple[int, int]:
@@ -170,6 +180,12 @@ class ModelRunner:
         if len(copies):
             self.attention.copy_blocks(self.pool.kv, torch.as_tensor(np.asarray(copies, dtype=np.int32).reshape(-1, 2), device=self.device))
         tables, ctx = self.blocks.block_tables(ordered_seqs)
+        if self._static_decode(counts, out_seq, out_off, want_logits, want_hidden):
+            # A decode step with every row's logits: from the static buffers (cuda_graphs.py).
+            # Rows are in the caller's order: with one token each, `order` is the identity.
+            logits = self.graphs.run(flat if device_ids is None else device_ids, ctx.astype(np.int64) - 1, slots,
+                                     tables, ctx)
+            return ForwardOutput(logits, None, np.arange(len(seqs) + 1))
         if self.attention.uses_prefix_tree:
             self.shared_kv_memo.begin_forward()
         plan = self.attention.plan(tables, ctx, counts[order], slots, self.block_size, self.device, memo=self.shared_kv_memo,
@@ -199,6 +215,13 @@ class ModelRunner:
             want_hidden=want_hidden,
         )
         return ForwardOutput(logits, hidden, row_starts)
+
+    def _static_decode(self, counts, out_seq, out_off, want_logits, want_hidden) -> bool:
+        graphs = self.graphs
+        n = len(counts)
+        return (graphs is not None and want_logits and not want_hidden and n <= graphs.max_batch
+                and bool((counts == 1).all()) and len(out_seq) == n and not out_off.any()
+                and bool((out_seq == np.arange(n)).all()))
 
     @staticmethod
     def _output_positions(output_offsets, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

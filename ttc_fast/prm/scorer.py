@@ -44,7 +44,9 @@ larger `kv_cache_bytes`.
 """
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -195,7 +197,7 @@ class ModelPRM(PRM):
         recorded steps when next used), so no handle keeps half a step. A row whose step would take
         its text past the PRM's context (max_position_embeddings) is not appended and scores None."""
         self._check(handles, steps)
-        segs = [self.fmt.row_ids(s, h.num_steps, self.outcome) for h, s in zip(handles, steps)]
+        segs = _map_threaded(lambda i: self.fmt.row_ids(steps[i], handles[i].num_steps, self.outcome), len(handles))
         blocks = self.runner.blocks
         limit = self.model.config.max_context
         fits = []
@@ -317,3 +319,22 @@ class ModelPRM(PRM):
             self.runner.free(seq)
         self.stats["full_tokens"] += len(ids)
         return vals.tolist()
+
+
+_POOL: ThreadPoolExecutor | None = None
+THREADED_MIN_ROWS = 64  # below this, the threads' hand-off costs more than it saves
+
+
+def _map_threaded(fn, n: int) -> list:
+    """[fn(0), ..., fn(n - 1)], in chunks over the CPU's cores: tokenizing every beam's new step
+    is the PRM's largest host cost, and a fast (Rust) tokenizer encodes without holding the GIL."""
+    global _POOL
+    workers = min(8, os.cpu_count() or 1)
+    if n < THREADED_MIN_ROWS or workers < 2:
+        return [fn(i) for i in range(n)]
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(workers, thread_name_prefix="ttc-prm-encode")
+    bounds = [n * k // workers for k in range(workers + 1)]
+    chunks = _POOL.map(lambda k: [fn(i) for i in range(bounds[k], bounds[k + 1])], range(workers))
+    return [x for chunk in chunks for x in chunk]
+
