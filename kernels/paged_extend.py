@@ -23,7 +23,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .common import LOG2E, attend_paged_tiles, check_cache, check_launchable, check_pow2_head_dim, interpreting, use_fp32_dot
+from .common import (LOG2E, GpuTarget, attend_paged_tiles, check_cache, check_launchable, check_pow2_head_dim,
+                     launch_target, use_fp32_dot)
 from .paged_decode import _chunks, gather_paged_kv
 
 EXTEND_BLOCK_M, EXTEND_BLOCK_N = 64, 64
@@ -64,6 +65,14 @@ def _paged_extend_kernel(
              out.to(o_ptr.dtype.element_ty), mask=rmask[:, None])
 
 
+def extend_launch_config(dtype: torch.dtype, head_dim: int, group: int, block_size: int, target: GpuTarget) -> dict:
+    """Every constexpr and launch option of `_paged_extend_kernel`: the launcher and the compile
+    check (kernels/compile_check.py) both take them from here."""
+    bm, bn = (EXTEND_BLOCK_M_INTERP, EXTEND_BLOCK_N_INTERP) if target.interpreter else (EXTEND_BLOCK_M, EXTEND_BLOCK_N)
+    return dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=max(bm, triton.next_power_of_2(group)), BLOCK_N=bn,
+                BLOCK_SIZE=block_size, FP32_DOT=use_fp32_dot(dtype, target), num_warps=4, num_stages=3)
+
+
 def _check_extend_args(q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, out):
     name = "paged_extend_attention"
     check_cache(name, k_cache, v_cache)
@@ -102,15 +111,14 @@ def paged_extend_attention(q, k_cache, v_cache, block_tables, cu_q_lens, context
     S = context_lens.shape[0]
     if T == 0 or S == 0 or max_q_len <= 0:
         return out
-    bm, bn = (EXTEND_BLOCK_M_INTERP, EXTEND_BLOCK_N_INTERP) if interpreting() else (EXTEND_BLOCK_M, EXTEND_BLOCK_N)
-    bm = max(bm, triton.next_power_of_2(group))
-    grid = (S, Hkv, triton.cdiv(int(max_q_len) * group, bm))
+    cfg = extend_launch_config(q.dtype, D, group, bs, launch_target(q.device))
+    grid = (S, Hkv, triton.cdiv(int(max_q_len) * group, cfg["BLOCK_M"]))
     _paged_extend_kernel[grid](
         q, k_cache, v_cache, out, block_tables, cu_q_lens, context_lens,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), block_tables.stride(0),
         float(scale) * LOG2E,
-        GROUP=group, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, BLOCK_SIZE=bs, FP32_DOT=use_fp32_dot(q.dtype),
+        **cfg,
     )
     return out
 
