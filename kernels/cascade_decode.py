@@ -38,6 +38,9 @@ from .paged_decode import _check_decode_args, _num_sms, merge_split_states, \
 # Larger query tiles mean fewer passes over the prefix (one per tile): 128 rows, 8 warps on GPU.
 PREFIX_BLOCK_M, PREFIX_BLOCK_N, PREFIX_WARPS = 128, 64, 8
 PREFIX_BLOCK_M_INTERP, PREFIX_BLOCK_N_INTERP = 32, 32
+# fp32 dots run on CUDA cores with whole tiles in registers (and their operands staged through
+# shared memory): 128 x 64 tiles spill and need 164 KB of shared memory at head_dim 128
+PREFIX_BLOCK_M_FP32, PREFIX_BLOCK_N_FP32 = 64, 32
 PREFIX_MIN_SPLIT_TOKENS = 256
 PREFIX_MAX_SPLITS = 16
 
@@ -106,12 +109,15 @@ def _merge_states_kernel(
 def prefix_launch_config(dtype: torch.dtype, head_dim: int, group: int, block_size: int, target: GpuTarget) -> dict:
     """Every constexpr and launch option of `_prefix_attn_kernel`: the launcher and the compile
     check (kernels/compile_check.py) both take them from here."""
+    fp32_dot = use_fp32_dot(dtype, target)
     if target.interpreter:
         bm, bn, warps = PREFIX_BLOCK_M_INTERP, PREFIX_BLOCK_N_INTERP, 4
+    elif fp32_dot:
+        bm, bn, warps = PREFIX_BLOCK_M_FP32, PREFIX_BLOCK_N_FP32, PREFIX_WARPS
     else:
         bm, bn, warps = PREFIX_BLOCK_M, PREFIX_BLOCK_N, PREFIX_WARPS
     return dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=max(bm, triton.next_power_of_2(group)), BLOCK_N=bn,
-                BLOCK_SIZE=block_size, FP32_DOT=use_fp32_dot(dtype, target), num_warps=warps, num_stages=3)
+                BLOCK_SIZE=block_size, FP32_DOT=fp32_dot, num_warps=warps, num_stages=3)
 
 
 def merge_states_launch_config(head_dim: int) -> dict:

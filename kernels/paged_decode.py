@@ -100,9 +100,12 @@ def decode_launch_config(dtype: torch.dtype, head_dim: int, group: int, block_si
                          target: GpuTarget) -> dict:
     """Every constexpr and launch option of `_paged_decode_kernel`: the launcher and the compile
     check (kernels/compile_check.py) both take them from here."""
+    fp32_dot = use_fp32_dot(dtype, target)
+    # fp32 dots run on CUDA cores with the tiles in registers: 8 warps keep head_dim 128 unspilled
+    warps = 8 if fp32_dot and not target.interpreter else 4
     return dict(GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
                 BLOCK_N=DECODE_BLOCK_N_INTERP if target.interpreter else DECODE_BLOCK_N, BLOCK_SIZE=block_size,
-                HAS_START=has_start, FP32_DOT=use_fp32_dot(dtype, target), num_warps=4, num_stages=3)
+                HAS_START=has_start, FP32_DOT=fp32_dot, num_warps=warps, num_stages=3)
 
 
 def merge_splits_launch_config(num_heads: int, head_dim: int, num_splits: int, write_lse: bool) -> dict:

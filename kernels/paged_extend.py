@@ -28,6 +28,8 @@ from .common import (LOG2E, GpuTarget, attend_paged_tiles, check_cache, check_la
 from .paged_decode import _chunks, gather_paged_kv
 
 EXTEND_BLOCK_M, EXTEND_BLOCK_N = 64, 64
+# fp32 dots run on CUDA cores with whole tiles in registers: half the KV tile, twice the warps
+EXTEND_BLOCK_M_FP32, EXTEND_BLOCK_N_FP32, EXTEND_WARPS_FP32 = 64, 32, 8
 EXTEND_BLOCK_M_INTERP, EXTEND_BLOCK_N_INTERP = 32, 32
 
 
@@ -68,9 +70,17 @@ def _paged_extend_kernel(
 def extend_launch_config(dtype: torch.dtype, head_dim: int, group: int, block_size: int, target: GpuTarget) -> dict:
     """Every constexpr and launch option of `_paged_extend_kernel`: the launcher and the compile
     check (kernels/compile_check.py) both take them from here."""
-    bm, bn = (EXTEND_BLOCK_M_INTERP, EXTEND_BLOCK_N_INTERP) if target.interpreter else (EXTEND_BLOCK_M, EXTEND_BLOCK_N)
+    fp32_dot = use_fp32_dot(dtype, target)
+    if target.interpreter:
+        bm, bn, warps = EXTEND_BLOCK_M_INTERP, EXTEND_BLOCK_N_INTERP, 4
+    elif fp32_dot:
+        bm, bn, warps = EXTEND_BLOCK_M_FP32, EXTEND_BLOCK_N_FP32, EXTEND_WARPS_FP32
+    else:
+        # sm_8x's mma.sync holds a 64 x 128 tile's operands and accumulator in more than 255
+        # registers per thread at 4 warps (spills); sm_90's wgmma fits
+        bm, bn, warps = EXTEND_BLOCK_M, EXTEND_BLOCK_N, 8 if head_dim >= 128 and target.capability < 90 else 4
     return dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=max(bm, triton.next_power_of_2(group)), BLOCK_N=bn,
-                BLOCK_SIZE=block_size, FP32_DOT=use_fp32_dot(dtype, target), num_warps=4, num_stages=3)
+                BLOCK_SIZE=block_size, FP32_DOT=fp32_dot, num_warps=warps, num_stages=3)
 
 
 def _check_extend_args(q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, out):
