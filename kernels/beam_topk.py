@@ -35,6 +35,9 @@ SEG_BLOCK = 1024
 VOCAB_TILE = 4096
 VOCAB_TILE_INTERP = 256
 MAX_K = 1024
+# The reduce holds every tile's K_PAD candidates at once; past this many int64 keys even 32 warps
+# (64 registers a thread) spill, so the vocabulary is cut into fewer, larger tiles.
+MAX_REDUCE_KEYS = 16384
 KEY_NONE = tl.constexpr(-(2 ** 63))  # empty slot
 KEY_MAX = tl.constexpr(2 ** 63 - 1)
 
@@ -213,16 +216,26 @@ def _lsm_topk_reduce_kernel(
     tl.store(tok_ptr + b * K + slot, idx.to(tl.int32), mask=km)
 
 
+def _warps_for_keys(num_keys: int) -> int:
+    """Warps (4 to 32) for a block of int64 keys held in registers: the keys take at most half of
+    a thread's registers (255, or 65,536 over the block's threads when fewer)."""
+    warps = 4
+    while warps < 32 and num_keys > warps * 32 * (min(255, 65536 // (32 * warps)) // 4):
+        warps *= 2
+    return warps
+
+
 def lsm_topk_launch_configs(vocab: int, k: int, target: GpuTarget) -> tuple[dict, dict]:
     """Every constexpr and launch option of `_lsm_topk_tile_kernel` and of `_lsm_topk_reduce_kernel`
     (the launcher and the compile check both take them from here); the tile kernel's grid has
     cdiv(vocab, TILE) tiles."""
     k_pad = triton.next_power_of_2(k)
     tile = VOCAB_TILE_INTERP if target.interpreter else VOCAB_TILE
-    tile = max(min(tile, triton.next_power_of_2(vocab)), k_pad)
-    num_tiles = triton.cdiv(vocab, tile)
-    return (dict(K=k, K_PAD=k_pad, TILE=tile, num_warps=4, num_stages=3),
-            dict(K=k, K_PAD=k_pad, BLOCK_T=triton.next_power_of_2(num_tiles), num_warps=4, num_stages=3))
+    tile = max(min(tile, triton.next_power_of_2(vocab)), k_pad,
+               triton.next_power_of_2(triton.cdiv(vocab * k_pad, MAX_REDUCE_KEYS)))
+    block_t = triton.next_power_of_2(triton.cdiv(vocab, tile))
+    return (dict(K=k, K_PAD=k_pad, TILE=tile, num_warps=_warps_for_keys(tile), num_stages=3),
+            dict(K=k, K_PAD=k_pad, BLOCK_T=block_t, num_warps=_warps_for_keys(block_t * k_pad), num_stages=3))
 
 
 def _check_lsm_args(logits, cum_logprobs, k):
