@@ -28,13 +28,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import FLOAT_DTYPES, check_launchable, interpreting
+from .common import FLOAT_DTYPES, GpuTarget, check_launchable, launch_target
 
 INT64_MIN = -(2 ** 63)
 SEG_BLOCK = 1024
 VOCAB_TILE = 4096
 VOCAB_TILE_INTERP = 256
 MAX_K = 1024
+# The reduce holds every tile's K_PAD candidates at once; past this many int64 keys even 32 warps
+# (64 registers a thread) spill, so the vocabulary is cut into fewer, larger tiles.
+MAX_REDUCE_KEYS = 16384
 KEY_NONE = tl.constexpr(-(2 ** 63))  # empty slot
 KEY_MAX = tl.constexpr(2 ** 63 - 1)
 
@@ -102,6 +105,13 @@ def _segmented_topk_kernel(
         tl.store(par_ptr + s * K + slot, par, mask=kmask)
 
 
+def segmented_topk_launch_config(k: int, has_parents: bool, target: GpuTarget) -> dict:
+    """Every constexpr and launch option of `_segmented_topk_kernel`: the launcher and the compile
+    check (kernels/compile_check.py) both take them from here."""
+    return dict(K=k, K_PAD=triton.next_power_of_2(k), BLOCK=128 if target.interpreter else SEG_BLOCK,
+                HAS_PARENTS=has_parents, num_warps=4, num_stages=3)
+
+
 def _check_seg_args(scores, seg_indptr, k, parents):
     name = "segmented_topk"
     assert scores.dim() == 1 and scores.dtype == torch.float32, f"{name}: scores must be fp32 [M]"
@@ -124,11 +134,10 @@ def segmented_topk(scores, seg_indptr, k: int, parents=None):
     if S == 0:
         return values, indices, kept
     scores = scores.contiguous()
-    block = 128 if interpreting() else SEG_BLOCK
     _segmented_topk_kernel[(S,)](
         scores, seg_indptr.contiguous(), parents if parents is not None else seg_indptr, values, indices,
         kept if kept is not None else indices,
-        K=k, K_PAD=triton.next_power_of_2(k), BLOCK=block, HAS_PARENTS=parents is not None,
+        **segmented_topk_launch_config(k, parents is not None, launch_target(dev)),
     )
     return values, indices, kept
 
@@ -207,6 +216,28 @@ def _lsm_topk_reduce_kernel(
     tl.store(tok_ptr + b * K + slot, idx.to(tl.int32), mask=km)
 
 
+def _warps_for_keys(num_keys: int) -> int:
+    """Warps (4 to 32) for a block of int64 keys held in registers: the keys take at most half of
+    a thread's registers (255, or 65,536 over the block's threads when fewer)."""
+    warps = 4
+    while warps < 32 and num_keys > warps * 32 * (min(255, 65536 // (32 * warps)) // 4):
+        warps *= 2
+    return warps
+
+
+def lsm_topk_launch_configs(vocab: int, k: int, target: GpuTarget) -> tuple[dict, dict]:
+    """Every constexpr and launch option of `_lsm_topk_tile_kernel` and of `_lsm_topk_reduce_kernel`
+    (the launcher and the compile check both take them from here); the tile kernel's grid has
+    cdiv(vocab, TILE) tiles."""
+    k_pad = triton.next_power_of_2(k)
+    tile = VOCAB_TILE_INTERP if target.interpreter else VOCAB_TILE
+    tile = max(min(tile, triton.next_power_of_2(vocab)), k_pad,
+               triton.next_power_of_2(triton.cdiv(vocab * k_pad, MAX_REDUCE_KEYS)))
+    block_t = triton.next_power_of_2(triton.cdiv(vocab, tile))
+    return (dict(K=k, K_PAD=k_pad, TILE=tile, num_warps=_warps_for_keys(tile), num_stages=3),
+            dict(K=k, K_PAD=k_pad, BLOCK_T=block_t, num_warps=_warps_for_keys(block_t * k_pad), num_stages=3))
+
+
 def _check_lsm_args(logits, cum_logprobs, k):
     name = "logsoftmax_topk"
     assert logits.dim() == 2 and logits.dtype in FLOAT_DTYPES, f"{name}: logits must be [B, V] fp32/fp16/bf16"
@@ -226,16 +257,12 @@ def logsoftmax_topk(logits, cum_logprobs, k: int):
     tokens = torch.empty(B, k, device=dev, dtype=torch.int32)
     if B == 0:
         return scores, tokens
-    k_pad = triton.next_power_of_2(k)
-    tile = VOCAB_TILE_INTERP if interpreting() else VOCAB_TILE
-    tile = max(min(tile, triton.next_power_of_2(V)), k_pad)
-    num_tiles = triton.cdiv(V, tile)
+    tile_cfg, reduce_cfg = lsm_topk_launch_configs(V, k, launch_target(dev))
+    num_tiles = triton.cdiv(V, tile_cfg["TILE"])
     stats = torch.empty(B, num_tiles, 2, device=dev, dtype=torch.float32)
-    cand = torch.empty(B, num_tiles, k_pad, device=dev, dtype=torch.int64)
-    _lsm_topk_tile_kernel[(B, num_tiles)](logits, stats, cand, logits.stride(0), V, num_tiles,
-                                          K=k, K_PAD=k_pad, TILE=tile)
-    _lsm_topk_reduce_kernel[(B,)](stats, cand, cum_logprobs.contiguous(), scores, tokens, num_tiles,
-                                  K=k, K_PAD=k_pad, BLOCK_T=triton.next_power_of_2(num_tiles))
+    cand = torch.empty(B, num_tiles, tile_cfg["K_PAD"], device=dev, dtype=torch.int64)
+    _lsm_topk_tile_kernel[(B, num_tiles)](logits, stats, cand, logits.stride(0), V, num_tiles, **tile_cfg)
+    _lsm_topk_reduce_kernel[(B,)](stats, cand, cum_logprobs.contiguous(), scores, tokens, num_tiles, **reduce_cfg)
     return scores, tokens
 
 

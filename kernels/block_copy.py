@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import FLOAT_DTYPES, check_launchable, interpreting
+from .common import FLOAT_DTYPES, GpuTarget, check_launchable, launch_target
 
 # Elements copied per program iteration.
 COPY_BLOCK = 4096
@@ -33,6 +33,14 @@ def _copy_blocks_kernel(kv_ptr, map_ptr, s_layer, s_kv, s_block, NUMEL: tl.const
     mask = offs < NUMEL
     x = tl.load(kv_ptr + base + src * s_block + offs, mask=mask)
     tl.store(kv_ptr + base + dst * s_block + offs, x, mask=mask)
+
+
+def copy_blocks_launch_config(numel: int, target: GpuTarget) -> dict:
+    """Every constexpr and launch option of `_copy_blocks_kernel` (shared with the compile check);
+    the grid has cdiv(numel, BLOCK) chunks per block."""
+    # the interpreter is slow: one program per block there
+    block = triton.next_power_of_2(numel) if target.interpreter else min(COPY_BLOCK, triton.next_power_of_2(numel))
+    return dict(NUMEL=numel, BLOCK=block, num_warps=4, num_stages=3)
 
 
 def _check_copy_args(kv, block_mapping):
@@ -57,11 +65,9 @@ def copy_blocks(kv, block_mapping) -> None:
     mapping = block_mapping if block_mapping.is_contiguous() else block_mapping.contiguous()
     L = kv.shape[0]
     numel = kv.shape[3] * kv.shape[4] * kv.shape[5]
-    block = min(COPY_BLOCK, triton.next_power_of_2(numel))
-    if interpreting():
-        block = triton.next_power_of_2(numel)  # one program per block: the interpreter is slow
-    grid = (C, 2 * L, triton.cdiv(numel, block))
-    _copy_blocks_kernel[grid](kv, mapping, kv.stride(0), kv.stride(1), kv.stride(2), NUMEL=numel, BLOCK=block)
+    cfg = copy_blocks_launch_config(numel, launch_target(kv.device))
+    grid = (C, 2 * L, triton.cdiv(numel, cfg["BLOCK"]))
+    _copy_blocks_kernel[grid](kv, mapping, kv.stride(0), kv.stride(1), kv.stride(2), **cfg)
 
 
 def copy_blocks_ref(kv, block_mapping) -> None:

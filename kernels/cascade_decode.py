@@ -30,14 +30,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, attend_paged_tiles, check_launchable, check_pow2_head_dim, interpreting,
-                     lse_merge_base, merged_lse, use_fp32_dot)
+from .common import (LOG2E, GpuTarget, attend_paged_tiles, check_launchable, check_pow2_head_dim,
+                     launch_target, lse_merge_base, merged_lse, use_fp32_dot)
 from .paged_decode import _check_decode_args, _num_sms, merge_split_states, \
     paged_decode_attention, paged_decode_attention_ref
 
 # Larger query tiles mean fewer passes over the prefix (one per tile): 128 rows, 8 warps on GPU.
 PREFIX_BLOCK_M, PREFIX_BLOCK_N, PREFIX_WARPS = 128, 64, 8
 PREFIX_BLOCK_M_INTERP, PREFIX_BLOCK_N_INTERP = 32, 32
+# fp32 dots run on CUDA cores with whole tiles in registers (and their operands staged through
+# shared memory): 128 x 64 tiles spill and need 164 KB of shared memory at head_dim 128
+PREFIX_BLOCK_M_FP32, PREFIX_BLOCK_N_FP32 = 64, 32
 PREFIX_MIN_SPLIT_TOKENS = 256
 PREFIX_MAX_SPLITS = 16
 
@@ -103,6 +106,25 @@ def _merge_states_kernel(
     tl.store(l_ptr + n * sl_n + h * sl_h, merged_lse(m_safe, tot))
 
 
+def prefix_launch_config(dtype: torch.dtype, head_dim: int, group: int, block_size: int, target: GpuTarget) -> dict:
+    """Every constexpr and launch option of `_prefix_attn_kernel`: the launcher and the compile
+    check (kernels/compile_check.py) both take them from here."""
+    fp32_dot = use_fp32_dot(dtype, target)
+    if target.interpreter:
+        bm, bn, warps = PREFIX_BLOCK_M_INTERP, PREFIX_BLOCK_N_INTERP, 4
+    elif fp32_dot:
+        bm, bn, warps = PREFIX_BLOCK_M_FP32, PREFIX_BLOCK_N_FP32, PREFIX_WARPS
+    else:
+        bm, bn, warps = PREFIX_BLOCK_M, PREFIX_BLOCK_N, PREFIX_WARPS
+    return dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=max(bm, triton.next_power_of_2(group)), BLOCK_N=bn,
+                BLOCK_SIZE=block_size, FP32_DOT=fp32_dot, num_warps=warps, num_stages=3)
+
+
+def merge_states_launch_config(head_dim: int) -> dict:
+    """Every constexpr and launch option of `_merge_states_kernel` (shared with the compile check)."""
+    return dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4, num_stages=3)
+
+
 def _check_merge_args(out_a, lse_a, out_b, lse_b, out):
     name = "merge_attention_states"
     assert out_a.dim() == 3 and out_b.shape == out_a.shape, (
@@ -131,7 +153,7 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b, out=None):
         out_a.stride(0), out_a.stride(1), lse_a.stride(0), lse_a.stride(1),
         out_b.stride(0), out_b.stride(1), lse_b.stride(0), lse_b.stride(1),
         out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
-        HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D),
+        **merge_states_launch_config(D),
     )
     return out, lse
 
@@ -187,8 +209,9 @@ def cascade_decode_attention(q, k_cache, v_cache, block_tables, context_lens, gr
         return out
     dev = q.device
     # Step 1: the shared prefixes, one pass per group.
-    bm, bn = (PREFIX_BLOCK_M_INTERP, PREFIX_BLOCK_N_INTERP) if interpreting() else (PREFIX_BLOCK_M, PREFIX_BLOCK_N)
-    bm = max(bm, triton.next_power_of_2(group))
+    target = launch_target(dev)
+    cfg = prefix_launch_config(q.dtype, D, group, bs, target)
+    bm = cfg["BLOCK_M"]
     if max_group_rows is not None and max_prefix_len is not None:
         max_rows, max_plen = max_group_rows, max_prefix_len
     elif group_indptr.device.type == "cpu":  # exact tile count for free; on the GPU avoid a host sync
@@ -200,7 +223,7 @@ def cascade_decode_attention(q, k_cache, v_cache, block_tables, context_lens, gr
     programs = max(1, G * Hkv * m_tiles)
     splits = max(1, min(triton.cdiv(2 * _num_sms(dev), programs), triton.cdiv(max(max_plen, 1), PREFIX_MIN_SPLIT_TOKENS),
                         PREFIX_MAX_SPLITS))
-    if interpreting():
+    if target.interpreter:
         splits = min(splits, 2)
     po = torch.empty(B, Hq, splits, D, device=dev, dtype=torch.float32)
     plse = torch.full((B, Hq, splits), float("-inf"), device=dev, dtype=torch.float32)
@@ -212,8 +235,7 @@ def cascade_decode_attention(q, k_cache, v_cache, block_tables, context_lens, gr
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
             po.stride(0), po.stride(1), po.stride(2), plse.stride(0), plse.stride(1), plse.stride(2),
             float(scale) * LOG2E, splits,
-            GROUP=group, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, BLOCK_SIZE=bs, FP32_DOT=use_fp32_dot(q.dtype),
-            num_warps=4 if interpreting() else PREFIX_WARPS,
+            **cfg,
         )
     if splits > 1:
         out_p = torch.empty(B, Hq, D, device=dev, dtype=torch.float32)

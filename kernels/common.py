@@ -2,7 +2,9 @@
 tiles (decode, cascade and extend attention) and the log-sum-exp merge of attention states."""
 from __future__ import annotations
 
+import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -56,10 +58,53 @@ def check_launchable(name: str, *tensors: torch.Tensor) -> torch.device:
     return dev
 
 
-def use_fp32_dot(dtype: torch.dtype) -> bool:
+@dataclass(frozen=True)
+class GpuTarget:
+    """What a launch configuration may depend on: the compute capability (90 for sm_90; 0 for the
+    CPU interpreter) and the shared memory one block may use (the opt-in maximum), in bytes."""
+    capability: int
+    max_shared: int
+
+    @property
+    def interpreter(self) -> bool:
+        return self.capability == 0
+
+    @property
+    def name(self) -> str:
+        return "interpreter" if self.interpreter else f"sm_{self.capability}"
+
+
+# Opt-in shared memory per block by compute capability (CUDA programming guide, table of
+# technical specifications): the fallback when torch does not report it.
+MAX_SHARED_PER_BLOCK = {80: 166_912, 86: 101_376, 87: 166_912, 89: 101_376, 90: 232_448, 100: 232_448,
+                        103: 232_448, 120: 101_376}
+INTERPRETER = GpuTarget(0, 1 << 30)
+
+
+def gpu_target(capability: int) -> GpuTarget:
+    """The target of a GPU of this compute capability (e.g. 80 for A100), for ahead-of-time checks."""
+    return GpuTarget(capability, MAX_SHARED_PER_BLOCK.get(capability, 101_376))
+
+
+def launch_target(device: torch.device) -> GpuTarget:
+    """The target kernels launched on `device` run on: the interpreter, or the CUDA device's own."""
+    if interpreting() or device.type != "cuda":
+        return INTERPRETER
+    return _cuda_target(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_target(index: int) -> GpuTarget:
+    props = torch.cuda.get_device_properties(index)
+    capability = props.major * 10 + props.minor
+    shared = getattr(props, "shared_memory_per_block_optin", 0) or gpu_target(capability).max_shared
+    return GpuTarget(capability, int(shared))
+
+
+def use_fp32_dot(dtype: torch.dtype, target: GpuTarget) -> bool:
     """Do tl.dot on fp32-cast operands (exact IEEE fp32): always in the interpreter (its bf16 dot is
     wrong) and for fp32 caches (so no TF32 rounding); fp16/bf16 on a GPU use the native MMA."""
-    return interpreting() or dtype == torch.float32
+    return target.interpreter or dtype == torch.float32
 
 
 def check_pow2_head_dim(name: str, d: int) -> None:

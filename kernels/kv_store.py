@@ -40,6 +40,12 @@ def _store_kv_kernel(
     tl.store(v_cache_ptr + blk * svc_b + off * svc_p + h[:, None] * svc_h + d[None, :], v, mask=mask)
 
 
+def store_kv_launch_config(num_heads: int, head_dim: int, block_size: int) -> dict:
+    """Every constexpr and launch option of `_store_kv_kernel` (shared with the compile check)."""
+    return dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_H=triton.next_power_of_2(num_heads),
+                BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4, num_stages=3)
+
+
 def _check_store_args(key, value, k_cache, v_cache, slot_mapping):
     check_cache("store_kv", k_cache, v_cache)
     assert key.dim() == 3 and value.shape == key.shape, (
@@ -65,8 +71,7 @@ def store_kv(key, value, k_cache, v_cache, slot_mapping) -> None:
         key.stride(0), key.stride(1), key.stride(2), value.stride(0), value.stride(1), value.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        NUM_HEADS=H, HEAD_DIM=D, BLOCK_SIZE=k_cache.shape[1],
-        BLOCK_H=triton.next_power_of_2(H), BLOCK_D=triton.next_power_of_2(D),
+        **store_kv_launch_config(H, D, k_cache.shape[1]),
     )
 
 

@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, attend_paged_tiles, check_cache, check_launchable, check_pow2_head_dim,
-                     interpreting, lse_merge_base, merged_lse, use_fp32_dot)
+from .common import (LOG2E, GpuTarget, attend_paged_tiles, check_cache, check_launchable, check_pow2_head_dim,
+                     launch_target, lse_merge_base, merged_lse, use_fp32_dot)
 
 # KV positions per inner tile (GPU / interpreter).
 DECODE_BLOCK_N = 64
@@ -96,6 +96,24 @@ def _merge_splits_kernel(
         tl.store(lse_ptr + b * sl_b + h, merged_lse(m_safe, w_sum))
 
 
+def decode_launch_config(dtype: torch.dtype, head_dim: int, group: int, block_size: int, has_start: bool,
+                         target: GpuTarget) -> dict:
+    """Every constexpr and launch option of `_paged_decode_kernel`: the launcher and the compile
+    check (kernels/compile_check.py) both take them from here."""
+    fp32_dot = use_fp32_dot(dtype, target)
+    # fp32 dots run on CUDA cores with the tiles in registers: 8 warps keep head_dim 128 unspilled
+    warps = 8 if fp32_dot and not target.interpreter else 4
+    return dict(GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+                BLOCK_N=DECODE_BLOCK_N_INTERP if target.interpreter else DECODE_BLOCK_N, BLOCK_SIZE=block_size,
+                HAS_START=has_start, FP32_DOT=fp32_dot, num_warps=warps, num_stages=3)
+
+
+def merge_splits_launch_config(num_heads: int, head_dim: int, num_splits: int, write_lse: bool) -> dict:
+    """Every constexpr and launch option of `_merge_splits_kernel` (shared with the compile check)."""
+    return dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(num_splits),
+                WRITE_LSE=write_lse, num_warps=4, num_stages=3)
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -142,7 +160,7 @@ def merge_split_states(part_out, part_lse, out, lse=None) -> None:
         part_out, part_lse, out, lse if lse is not None else part_lse,
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
         out.stride(0), out.stride(1), lse.stride(0) if lse is not None else 0,
-        S, NUM_HEADS=H, HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(S), WRITE_LSE=lse is not None,
+        S, **merge_splits_launch_config(H, D, S, lse is not None),
     )
 
 
@@ -170,7 +188,6 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
         num_splits = auto_num_splits(max_context_len, B, Hkv, dev)
     num_splits = int(num_splits)
     assert num_splits >= 1, f"paged_decode_attention: num_splits must be >= 1, got {num_splits}"
-    block_n = DECODE_BLOCK_N_INTERP if interpreting() else DECODE_BLOCK_N
     if num_splits == 1:
         o_buf = out
         lse_buf = lse if lse is not None else torch.empty(B, Hq, device=dev, dtype=torch.float32)
@@ -187,8 +204,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         *so, *sl, float(scale) * LOG2E, num_splits,
-        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_N=block_n,
-        BLOCK_SIZE=bs, HAS_START=kv_start is not None, FP32_DOT=use_fp32_dot(q.dtype),
+        **decode_launch_config(q.dtype, D, group, bs, kv_start is not None, launch_target(dev)),
     )
     if num_splits > 1:
         merge_split_states(o_buf, lse_buf, out, lse)

@@ -23,10 +23,13 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .common import LOG2E, attend_paged_tiles, check_cache, check_launchable, check_pow2_head_dim, interpreting, use_fp32_dot
+from .common import (LOG2E, GpuTarget, attend_paged_tiles, check_cache, check_launchable, check_pow2_head_dim,
+                     launch_target, use_fp32_dot)
 from .paged_decode import _chunks, gather_paged_kv
 
 EXTEND_BLOCK_M, EXTEND_BLOCK_N = 64, 64
+# fp32 dots run on CUDA cores with whole tiles in registers: half the KV tile, twice the warps
+EXTEND_BLOCK_M_FP32, EXTEND_BLOCK_N_FP32, EXTEND_WARPS_FP32 = 64, 32, 8
 EXTEND_BLOCK_M_INTERP, EXTEND_BLOCK_N_INTERP = 32, 32
 
 
@@ -62,6 +65,22 @@ def _paged_extend_kernel(
                                 scale_log2, BLOCK_M, HEAD_DIM, BLOCK_N, BLOCK_SIZE, True, FP32_DOT)
     tl.store(o_ptr + t_idx[:, None] * so_t + heads[:, None] * so_h + d[None, :],
              out.to(o_ptr.dtype.element_ty), mask=rmask[:, None])
+
+
+def extend_launch_config(dtype: torch.dtype, head_dim: int, group: int, block_size: int, target: GpuTarget) -> dict:
+    """Every constexpr and launch option of `_paged_extend_kernel`: the launcher and the compile
+    check (kernels/compile_check.py) both take them from here."""
+    fp32_dot = use_fp32_dot(dtype, target)
+    if target.interpreter:
+        bm, bn, warps = EXTEND_BLOCK_M_INTERP, EXTEND_BLOCK_N_INTERP, 4
+    elif fp32_dot:
+        bm, bn, warps = EXTEND_BLOCK_M_FP32, EXTEND_BLOCK_N_FP32, EXTEND_WARPS_FP32
+    else:
+        # sm_8x's mma.sync holds a 64 x 128 tile's operands and accumulator in more than 255
+        # registers per thread at 4 warps (spills); sm_90's wgmma fits
+        bm, bn, warps = EXTEND_BLOCK_M, EXTEND_BLOCK_N, 8 if head_dim >= 128 and target.capability < 90 else 4
+    return dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_M=max(bm, triton.next_power_of_2(group)), BLOCK_N=bn,
+                BLOCK_SIZE=block_size, FP32_DOT=fp32_dot, num_warps=warps, num_stages=3)
 
 
 def _check_extend_args(q, k_cache, v_cache, block_tables, cu_q_lens, context_lens, out):
@@ -102,15 +121,14 @@ def paged_extend_attention(q, k_cache, v_cache, block_tables, cu_q_lens, context
     S = context_lens.shape[0]
     if T == 0 or S == 0 or max_q_len <= 0:
         return out
-    bm, bn = (EXTEND_BLOCK_M_INTERP, EXTEND_BLOCK_N_INTERP) if interpreting() else (EXTEND_BLOCK_M, EXTEND_BLOCK_N)
-    bm = max(bm, triton.next_power_of_2(group))
-    grid = (S, Hkv, triton.cdiv(int(max_q_len) * group, bm))
+    cfg = extend_launch_config(q.dtype, D, group, bs, launch_target(q.device))
+    grid = (S, Hkv, triton.cdiv(int(max_q_len) * group, cfg["BLOCK_M"]))
     _paged_extend_kernel[grid](
         q, k_cache, v_cache, out, block_tables, cu_q_lens, context_lens,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), block_tables.stride(0),
         float(scale) * LOG2E,
-        GROUP=group, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, BLOCK_SIZE=bs, FP32_DOT=use_fp32_dot(q.dtype),
+        **cfg,
     )
     return out
 

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import FLOAT_DTYPES, check_launchable, interpreting
+from .common import FLOAT_DTYPES, GpuTarget, check_launchable, launch_target
 
 SAMPLE_BLOCK = 4096
 SAMPLE_BLOCK_INTERP = 256
@@ -194,6 +194,13 @@ def _sample_kernel(
     tl.store(out_ptr + b, best_i.to(tl.int64))
 
 
+def sample_launch_config(vocab: int, target: GpuTarget) -> dict:
+    """Every constexpr and launch option of `_sample_kernel`: the launcher and the compile check
+    (kernels/compile_check.py) both take them from here."""
+    block = SAMPLE_BLOCK_INTERP if target.interpreter else SAMPLE_BLOCK
+    return dict(BLOCK=min(block, triton.next_power_of_2(vocab)), num_warps=4, num_stages=3)
+
+
 def _check_sample_args(logits, temperature, top_k, top_p, seeds, positions):
     name = "sample"
     assert logits.dim() == 2 and logits.dtype in FLOAT_DTYPES, f"{name}: logits must be [B, V] fp32/fp16/bf16"
@@ -214,11 +221,9 @@ def sample(logits, temperature, top_k, top_p, seeds, positions, out=None):
     assert out.shape == (B,) and out.dtype == torch.int64 and out.is_contiguous(), "sample: out must be int64 [B]"
     if B == 0:
         return out
-    block = SAMPLE_BLOCK_INTERP if interpreting() else SAMPLE_BLOCK
-    block = min(block, triton.next_power_of_2(V))
     _sample_kernel[(B,)](
         logits, temperature.contiguous(), top_k.contiguous(), top_p.contiguous(), seeds.contiguous(),
-        positions.contiguous(), out, logits.stride(0), V, BLOCK=block,
+        positions.contiguous(), out, logits.stride(0), V, **sample_launch_config(V, launch_target(dev)),
     )
     return out
 
