@@ -165,11 +165,13 @@ def merge_split_states(part_out, part_lse, out, lse=None) -> None:
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, out=None, kv_start=None,
-                           return_lse=False, num_splits=None, max_context_len=None):
+                           return_lse=False, num_splits=None, max_context_len=None, scratch=None):
     """Decode attention of q [B, Hq, D] over each sequence's paged KV positions
     [kv_start[b] (default 0), context_lens[b]). Returns out [B, Hq, D], or (out, lse [B, Hq] fp32)
     with return_lse=True. num_splits=None picks the split-KV factor from the longest context
-    (max_context_len, when given, saves reading context_lens back to the host)."""
+    (max_context_len, when given, saves reading context_lens back to the host). scratch: buffers
+    the caller keeps (a CUDA graph's) instead of fresh ones: (partial outputs [B, Hq, S, D] fp32,
+    partial lse [B, Hq, S] fp32) for S = num_splits > 1, or (None, lse [B, Hq] fp32) for one split."""
     _check_decode_args(q, k_cache, v_cache, block_tables, context_lens, out, kv_start)
     dev = check_launchable("paged_decode_attention", q, k_cache, v_cache, block_tables, context_lens,
                            *([] if kv_start is None else [kv_start]), *([] if out is None else [out]))
@@ -188,14 +190,21 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scal
         num_splits = auto_num_splits(max_context_len, B, Hkv, dev)
     num_splits = int(num_splits)
     assert num_splits >= 1, f"paged_decode_attention: num_splits must be >= 1, got {num_splits}"
+    if scratch is not None:
+        want = ((B, Hq, num_splits, D), (B, Hq, num_splits)) if num_splits > 1 else (None, (B, Hq))
+        got = tuple(None if t is None else tuple(t.shape) for t in scratch)
+        assert got == want and all(t is None or t.dtype == torch.float32 for t in scratch), \
+            f"paged_decode_attention: scratch must be fp32 buffers of shapes {want}, got {got}"
     if num_splits == 1:
         o_buf = out
-        lse_buf = lse if lse is not None else torch.empty(B, Hq, device=dev, dtype=torch.float32)
+        lse_buf = lse if lse is not None else (scratch[1] if scratch is not None else
+                                                torch.empty(B, Hq, device=dev, dtype=torch.float32))
         so = (out.stride(0), out.stride(1), 0)
         sl = (lse_buf.stride(0), lse_buf.stride(1), 0)
     else:
-        o_buf = torch.empty(B, Hq, num_splits, D, device=dev, dtype=torch.float32)
-        lse_buf = torch.empty(B, Hq, num_splits, device=dev, dtype=torch.float32)
+        o_buf, lse_buf = scratch if scratch is not None else (
+            torch.empty(B, Hq, num_splits, D, device=dev, dtype=torch.float32),
+            torch.empty(B, Hq, num_splits, device=dev, dtype=torch.float32))
         so = (o_buf.stride(0), o_buf.stride(1), o_buf.stride(2))
         sl = (lse_buf.stride(0), lse_buf.stride(1), lse_buf.stride(2))
     start = kv_start if kv_start is not None else context_lens  # dummy pointer when absent

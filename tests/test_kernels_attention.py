@@ -177,6 +177,28 @@ def test_paged_decode_head_dims_and_kv_start(device, d):
     assert_close(lse[1:], ref_lse[1:], 1e-3, 1e-3)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_paged_decode_into_caller_scratch(device):
+    """A CUDA graph's decode writes its split-KV partials into the caller's buffers (poisoned here)
+    and gives what fresh buffers give; wrong shapes are refused."""
+    gen = torch.Generator().manual_seed(4)
+    hq, hkv, d = 8, 2, 32
+    ctx = [5, 17, 40, 33]
+    kc, vc = make_cache(30, hkv, d, torch.float32, device, gen)
+    bt = make_tables(ctx, 30, gen, fork_of={3: (2, 1)}).to(device)
+    ctx_t = torch.tensor(ctx, dtype=torch.int32, device=device)
+    q = torch.randn(len(ctx), hq, d, generator=gen).to(device)
+    ref = paged_decode_attention_ref(q, kc, vc, bt, ctx_t, d ** -0.5)
+    for splits in (1, 3):
+        lse = torch.full((len(ctx), hq) + ((splits,) if splits > 1 else ()), float("nan"), device=device)
+        part = torch.full((len(ctx), hq, splits, d), float("nan"), device=device) if splits > 1 else None
+        out = paged_decode_attention(q, kc, vc, bt, ctx_t, d ** -0.5, num_splits=splits, scratch=(part, lse))
+        assert_close(out, ref, 1e-4, 1e-4)
+        assert not torch.isnan(lse).any(), "the kernel did not write the caller's scratch"
+    with pytest.raises(AssertionError, match="scratch"):
+        paged_decode_attention(q, kc, vc, bt, ctx_t, d ** -0.5, num_splits=2, scratch=(None, lse))
+
+
 def test_decode_rejects_bad_inputs(monkeypatch):
     kc = torch.zeros(4, BS, 2, 16)
     q = torch.zeros(2, 4, 16)

@@ -2,6 +2,7 @@
 loop draws: stops of every kind, n > 1, a tight pool (preemption), expand's kept branches and
 chained expansions, the search. On the CPU it runs eagerly; this is where its logic is tested."""
 import pytest
+import torch
 
 import ttc_fast as tf
 from ttc_fast.testing import build_tiny_model
@@ -105,3 +106,20 @@ def test_static_decode_buffers_draw_the_same_tokens(model, overlap):
     assert set(calls) - {1, 2, 4, 8}, "no step was padded to a bucket"
     assert max(calls) <= 8 and engine.stats["decode_tokens"] > sum(calls), "every step went through the buffers"
     assert engine.runner.graphs.nbytes > 0
+
+
+@pytest.mark.slow
+def test_static_decode_metadata_on_the_triton_path(model):
+    """With the triton backend (interpreted here) a bucket runs the exact forward a CUDA graph
+    captures: static buffers and metadata, the caller's split scratch. Tokens as the torch path's."""
+    params = tf.SamplingParams(temperature=0.8, max_tokens=4, n=3, seed=9, ignore_eos=True)
+    plain = outputs(tf.Engine(model, block_size=16, num_blocks=32, backend="torch").generate(["Step 1:"], params))
+    engine = tf.Engine(model, block_size=16, num_blocks=32, backend="triton", cuda_graphs=True, cuda_graph_max_batch=4)
+    engine.runner.graphs.splits = {b: 2 for b in engine.runner.graphs.buckets}  # as a long context would set
+    engine.runner.graphs.scratch_out = torch.empty(4 * 2 * model.config.num_heads * model.config.head_dim)
+    engine.runner.graphs.scratch_lse = torch.empty(4 * 2 * model.config.num_heads)
+    calls = []
+    real = engine.runner.graphs._forward_static
+    engine.runner.graphs._forward_static = lambda B: calls.append(B) or real(B)
+    assert outputs(engine.generate(["Step 1:"], params)) == plain
+    assert calls and set(calls) <= {4}

@@ -7,7 +7,8 @@ graph, captured on first use, replays every kernel of the forward in one launch.
 kernel's split-KV scratch is allocated here, once, sized for the longest context, and handed to
 the kernel through the metadata (kernels allocate nothing inside a graph); the number of splits is
 fixed per bucket at capture. On the CPU the same buffers and padding are used and the forward runs
-eagerly (planned like any other), which is where the path is tested.
+eagerly: with the triton backend (the interpreter) exactly the forward a graph captures, static
+metadata included; with the torch backend planned like any other forward.
 
 Static memory: `nbytes` (the buffers, allocated with the engine) plus, on CUDA, the graphs'
 private pool (the activations of one decode forward per bucket, sharing one pool); the memory
@@ -52,7 +53,8 @@ class DecodeGraphs:
         # Split-KV scratch of the decode kernel: [B, Hq, splits, D] outputs and [B, Hq, splits] lse.
         self.splits = {b: self._num_splits(b) for b in self.buckets}
         most = max(b * s for b, s in self.splits.items()) if self.triton else 0
-        self.scratch_out = torch.empty(most * cfg.num_heads * cfg.head_dim, dtype=torch.float32, device=dev)
+        split = max(self.splits.values()) > 1
+        self.scratch_out = torch.empty(most * cfg.num_heads * cfg.head_dim * split, dtype=torch.float32, device=dev)
         self.scratch_lse = torch.empty(most * cfg.num_heads, dtype=torch.float32, device=dev)
         self.graphs: dict[int, tuple] = {}  # bucket -> (CUDAGraph, its logits)
         self.pool = None
@@ -105,7 +107,15 @@ class DecodeGraphs:
             graph, logits = self.graphs.get(B) or self._capture(B)
             graph.replay()
             return logits[:n]
+        if self.triton:  # the interpreter: the very forward a graph captures, run eagerly
+            return self._forward_static(B)[:n]
         return self._forward_eager(B, tables, context_lens, slots)[:n]
+
+    def _forward_static(self, B: int) -> torch.Tensor:
+        """The bucket's forward on the static buffers and metadata: what a graph captures."""
+        runner = self.runner
+        return runner.model.module(self.input_ids[:B], self.positions[:B], runner.pool.kv, runner.attention,
+                                   self._static_meta(B), self.rows[:B])[0]
 
     def _forward_eager(self, B: int, tables, context_lens, slots) -> torch.Tensor:
         """The CPU: the padded batch through an ordinary plan and forward."""
@@ -127,11 +137,11 @@ class DecodeGraphs:
 
     def _static_meta(self, B: int) -> AttentionMetadata:
         cfg = self.runner.config
-        s = self.splits[B]
-        scratch = None
+        s, h, d = self.splits[B], cfg.num_heads, cfg.head_dim
         if s > 1:
-            scratch = (self.scratch_out[:B * cfg.num_heads * s * cfg.head_dim].view(B, cfg.num_heads, s, cfg.head_dim),
-                       self.scratch_lse[:B * cfg.num_heads * s].view(B, cfg.num_heads, s))
+            scratch = (self.scratch_out[:B * h * s * d].view(B, h, s, d), self.scratch_lse[:B * h * s].view(B, h, s))
+        else:
+            scratch = (None, self.scratch_lse[:B * h].view(B, h))
         return AttentionMetadata(
             slot_mapping=self.slots[:B], block_tables=self.tables[:B], context_lens=self.context_lens[:B],
             cu_q_lens=self.cu_q_lens[:B + 1], max_q_len=1, max_context_len=cfg.max_context, num_decode_seqs=B,
@@ -140,11 +150,9 @@ class DecodeGraphs:
 
     def _capture(self, B: int):
         runner = self.runner
-        meta = self._static_meta(B)
 
         def forward():
-            return runner.model.module(self.input_ids[:B], self.positions[:B], runner.pool.kv, runner.attention, meta,
-                                       self.rows[:B])[0]
+            return self._forward_static(B)
 
         # Warm up on a side stream (Triton compiles, the allocator settles), then capture. The
         # static inputs hold padding or the current step; slots of padding store nothing.
