@@ -25,8 +25,9 @@
 #
 # --dry-run: the same stages on the CPU (CUDA hidden), every shape tiny (`--smoke`), Triton
 # kernels through TRITON_INTERPRET=1; the build stage only compiles into a temporary directory
-# (nothing installed), one torch thread per process. About 75 s on 2 cores (its caps: a 170 s
-# budget); tests/test_run_gpu_script.py runs it in CI.
+# (nothing installed), one torch thread per process. About 75 s on 2 idle cores (90-135 s
+# measured with the 2 cores shared by other jobs; its caps: a 170 s budget);
+# tests/test_run_gpu_script.py runs it in CI.
 #
 # Results: $OUT (default ./gpu_out), at most 8 files: run_gpu.log (every stage's output, a header
 # per stage, its exit status and seconds), summary.json (machine: nvidia-smi name / memory /
@@ -43,7 +44,7 @@
 #   environment      20 s    6 s     imports torch / triton / transformers, CUDA init, nvidia-smi
 #   build            45 s   25 s     two C++ files at -O3 (13 s on the 2-core CPU) + pip; Triton's
 #                                    launcher build at the first CUDA launch (~5 s)
-#   numerics         60 s   40 s     ~150 kernel compilations (CPU-bound) over 12 worker
+#   numerics         60 s   40 s     ~180 kernel compilations (CPU-bound) over 12 worker
 #                                    processes; the cases themselves take milliseconds
 #   tests            50 s   35 s     75 tests, ~80 kernel compilations, 8 shards (+ a collect pass)
 #   bench_kernels    30 s   20 s     21 do_bench timings of ~0.4 s + ~10 compilations
