@@ -25,9 +25,8 @@
 #
 # --dry-run: the same stages on the CPU (CUDA hidden), every shape tiny (`--smoke`), Triton
 # kernels through TRITON_INTERPRET=1; the build stage only compiles into a temporary directory
-# (nothing installed), one torch thread per process. About 75 s on 2 idle cores (90-135 s
-# measured with the 2 cores shared by other jobs; its caps: a 170 s budget);
-# tests/test_run_gpu_script.py runs it in CI.
+# (nothing installed), one torch thread per process. 72 s on the 2-core CPU (up to 135 s while
+# other jobs load it; its caps: a 170 s budget); tests/test_run_gpu_script.py runs it in CI.
 #
 # Results: $OUT (default ./gpu_out), at most 8 files: run_gpu.log (every stage's output, a header
 # per stage, its exit status and seconds), summary.json (machine: nvidia-smi name / memory /
