@@ -9,6 +9,7 @@ Generation ignores EOS so both sides produce exactly the same number of tokens.
     python benchmarks/bench_generate.py [--device cpu] [--json out.json]
     python benchmarks/bench_generate.py --model PATH   # a real checkpoint instead (e.g. SmolLM2:
                                                        # python -m ttc_fast.testing_smollm2 prints its path)
+    python benchmarks/bench_generate.py --smoke        # every shape tiny, a few seconds
 """
 from __future__ import annotations
 
@@ -57,7 +58,13 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--smoke", action="store_true",
+                        help="every shape tiny, a quick end-to-end check (overrides --hidden 64 --layers 1 --vocab 512 "
+                             "--batch 2 --samples 4 --prompt-len 16 --new-tokens 4 --repeats 1)")
     args = parser.parse_args()
+    if args.smoke:
+        args.hidden, args.layers, args.vocab, args.batch, args.samples = 64, 1, 512, 2, 4
+        args.prompt_len, args.new_tokens, args.repeats = 16, 4, 1
 
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or build_tiny_model(tmp, "llama", with_tokenizer=False, vocab_size=args.vocab, hidden=args.hidden,

@@ -16,6 +16,7 @@ thread; CPU) so that what remains is the host's: scheduling, block tables, metad
 same run, and prints both side by side.
 
     python benchmarks/bench_host.py [--sizes 64 256 1024 4096] [--baseline REV] [--json host.json]
+    python benchmarks/bench_host.py --smoke     # 64 live sequences only, a few seconds
 """
 from __future__ import annotations
 
@@ -153,7 +154,10 @@ def main() -> None:
     ap.add_argument("--baseline", default=None, help="a git revision to measure side by side")
     ap.add_argument("--json", default=None)
     ap.add_argument("--tree-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--smoke", action="store_true", help="a quick end-to-end check: --sizes 64 only")
     args = ap.parse_args()
+    if args.smoke:
+        args.sizes = [64]
     for size in args.sizes:
         if size % BEAMS:
             ap.error(f"--sizes must be multiples of {BEAMS} (the search runs {BEAMS} beams a problem)")

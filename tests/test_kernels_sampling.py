@@ -7,6 +7,8 @@ import torch
 
 from ttc_fast.kernels import sample, sample_allowed_mask_ref, sample_ref, sampling_uniform
 
+pytestmark = pytest.mark.cuda  # run on the GPU by benchmarks/run_gpu.sh (tests/conftest.py)
+
 # Kernels run on CPU tensors only through the interpreter (conftest sets it when there is no GPU).
 DEVICES = (["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []) + (["cuda"] if torch.cuda.is_available() else [])
 KDEV = DEVICES[0]  # where single-device kernel checks run

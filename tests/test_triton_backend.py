@@ -1,4 +1,5 @@
-"""The engine on the Triton path (interpreted on the CPU) against the torch path and transformers.
+"""The engine on the Triton path (on CUDA when available, else interpreted on the CPU) against
+the torch path and transformers.
 
 Thresholds of the shared-prefix (cascade) path are lowered so that the tiny batch takes it; a
 spy on the cascade kernel proves it ran.
@@ -13,6 +14,9 @@ from ttc_fast.attention import AttentionBackend
 from ttc_fast.testing import build_tiny_model
 
 NEW_TOKENS = 6
+# The Triton path runs on CUDA when there is one (conftest sets TRITON_INTERPRET=1 only without it).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.cuda  # run on the GPU by benchmarks/run_gpu.sh (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +26,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.mark.slow
 def test_triton_path_with_cascade_matches_torch_and_transformers(model_dir, monkeypatch):
-    model = tf.load_model(model_dir, device="cpu", dtype="float32")
+    model = tf.load_model(model_dir, device=DEVICE, dtype="float32")
     calls = []
     real = K.cascade_decode_attention
     monkeypatch.setattr(K, "cascade_decode_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
@@ -43,7 +47,7 @@ def test_triton_path_with_cascade_matches_torch_and_transformers(model_dir, monk
 
 @pytest.mark.slow
 def test_triton_sampling_matches_torch_sampling(model_dir):
-    model = tf.load_model(model_dir, device="cpu", dtype="float32")
+    model = tf.load_model(model_dir, device=DEVICE, dtype="float32")
     params = tf.SamplingParams(temperature=0.9, top_p=0.8, top_k=20, max_tokens=NEW_TOKENS, ignore_eos=True, n=2, seed=7)
     a = tf.Engine(model, num_blocks=16, block_size=16, backend="triton").generate([[3, 4, 5, 6, 7]], params)[0]
     b = tf.Engine(model, num_blocks=16, block_size=16, backend="torch").generate([[3, 4, 5, 6, 7]], params)[0]
