@@ -86,7 +86,7 @@ def decode_host_ms(policy, size: int) -> float:
     return 1e3 * (wall - clock.seconds) / steps
 
 
-def search_host_ms(policy, prm_path, size: int) -> float:
+def search_host_ms(policy, prm_path, size: int) -> tuple[float, float | None]:
     from bench_search import emulated_steps
 
     import ttc_fast as tf

@@ -41,7 +41,7 @@
 # has been lent yet): the first run's log gives each stage's real seconds, to tune these.
 #   stage            cap   estimate  what takes the time
 #   environment      20 s    6 s     imports torch / triton / transformers, CUDA init, nvidia-smi
-#   build            45 s   25 s     two C++ files at -O3 (13 s on the 2-core CPU) + pip; Triton's
+#   build            45 s   25 s     three C++ files at -O3 (13 s on the 2-core CPU) + pip; Triton's
 #                                    launcher build at the first CUDA launch (~5 s)
 #   numerics         60 s   40 s     ~180 kernel compilations (CPU-bound) over 12 worker
 #                                    processes; the cases themselves take milliseconds
@@ -90,7 +90,7 @@ stage_build() {
 print(os.path.join(importlib.util.find_spec('torch').submodule_search_locations[0], 'include'))
 print(sysconfig.get_paths()['include'])")
     mkdir -p "$RG_WORK/obj"
-    for src in csrc/block_manager.cpp csrc/bindings.cpp; do  # the two files side by side
+    for src in csrc/*.cpp; do  # every source of the extension, side by side
       objs+=("$RG_WORK/obj/$(basename "$src" .cpp).o")
       echo "+ $cxx $2 -c -fPIC -std=c++17 -fvisibility=hidden -Icsrc -I${inc[0]} -I${inc[1]} $src -o ${objs[-1]}"
       "$cxx" "$2" -c -fPIC -std=c++17 -fvisibility=hidden -Icsrc -I"${inc[0]}" -I"${inc[1]}" "$src" -o "${objs[-1]}" &

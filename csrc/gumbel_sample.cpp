@@ -61,9 +61,15 @@ int64_t argmax(const float* row, int64_t vocab) {
 
 }  // namespace
 
-// Compiled twice (AVX2 and the x86-64 baseline, picked at load time): AVX2 runs the hash eight
-// tokens wide with native 32-bit multiplies.
-__attribute__((target_clones("avx2", "default")))
+// On x86-64 compiled twice (AVX2 and the baseline, picked at load time): AVX2 runs the hash
+// eight tokens wide with native 32-bit multiplies.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define TTC_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define TTC_CLONES
+#endif
+
+TTC_CLONES
 void gumbel_sample(const float* x, int64_t rows, int64_t vocab, const float* inv_t,
                    const int64_t* seeds, const int64_t* positions, const uint8_t* greedy,
                    int64_t* out) {
