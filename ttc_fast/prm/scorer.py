@@ -259,7 +259,6 @@ class ModelPRM(PRM):
         blocks = self.runner.blocks
         take = len(pending)
         while True:
-            keep = {id(handles[i]) for i in pending[:take]}
             later = [handles[i] for i in pending[take:] if handles[i].seq is not None]
             rows, fresh = [], []
             for i in pending[:take]:
@@ -276,13 +275,15 @@ class ModelPRM(PRM):
             need = sum(blocks.blocks_needed(handles[i].seq, len(feed))
                        + self._probe_blocks(self.runner.seq_len(handles[i].seq) + len(feed), len(segs[i][1]))
                        for i, feed, _ in rows)
-            pending_ids = {id(h) for h in later}
-            victims = iter([h for h in self._resident.values() if id(h) not in keep and id(h) not in pending_ids] + later)
-            while need > blocks.num_available_blocks:
-                victim = next(victims, None)
-                if victim is None:
-                    break
-                self._evict(victim)
+            if need > blocks.num_available_blocks:  # evict: least recently scored first, `later` last
+                keep = {id(handles[i]) for i in pending[:take]}
+                pending_ids = {id(h) for h in later}
+                victims = iter([h for h in self._resident.values() if id(h) not in keep and id(h) not in pending_ids] + later)
+                while need > blocks.num_available_blocks:
+                    victim = next(victims, None)
+                    if victim is None:
+                        break
+                    self._evict(victim)
             if need <= blocks.num_available_blocks:
                 fresh_ids = {id(h) for h in fresh}
                 for h in fresh:
