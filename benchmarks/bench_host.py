@@ -15,7 +15,7 @@ thread; CPU) so that what remains is the host's: scheduling, block tables, metad
 `--baseline REV` measures the same on a checkout of REV (a git worktree built in place) in the
 same run, and prints both side by side.
 
-    python benchmarks/bench_host.py [--sizes 64 256 1024 4096] [--baseline REV] [--json host.json]
+    python benchmarks/bench_host.py [--sizes 64 256 1024 4096] [--repeats 3] [--baseline REV] [--json host.json]
     python benchmarks/bench_host.py --smoke     # 64 live sequences only, a few seconds
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -116,20 +117,24 @@ def search_host_ms(policy, prm_path, size: int) -> tuple[float, float | None]:
     return host, tokenize
 
 
-def measure(sizes: list[int]) -> dict:
+def measure(sizes: list[int], repeats: int) -> dict:
+    """Each figure: the median of `repeats` runs (this shared 2-core machine varies run to run)."""
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         policy, prm_path = build_models(Path(tmp))
         rows = []
         for size in sizes:
-            search, tokenize = search_host_ms(policy, prm_path, size)
-            rows.append({"live_sequences": size, "decode_step_host_ms": decode_host_ms(policy, size),
-                         "search_iteration_host_ms": search, "of_which_prm_tokenize_ms": tokenize})
+            runs = [(decode_host_ms(policy, size), *search_host_ms(policy, prm_path, size)) for _ in range(repeats)]
+            decode, search, tokenize = zip(*runs)
+            rows.append({"live_sequences": size, "decode_step_host_ms": statistics.median(decode),
+                         "search_iteration_host_ms": statistics.median(search),
+                         "of_which_prm_tokenize_ms": None if tokenize[0] is None else statistics.median(tokenize),
+                         "runs": [list(r) for r in runs]})
             print(json.dumps(rows[-1]), flush=True)
-    return {"rows": rows}
+    return {"rows": rows, "repeats": repeats}
 
 
-def baseline(rev: str, sizes: list[int]) -> dict:
+def baseline(rev: str, sizes: list[int], repeats: int) -> dict:
     """The same measurement on a worktree of `rev`, its extension built in place."""
     with tempfile.TemporaryDirectory() as tmp:
         tree = Path(tmp) / "tree"
@@ -142,7 +147,7 @@ def baseline(rev: str, sizes: list[int]) -> dict:
             out = Path(tmp) / "baseline.json"
             env = dict(os.environ, PYTHONPATH=str(tree))
             subprocess.run([sys.executable, str(Path(__file__).resolve()), "--sizes", *map(str, sizes), "--json", str(out),
-                            "--tree-only"], cwd=tree, env=env, check=True)
+                            "--repeats", str(repeats), "--tree-only"], cwd=tree, env=env, check=True)
             return json.loads(out.read_text())
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], capture_output=True)
@@ -153,17 +158,18 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 1024, 4096])
     ap.add_argument("--baseline", default=None, help="a git revision to measure side by side")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--repeats", type=int, default=3, help="runs per size; each figure is their median")
     ap.add_argument("--tree-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--smoke", action="store_true", help="a quick end-to-end check: --sizes 64 only")
     args = ap.parse_args()
     if args.smoke:
-        args.sizes = [64]
+        args.sizes, args.repeats = [64], 1
     for size in args.sizes:
         if size % BEAMS:
             ap.error(f"--sizes must be multiples of {BEAMS} (the search runs {BEAMS} beams a problem)")
     import ttc_fast
 
-    ours = measure(args.sizes)
+    ours = measure(args.sizes, args.repeats)
     result = {"info": {"machine": platform.machine(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
                        "python": platform.python_version(), "ttc_fast": str(Path(ttc_fast.__file__).parent),
                        "settings": {"prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "beams": BEAMS,
@@ -171,7 +177,7 @@ def main() -> None:
                                     "model": "random Llama, hidden 32, 1 layer, vocab 320, 1 torch thread"}},
               "ours": ours}
     if args.baseline and not args.tree_only:
-        result["baseline"] = {"rev": args.baseline, **baseline(args.baseline, args.sizes)}
+        result["baseline"] = {"rev": args.baseline, **baseline(args.baseline, args.sizes, args.repeats)}
     if args.json:
         Path(args.json).write_text(json.dumps(result if not args.tree_only else ours, indent=1))
     if args.tree_only:
