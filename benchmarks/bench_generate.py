@@ -58,6 +58,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--switches", action="store_true",
+                        help="also time an engine with --overlap and --cuda-graphs, side by side, and check its tokens")
     parser.add_argument("--smoke", action="store_true",
                         help="every shape tiny, a quick end-to-end check (overrides --hidden 64 --layers 1 --vocab 512 "
                              "--batch 2 --samples 4 --prompt-len 16 --new-tokens 4 --repeats 1)")
@@ -80,12 +82,13 @@ def main() -> None:
     else:
         model_name = f"random Llama, hidden {args.hidden}, {args.layers} layers, 8 q / 4 kv heads, vocab {args.vocab}, {ours.dtype}"
     engine = tf.Engine(ours, kv_cache_bytes=256 << 20)
+    switched = tf.Engine(ours, kv_cache_bytes=256 << 20, overlap=True, cuda_graphs=True) if args.switches else None
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(1, args.vocab, (args.prompt_len,), generator=g).tolist() for _ in range(args.batch)]
     n_new = args.new_tokens
 
-    def ours_batch():
-        engine.generate(prompts, tf.SamplingParams(temperature=0.0, max_tokens=n_new, ignore_eos=True))
+    def ours_batch(e=engine):
+        return e.generate(prompts, tf.SamplingParams(temperature=0.0, max_tokens=n_new, ignore_eos=True))
 
     def ref_batch():
         ids = torch.tensor(prompts, device=ours.device)
@@ -93,8 +96,9 @@ def main() -> None:
             ref.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n_new,
                          min_new_tokens=n_new, eos_token_id=None, pad_token_id=0)
 
-    def ours_samples():
-        engine.generate([prompts[0]], tf.SamplingParams(temperature=1.0, max_tokens=n_new, n=args.samples, ignore_eos=True, seed=0))
+    def ours_samples(e=engine):
+        return e.generate([prompts[0]], tf.SamplingParams(temperature=1.0, max_tokens=n_new, n=args.samples,
+                                                          ignore_eos=True, seed=0))
 
     def ref_samples():
         ids = torch.tensor([prompts[0]], device=ours.device)
@@ -112,6 +116,12 @@ def main() -> None:
         tokens = seqs * n_new
         rows.append({"workload": name, "generated_tokens": tokens, "ours_s": t_ours, "transformers_s": t_ref,
                      "ours_tok_s": tokens / t_ours, "transformers_tok_s": tokens / t_ref, "speedup": t_ref / t_ours})
+        if switched is not None:
+            t_sw = timed(lambda: ours_fn(switched), args.repeats)
+            same = ([o.token_ids for r in ours_fn(switched) for o in r.outputs]
+                    == [o.token_ids for r in ours_fn() for o in r.outputs])
+            rows[-1].update(switched_s=t_sw, switched_tok_s=tokens / t_sw, switched_speedup=t_ours / t_sw,
+                            switched_same_tokens=same)
 
     info = {
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpu_count": os.cpu_count(),
@@ -125,6 +135,9 @@ def main() -> None:
     print(f"{'workload':<36} {'ours tok/s':>11} {'HF tok/s':>10} {'speed-up':>9}")
     for r in rows:
         print(f"{r['workload']:<36} {r['ours_tok_s']:>11.0f} {r['transformers_tok_s']:>10.0f} {r['speedup']:>8.2f}x")
+        if "switched_s" in r:
+            print(f"  with --overlap --cuda-graphs: {r['switched_tok_s']:.0f} tok/s ({r['switched_speedup']:.2f}x ours), "
+                  f"same tokens: {r['switched_same_tokens']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"info": info, "rows": rows}, f, indent=1)

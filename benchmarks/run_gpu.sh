@@ -20,7 +20,7 @@
 #                   missing is recorded as "skipped (pytest not importable)", not a failure
 #   bench_kernels   benchmarks/bench_kernels.py (bandwidth, cascade, top-k, sampling)
 #   bench_host      benchmarks/bench_host.py --sizes 64 256 1024 (host time; the CPU of the machine)
-#   bench_generate  benchmarks/bench_generate.py --device cuda --dtype bfloat16
+#   bench_generate  benchmarks/bench_generate.py --device cuda --dtype bfloat16 --switches (also --overlap --cuda-graphs)
 #   bench_search    benchmarks/bench_search.py --real-shapes at N = 16, 64, 256 (each capped alone)
 #
 # --dry-run: the same stages on the CPU (CUDA hidden), every shape tiny (`--smoke`), Triton
@@ -48,12 +48,15 @@
 #   tests            50 s   35 s     75 tests, ~80 kernel compilations, 8 shards (+ a collect pass)
 #   bench_kernels    30 s   20 s     21 do_bench timings of ~0.4 s + ~10 compilations
 #   bench_host       15 s    8 s     CPU only: 64 / 256 / 1,024 live sequences (7 s on 2 cores)
-#   bench_generate   25 s   15 s     a random 4-layer Llama: 4 x (warm-up + 2) generations of 64 tokens
+#   bench_generate   35 s   22 s     a random 4-layer Llama: 6 x (warm-up + 2) generations of 64 tokens
+#                                    (plain, transformers, and with --overlap --cuda-graphs: graph
+#                                    captures of up to 6 buckets)
 #   bench_search    105 s   70 s     each N its own cap, 8 iterations each: N=16 40 s (4 problems;
 #                                    it compiles the engine's kernels for both models), N=64 30 s
 #                                    (4 problems), N=256 35 s (2 problems; pools of 24 + 48 GiB
 #                                    hold both in flight); each builds a 1B policy + an 8B PRM (~8 s)
-#   total           350 s ~220 s     + ~3 s of bookkeeping: under 6 minutes even at every cap
+#   total           350 s ~227 s     the budget (caps sum to 360 s; the last stages get what is left)
+#                                    + ~3 s of bookkeeping: under 6 minutes however the caps fall
 set -uo pipefail
 
 SELF=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
@@ -62,7 +65,7 @@ PY=${PYTHON:-python3}
 ALL_STAGES=(build numerics tests bench_kernels bench_host bench_generate bench_search)
 
 # caps in seconds: real run / dry run
-declare -A CAP=([build]=45 [numerics]=60 [tests]=50 [bench_kernels]=30 [bench_host]=15 [bench_generate]=25
+declare -A CAP=([build]=45 [numerics]=60 [tests]=50 [bench_kernels]=30 [bench_host]=15 [bench_generate]=35
                 [bench_search]=105)
 declare -A DRY_CAP=([build]=60 [numerics]=60 [tests]=60 [bench_kernels]=30 [bench_host]=30 [bench_generate]=30
                     [bench_search]=60)
@@ -190,9 +193,9 @@ stage_bench_host() {
 stage_bench_generate() {
   cd "$REPO"
   if [ "$RG_DRY" = 1 ]; then
-    "$PY" benchmarks/bench_generate.py --smoke --device cpu --json "$RG_OUT/bench_generate.json"
+    "$PY" benchmarks/bench_generate.py --smoke --switches --device cpu --json "$RG_OUT/bench_generate.json"
   else
-    "$PY" benchmarks/bench_generate.py --device cuda --dtype bfloat16 --repeats 2 --json "$RG_OUT/bench_generate.json"
+    "$PY" benchmarks/bench_generate.py --device cuda --dtype bfloat16 --repeats 2 --switches --json "$RG_OUT/bench_generate.json"
   fi
 }
 

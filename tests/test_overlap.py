@@ -123,3 +123,27 @@ def test_static_decode_metadata_on_the_triton_path(model):
     engine.runner.graphs._forward_static = lambda B: calls.append(B) or real(B)
     assert outputs(engine.generate(["Step 1:"], params)) == plain
     assert calls and set(calls) <= {4}
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_switches_on_the_triton_path(tmp_path):
+    """--overlap and --cuda-graphs on the triton path: on a GPU (benchmarks/run_gpu.sh runs
+    `-m cuda`) real overlap and captured graphs, here the interpreter; the same tokens as the
+    plain loop, sampled and greedy, with stops inside speculated steps."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    path = build_tiny_model(tmp_path / "m", "llama", seed=3, layers=1)
+    model = tf.load_model(path, device=device, dtype="float32")
+    params = tf.SamplingParams(temperature=0.9, max_tokens=5, n=3, seed=4, stop_token_ids=[9, 11, 13, 17])
+    prompts = ["Step 1:", "The answer is"]
+
+    def run(**switches):
+        engine = tf.Engine(model, block_size=16, num_blocks=64, backend="triton", cuda_graph_max_batch=8, **switches)
+        return outputs(engine.generate(prompts, params)), engine
+
+    plain, _ = run()
+    for switches in ({"overlap": True}, {"cuda_graphs": True}, {"overlap": True, "cuda_graphs": True}):
+        got, engine = run(**switches)
+        assert got == plain, switches
+        if switches.get("cuda_graphs") and device == "cuda":
+            assert engine.runner.graphs.graphs, "no decode step was captured"
