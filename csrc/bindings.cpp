@@ -40,6 +40,17 @@ py::list copies_to_list(const std::vector<ttc::Copy>& copies) {
     return out;
 }
 
+// (int32[B, W] block tables, int32[B] lengths) of seqs, W = max(width, most blocks among them).
+py::tuple block_tables(const BlockManager& self, const std::vector<int64_t>& seqs, int64_t width) {
+    if (width < 0) throw py::value_error("width must be >= 0");
+    const int64_t w = std::max(width, self.max_blocks(seqs));
+    const auto b = static_cast<py::ssize_t>(seqs.size());
+    py::array_t<int32_t> tables({b, static_cast<py::ssize_t>(w)});
+    py::array_t<int32_t> lens(b);
+    self.fill_block_tables(seqs, w, tables.mutable_data(), lens.mutable_data());
+    return py::make_tuple(tables, lens);
+}
+
 py::dict stats(const BlockManager& m) {
     py::dict d;
     d["num_blocks"] = m.num_blocks();
@@ -196,29 +207,11 @@ blocks, and a content-verified prefix cache with LRU eviction. See ttc_fast.bloc
              "New blocks an append of n tokens would take (copy-on-write included).")
         .def(
             "block_tables",
-            [](const BlockManager& self, py::array_t<int64_t, py::array::c_style> seqs_array, int64_t width) {
-                std::vector<int64_t> seqs(seqs_array.data(), seqs_array.data() + seqs_array.size());
-                if (width < 0) throw py::value_error("width must be >= 0");
-                const int64_t w = std::max(width, self.max_blocks(seqs));
-                const auto b = static_cast<py::ssize_t>(seqs.size());
-                py::array_t<int32_t> tables({b, static_cast<py::ssize_t>(w)});
-                py::array_t<int32_t> lens(b);
-                self.fill_block_tables(seqs, w, tables.mutable_data(), lens.mutable_data());
-                return py::make_tuple(tables, lens);
+            [](const BlockManager& self, py::array_t<int64_t, py::array::c_style> seqs, int64_t width) {
+                return block_tables(self, std::vector<int64_t>(seqs.data(), seqs.data() + seqs.size()), width);
             },
             py::arg("seqs"), py::arg("width") = 0)
-        .def(
-            "block_tables",
-            [](const BlockManager& self, const std::vector<int64_t>& seqs, int64_t width) {
-                if (width < 0) throw py::value_error("width must be >= 0");
-                const int64_t w = std::max(width, self.max_blocks(seqs));
-                const auto b = static_cast<py::ssize_t>(seqs.size());
-                py::array_t<int32_t> tables({b, static_cast<py::ssize_t>(w)});
-                py::array_t<int32_t> lens(b);
-                self.fill_block_tables(seqs, w, tables.mutable_data(), lens.mutable_data());
-                return py::make_tuple(tables, lens);
-            },
-            py::arg("seqs"), py::arg("width") = 0,
+        .def("block_tables", &block_tables, py::arg("seqs"), py::arg("width") = 0,
             "(int32[B, W] block tables padded with 0, int32[B] context lengths), "
             "W = max(width, most blocks among seqs).")
         .def("reset_prefix_cache", &BlockManager::reset_prefix_cache,
