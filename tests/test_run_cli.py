@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 
 LINE_KEYS = {"id", "question", "gold", "strategy", "n", "width", "iterations", "aggregation", "options", "config", "prompt",
-             "completions", "picks", "correct", "policy_tokens", "prm_tokens", "seconds"}
+             "models", "completions", "picks", "correct", "policy_tokens", "prm_tokens", "seconds"}
 COMPLETION_KEYS = {"text", "steps", "step_scores", "score", "answer", "finish_reason", "policy_tokens"}
 
 
@@ -105,10 +105,14 @@ def full_run(setup):
     return out
 
 
-def _check_same(a_path, b_path, exact: bool = True):
+def _check_same(a_path, b_path, exact: bool = True, same_models: bool = True):
     """The same results (see ttc_fast.run: "the same file"); `exact`: bit for bit, as a
-    verifier whose scores do not depend on the batch gives."""
+    verifier whose scores do not depend on the batch gives; not `same_models`: the runs' models
+    differ on purpose (a slower twin of the verifier), so their records are not compared."""
     a, b = read_results(a_path), read_results(b_path)
+    if not same_models:
+        for r in a + b:
+            r.pop("models")
     assert sorted(r["id"] for r in a) == sorted(r["id"] for r in b) == [f"p{i}" for i in range(N_PROBLEMS)]
     assert differences(a, b) == []
     if exact:
@@ -186,7 +190,8 @@ def kill_after_first_line(argv: list[str], out: Path, seconds: float) -> None:
 @pytest.mark.slow
 def test_resume_after_killed_process_matches_uninterrupted(setup, full_run):
     """A real `python -m ttc_fast.cli run` killed (SIGKILL) once its first line is on disk (its
-    verifier is slow, so the kill lands mid-run), resumed with the usual one."""
+    verifier is slow, so the kill lands mid-run), resumed with the same verifier (a resume
+    refuses another one: the lines record it)."""
     root, policy, data = setup
     out = root / "killed.jsonl"
     slow = _args(policy, data, out, "--max-in-flight", "1")
@@ -194,8 +199,8 @@ def test_resume_after_killed_process_matches_uninterrupted(setup, full_run):
     kill_after_first_line(slow, out, seconds=60)
     before = read_results(out)
     assert 1 <= len(before) < N_PROBLEMS
-    assert main(_args(policy, data, out, "--resume", "--max-in-flight", "1")) == 0
-    _check_same(full_run, out)
+    assert main(slow + ["--resume"]) == 0
+    _check_same(full_run, out, same_models=False)
 
 
 @pytest.mark.slow
@@ -282,12 +287,16 @@ def test_run_search_api_matches_cli(setup, full_run, tmp_path):
     from ttc_fast.data import load_problems
     from ttc_fast.run import make_strategy
 
+    from ttc_fast.identity import run_models
+
     root, policy, data = setup
     engine = tf.Engine(tf.load_model(policy, device="cpu"))
     out = tmp_path / "api.jsonl"
-    records = run_search(engine, HashVerifier(), make_strategy("Beam", 4, 2, 2),
+    verifier = HashVerifier()
+    records = run_search(engine, verifier, make_strategy("Beam", 4, 2, 2),
                          tf.SamplingParams(temperature=0.8, top_p=1.0, max_tokens=12, seed=0),
-                         load_problems(data), out, progress=False).records
+                         load_problems(data), out, progress=False,
+                         models=run_models(engine.model, verifier, VERIFIER)).records
     assert len(records) == N_PROBLEMS
     assert canonical(records) == canonical(read_results(full_run))
     assert set(VOLATILE_FIELDS) <= set(records[0])
@@ -577,3 +586,71 @@ def test_export_sal_columns(setup, full_run, tmp_path, capsys):
                 assert row[f"pred_{pick}@{n}"] == "\\boxed{" + (rec["picks"][n][pick] or "") + "}"
     assert main(["export", str(tmp_path / "missing.jsonl"), "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# shards and merge ------------------------------------------------------------------------------------
+def test_shards_merged_are_the_unsharded_run(setup, full_run, tmp_path, capsys):
+    """--shard 0/2 and 1/2 (every other problem), merged: the same file as one run over all."""
+    root, policy, data = setup
+    shards = [tmp_path / f"shard{i}.jsonl" for i in range(2)]
+    for i, out in enumerate(shards):
+        assert main(_args(policy, data, out, "--shard", f"{i}/2")) == 0
+    assert [r["id"] for r in read_results(shards[0])] == ["p0", "p2", "p4"]
+    merged = tmp_path / "all.jsonl"
+    assert main(["merge", *map(str, shards), "--out", str(merged)]) == 0
+    assert "merged 5 problems from 2 files" in capsys.readouterr().out
+    _check_same(full_run, merged)
+    models = read_results(merged)[0]["models"]
+    assert models["policy"]["path"] == str(policy) and len(models["policy"]["config_sha256"]) == 64
+    assert models["prm"] == {"spec": VERIFIER, "kind": None, "config_sha256": None}
+
+
+def _edited(src, dst, edit):
+    records = read_results(src)
+    edit(records[0])
+    dst.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return dst
+
+
+def test_merge_refuses_duplicates_other_settings_and_other_models(setup, full_run, tmp_path, capsys):
+    root, policy, data = setup
+    shard = tmp_path / "shard0.jsonl"
+    assert main(_args(policy, data, shard, "--shard", "0/3")) == 0
+    out = tmp_path / "all.jsonl"
+    assert main(["merge", str(full_run), str(shard), "--out", str(out)]) == 2
+    assert "'p0' is in" in capsys.readouterr().err and not out.exists()
+
+    def seed(r):
+        r["config"]["seed"] = 7
+
+    def policy_hash(r):
+        r["models"]["policy"]["config_sha256"] = "0" * 64
+
+    def verifier(r):
+        r["models"]["prm"]["spec"] = "python:other:Verifier"
+
+    for edit, expected in ((seed, "(config)"), (policy_hash, "models: the policy"), (verifier, "models: the verifier")):
+        rest = tmp_path / "rest.jsonl"
+        rest.write_text("".join(json.dumps(r) + "\n" for r in read_results(full_run) if r["id"] not in ("p0", "p3")))
+        other = _edited(shard, tmp_path / "other.jsonl", edit)
+        assert main(["merge", str(rest), str(other), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "other settings" in err and expected in err, err
+    # a shard on another path to the same checkpoint merges: the configuration is compared
+    moved = _edited(shard, tmp_path / "moved.jsonl", lambda r: r["models"]["policy"].update(path="/elsewhere/policy"))
+    assert main(["merge", str(rest), str(moved), "--out", str(out)]) == 0
+    assert main(["merge", str(rest), str(moved), "--out", str(out)]) == 2  # exists: --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["merge", str(rest), str(moved), "--out", str(out), "--overwrite"]) == 0
+
+
+def test_bad_shard_and_resume_with_another_model(setup, full_run, tmp_path, capsys):
+    root, policy, data = setup
+    for bad in ("2/2", "1", "a/b", "0/0"):
+        assert main(_args(policy, data, tmp_path / "x.jsonl", "--shard", bad)) == 2
+        assert "--shard must be I/K" in capsys.readouterr().err
+    assert main(_args(policy, data, tmp_path / "x.jsonl", "--limit", "1", "--shard", "1/2")) == 2
+    assert "no problem falls in it" in capsys.readouterr().err
+    other = _edited(full_run, tmp_path / "other.jsonl", lambda r: r["models"]["policy"].update(config_sha256="0" * 64))
+    assert main(_args(policy, data, other, "--resume")) == 2
+    assert "models: the policy" in capsys.readouterr().err

@@ -88,7 +88,7 @@ def cmd_generate(args) -> int:
 POLICY_ONLY_FLAGS = ("data", "prm", "prm_kind", "out", "lookahead", "pf_temperature", "filter_duplicates", "preset",
                      "system_prompt", "chat_template", "chat_template_kwargs", "prm_layout", "prm_step_separator", "n",
                      "width", "iterations", "aggregation", "temperature", "top_p", "max_tokens", "prm_kv_cache_bytes",
-                     "gpu_memory_utilization", "prm_kv_fraction")
+                     "gpu_memory_utilization", "prm_kv_fraction", "shard")
 
 
 def _flag(name: str) -> str:
@@ -162,6 +162,15 @@ def cmd_run(args) -> int:
         problems = problems[: args.limit]
     if not problems:
         raise RunError(f"{args.data} holds no problems")
+    positions = list(range(len(problems)))
+    if args.shard is not None:
+        from .merge import parse_shard, shard_positions
+
+        index, count = parse_shard(args.shard)
+        positions = shard_positions(len(problems), index, count)
+        if not positions:
+            raise RunError(f"--shard {args.shard}: no problem falls in it ({len(problems)} problems)")
+        problems = [problems[p] for p in positions]
     from pathlib import Path
 
     out = Path(args.out)
@@ -200,14 +209,27 @@ def cmd_run(args) -> int:
         print(plan.describe())
     else:
         print(_describe_pools(engine, prm))
+    from .identity import run_models
+
     outcome = run_search(engine, prm, strategy, sampling, problems, out, resume=args.resume, overwrite=args.overwrite,
                          progress=not args.no_progress, max_problems_in_flight=args.max_in_flight,
                          system_prompt=prompt.system_prompt, chat_template=prompt.chat_template,
-                         chat_template_kwargs=prompt.chat_template_kwargs)
+                         chat_template_kwargs=prompt.chat_template_kwargs, positions=positions,
+                         models=run_models(model, prm, args.prm))
     ids = {p.id for p in problems}
     mine = [r for r in outcome.records if r["id"] in ids]
     print(summarize(mine, wall_seconds=outcome.wall_seconds, new_policy_tokens=outcome.new_policy_tokens))
     print(f"results: {out} ({len(outcome.new_records)} new, {len(mine)} of {len(problems)} problems)")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .merge import merge_results
+    from .results import summarize
+
+    records = merge_results(args.results, args.out, overwrite=args.overwrite)
+    print(summarize(records))
+    print(f"merged {len(records)} problems from {len(args.results)} files into {args.out}")
     return 0
 
 
@@ -288,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue OUT: skip the problems already in it")
     run.add_argument("--overwrite", action="store_true", help="start OUT over")
     run.add_argument("--limit", type=int, default=None, help="only the first K problems")
+    run.add_argument("--shard", default=None, metavar="I/K",
+                     help="only shard I of K (I from 0): the problems at positions I, I+K, I+2K, ... (after --limit); "
+                          "`ttc-fast merge` joins the shards' files")
     _engine_args(run)
     run.add_argument("--temperature", type=float, default=None, help="default 0.8")
     run.add_argument("--top-p", type=float, default=None, help="default 1.0")
@@ -302,6 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-in-flight", type=int, default=None, help="most problems searched at once (default: as the KV pool allows)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     run.set_defaults(func=cmd_run)
+
+    merge = sub.add_parser("merge", help="join the results files of shards (run --shard I/K) into one",
+                           description="Join results files of one run's shards; refuses a problem in two files and "
+                                       "lines written with other settings or models.")
+    merge.add_argument("results", nargs="+", help="the shards' results JSONL files")
+    merge.add_argument("--out", required=True, help="the merged file")
+    merge.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    merge.set_defaults(func=cmd_merge)
 
     export = sub.add_parser("export", help="write a results file in another tool's format",
                             description="--format sal: search-and-learn's columns (completions, scores, pred, "

@@ -12,6 +12,8 @@ Line schema (one object per problem)::
      "config": {"temperature", "top_p", "max_tokens", "seed"},
      "prompt": {"system_prompt", "chat_template", "chat_template_kwargs"},  # the policy's prompt: the
                                                         # system text, "checkpoint" | "none" | "sha256:..."
+     "models": {"policy": {"path", "config_sha256"},    # what made the line (ttc_fast/identity.py),
+                "prm": null | {"spec", "kind", "config_sha256"}},  # or null from the API without it
      "completions": [{"text", "steps", "step_scores", "score", "answer", "finish_reason",
                       "policy_tokens"}, ...],           # exactly n
      "picks":   {"1": {"maj", "naive", "weighted"}, "2": {...}, "4": {...}, ..., "N": {...}},
@@ -67,12 +69,13 @@ def strategy_options(strategy) -> dict:
 
 
 # --- results file ----------------------------------------------------------------------------------
-SETTINGS = ("strategy", "n", "width", "iterations", "aggregation", "options", "config", "prompt")
+SETTINGS = ("strategy", "n", "width", "iterations", "aggregation", "options", "config", "prompt", "models")
 
 
-def run_settings(strategy, sampling, prompt=None) -> dict:
+def run_settings(strategy, sampling, prompt=None, models=None) -> dict:
     """The settings a results line records (`SETTINGS`); a resumed run must match them. `prompt`
-    is the policy's `PromptFormat` (default: the default system prompt, the checkpoint's template)."""
+    is the policy's `PromptFormat` (default: the default system prompt, the checkpoint's template);
+    `models` the models' identity (`identity.run_models`; None: not recorded, not checked)."""
     from .prompts import PromptFormat
 
     return {
@@ -84,16 +87,17 @@ def run_settings(strategy, sampling, prompt=None) -> dict:
         "options": strategy_options(strategy),
         "config": {"temperature": sampling.temperature, "top_p": sampling.top_p, "max_tokens": sampling.max_tokens, "seed": sampling.seed},
         "prompt": (prompt or PromptFormat()).settings(),
+        "models": models,
     }
 
 
-def result_to_record(result, strategy, sampling, prompt=None) -> dict:
+def result_to_record(result, strategy, sampling, prompt=None, models=None) -> dict:
     """The JSON line for one SearchResult (see the module docstring)."""
     record = {
         "id": result.problem_id,
         "question": result.question,
         "gold": result.gold,
-        **run_settings(strategy, sampling, prompt),
+        **run_settings(strategy, sampling, prompt, models),
         "completions": [
             {
                 "text": c.text, "steps": list(c.steps), "step_scores": [float(s) for s in c.step_scores],

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .identity import models_differ
 from .results import RunError, append_line, line_settings, read_results, result_to_record, run_settings
 
 TEMPLATE_PROBE = "What is 1 + 1?"  # rendered once before a run: a broken chat template stops it
@@ -182,14 +183,18 @@ class RunOutcome:
 
 def run_search(engine, prm, strategy, sampling, problems, out_path, resume: bool = False, progress: bool = True,
                overwrite: bool = False, max_problems_in_flight: int | None = None, system_prompt: str | None = None,
-               chat_template: str | None = None, chat_template_kwargs: dict | None = None) -> RunOutcome:
+               chat_template: str | None = None, chat_template_kwargs: dict | None = None,
+               positions: list[int] | None = None, models: dict | None = None) -> RunOutcome:
     """Search every problem and stream one JSON line per finished problem to `out_path`.
 
     Without `resume`, an existing non-empty `out_path` is an error (unless `overwrite`). With
     `resume`, the problems whose ids are already in the file are skipped (a cut-short last line
     is dropped and the file repaired first). Returns a `RunOutcome`.
     system_prompt / chat_template / chat_template_kwargs: the policy's prompt (`ttc_fast.prompts`:
-    None is the default system prompt and the checkpoint's template)."""
+    None is the default system prompt and the checkpoint's template). positions: each problem's
+    position in its data file, which seeds its sampling (default 0, 1, ...; a shard passes its
+    own). models: the models' identity recorded in each line and checked on resume
+    (`identity.run_models`)."""
     from .prompts import PromptFormat
     from .search import TreeSearch
 
@@ -207,19 +212,28 @@ def run_search(engine, prm, strategy, sampling, problems, out_path, resume: bool
     prompt = PromptFormat(system_prompt, chat_template, chat_template_kwargs)
     if engine.tokenizer is not None:  # a template that fails on any text is the run's fault, not a problem's
         prompt.encode(TEMPLATE_PROBE, engine.tokenizer, engine.model.path)
-    mine = run_settings(strategy, sampling, prompt)
+    mine = run_settings(strategy, sampling, prompt, models)
     picks = {"maj", "naive", "weighted"} if prm is not None else {"maj"}  # no verifier: majority only
     for line, record in enumerate(previous, start=1):
         theirs = line_settings(record, strategy)
-        if theirs != mine:
-            diff = ", ".join(f"{k}: {theirs.get(k)!r} in the file, {mine[k]!r} now" for k in mine if theirs.get(k) != mine[k])
+        diff = ", ".join(f"{k}: {theirs.get(k)!r} in the file, {mine[k]!r} now" for k in mine
+                         if k != "models" and theirs.get(k) != mine[k])
+        if diff:
             raise RunError(f"{out_path}: line {line} was written with other settings ({diff}): resume with the same "
                            "settings, or use --overwrite")
         if any(set(p) != picks for p in record.get("picks", {}).values()):
             raise RunError(f"{out_path}: line {line} was written {'without' if prm is not None else 'with'} a verifier: "
                            f"resume {'with' if prm is None else 'without'} --prm as it was, or use --overwrite")
+        other_models = models_differ(theirs["models"], models)
+        if other_models:
+            raise RunError(f"{out_path}: line {line} was written with other settings (models: {other_models}): resume "
+                           "with the same models, or use --overwrite")
 
-    todo = [(i, p) for i, p in enumerate(problems) if p.id not in done_ids]
+    if positions is None:
+        positions = list(range(len(problems)))
+    elif len(positions) != len(problems):
+        raise RunError(f"{len(problems)} problems but {len(positions)} positions")
+    todo = [(i, p) for i, p in zip(positions, problems) if p.id not in done_ids]
     out_path.parent.mkdir(parents=True, exist_ok=True)
     records = list(previous)
     bar = _Progress(len(problems), len(problems) - len(todo), progress)
@@ -231,7 +245,7 @@ def run_search(engine, prm, strategy, sampling, problems, out_path, resume: bool
                                     max_problems_in_flight=max_problems_in_flight, chat_template=prompt.chat_template,
                                     chat_template_kwargs=prompt.chat_template_kwargs)
                 for result, _ in _indexed_search(search, todo):
-                    record = result_to_record(result, strategy, sampling, prompt)
+                    record = result_to_record(result, strategy, sampling, prompt, models)
                     append_line(f, record)
                     records.append(record)
                     bar.update(record["policy_tokens"])
