@@ -2,7 +2,9 @@
 
 The models' own work is made tiny (a random Llama: hidden 32, one layer, vocab 320; one torch
 thread; CPU) so that what remains is the host's: scheduling, block tables, metadata, sampling
-(counted as host work here), stop checks, and the search's and the PRM's bookkeeping.
+(counted as host work here), stop checks, and the search's and the PRM's bookkeeping. As in
+`ttc-fast run`, the objects loaded before the measurement are frozen out of the garbage
+collector's way (gc.freeze).
 
   decode step       `Engine.generate` of S samples of one 40-token prompt, 32 new tokens each
                     (EOS ignored): (wall - time inside the decoder's forward) / decode steps
@@ -21,6 +23,7 @@ same run, and prints both side by side.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -117,11 +120,15 @@ def search_host_ms(policy, prm_path, size: int) -> tuple[float, float | None]:
     return host, tokenize
 
 
-def measure(sizes: list[int], repeats: int) -> dict:
-    """Each figure: the median of `repeats` runs (this shared 2-core machine varies run to run)."""
+def measure(sizes: list[int], repeats: int, freeze: bool = True) -> dict:
+    """Each figure: the median of `repeats` runs (this shared 2-core machine varies run to run).
+    `freeze`: the loaded models out of the garbage collector's way first, as the CLI does."""
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         policy, prm_path = build_models(Path(tmp))
+        if freeze:  # as `ttc-fast run` does once its models are loaded
+            gc.collect()
+            gc.freeze()
         rows = []
         for size in sizes:
             runs = [(decode_host_ms(policy, size), *search_host_ms(policy, prm_path, size)) for _ in range(repeats)]

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import tempfile
 import time
@@ -211,6 +212,11 @@ def cmd_run(args) -> int:
         print(_describe_pools(engine, prm))
     from .identity import run_models
 
+    # The process is ours: take what is loaded so far out of the cyclic collector's way (as vLLM
+    # does after start-up). The search makes many short-lived objects, and every full collection
+    # would also walk the models', tokenizers' and data's objects (2x host time at 4,096 beams).
+    gc.collect()
+    gc.freeze()
     outcome = run_search(engine, prm, strategy, sampling, problems, out, resume=args.resume, overwrite=args.overwrite,
                          progress=not args.no_progress, max_problems_in_flight=args.max_in_flight,
                          system_prompt=prompt.system_prompt, chat_template=prompt.chat_template,
