@@ -89,7 +89,7 @@ def cmd_generate(args) -> int:
 POLICY_ONLY_FLAGS = ("data", "prm", "prm_kind", "out", "lookahead", "pf_temperature", "filter_duplicates", "preset",
                      "system_prompt", "chat_template", "chat_template_kwargs", "prm_layout", "prm_step_separator", "n",
                      "width", "iterations", "aggregation", "temperature", "top_p", "max_tokens", "prm_kv_cache_bytes",
-                     "gpu_memory_utilization", "prm_kv_fraction", "shard")
+                     "gpu_memory_utilization", "prm_kv_fraction", "shard", "workers", "ray_address")
 
 
 def _flag(name: str) -> str:
@@ -183,6 +183,10 @@ def cmd_run(args) -> int:
                                  max_tokens=settings["max_tokens"], seed=settings["seed"])
     if not Path(args.policy).exists() and not str(args.policy).startswith("builtin:"):
         raise RunError(f"policy checkpoint not found: {args.policy} (pass a Hugging Face checkpoint directory)")
+    if args.ray_address is not None and args.workers is None:
+        raise RunError("--ray-address needs --workers K")
+    if args.workers is not None:
+        return _run_on_workers(args, settings, strategy, sampling, problems, positions, out)
     model = tf.load_model(args.policy, device=args.device, dtype=args.dtype)
     prompt = PromptFormat(settings["system_prompt"], chat_template_for(settings["chat_template"], model.tokenizer),
                           settings["chat_template_kwargs"])
@@ -226,6 +230,46 @@ def cmd_run(args) -> int:
     mine = [r for r in outcome.records if r["id"] in ids]
     print(summarize(mine, wall_seconds=outcome.wall_seconds, new_policy_tokens=outcome.new_policy_tokens))
     print(f"results: {out} ({len(outcome.new_records)} new, {len(mine)} of {len(problems)} problems)")
+    return 0
+
+
+def _run_on_workers(args, settings, strategy, sampling, problems, positions, out) -> int:
+    """`ttc-fast run --workers K`: the search on K Ray actors (ttc_fast/distributed.py)."""
+    from .distributed import WorkerSpec, run_distributed
+    from .loader import load_model, load_tokenizer, resolve_path
+    from .prompts import PromptFormat
+    from .results import summarize
+    from .run_options import chat_template_for, prm_options
+
+    path = resolve_path(args.policy)
+    # The driver only renders the prompt: the policy's tokenizer, not its weights (a .gguf keeps
+    # its tokenizer inside, so it is read whole, on the CPU).
+    tokenizer = load_model(args.policy, device="cpu").tokenizer if str(path).endswith(".gguf") else load_tokenizer(path)
+    prompt = PromptFormat(settings["system_prompt"], chat_template_for(settings["chat_template"], tokenizer),
+                          settings["chat_template_kwargs"])
+    import torch
+
+    cuda = args.device == "cuda" or (args.device is None and torch.cuda.is_available())
+    spec = WorkerSpec(
+        policy=str(args.policy), prm=args.prm, device=args.device, dtype=args.dtype,
+        engine_options={k: v for k, v in _engine_options(args).items()}, prm_kind=args.prm_kind,
+        prm_options={"kv_cache_bytes": args.prm_kv_cache_bytes, **prm_options(args, settings)}, strategy=strategy,
+        sampling=sampling, prompt={"system_prompt": prompt.system_prompt, "chat_template": prompt.chat_template,
+                                   "chat_template_kwargs": prompt.chat_template_kwargs},
+        models=None, max_in_flight=args.max_in_flight, gpus=1.0 if cuda else 0.0)
+    if cuda and args.kv_cache_bytes is None and args.prm_kv_cache_bytes is None:
+        # each worker plans its GPU's memory as a single process does (see cmd_run)
+        longest = max((len(prompt.encode(p.question, tokenizer)) for p in problems), default=0)
+        spec.memory_plan = (0.9 if args.gpu_memory_utilization is None else args.gpu_memory_utilization,
+                            args.prm_kv_fraction, longest + sampling.max_tokens, _profile_blocks(args))
+    outcome = run_distributed(spec, args.workers, problems, out, tokenizer, path, resume=args.resume,
+                              overwrite=args.overwrite, positions=positions, ray_address=args.ray_address,
+                              progress=not args.no_progress)
+    ids = {p.id for p in problems}
+    mine = [r for r in outcome.records if r["id"] in ids]
+    print(summarize(mine, wall_seconds=outcome.wall_seconds, new_policy_tokens=outcome.new_policy_tokens))
+    print(f"results: {out} ({len(outcome.new_records)} new, {len(mine)} of {len(problems)} problems, "
+          f"{args.workers} workers)")
     return 0
 
 
@@ -331,6 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--prm-kv-fraction", type=float, default=None,
                      help="CUDA: the PRM pool's share of the KV memory (default: both pools hold the same number of tokens)")
     run.add_argument("--max-in-flight", type=int, default=None, help="most problems searched at once (default: as the KV pool allows)")
+    run.add_argument("--workers", type=int, default=None,
+                     help='K Ray actors, a GPU each (CPU actors without GPUs), pulling problems as they finish; '
+                          'needs pip install "ttc_fast[ray]"')
+    run.add_argument("--ray-address", default=None,
+                     help="a running Ray cluster to join (auto: the local node's); default: start a local instance")
     run.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     run.set_defaults(func=cmd_run)
 

@@ -195,45 +195,11 @@ def run_search(engine, prm, strategy, sampling, problems, out_path, resume: bool
     position in its data file, which seeds its sampling (default 0, 1, ...; a shard passes its
     own). models: the models' identity recorded in each line and checked on resume
     (`identity.run_models`)."""
-    from .prompts import PromptFormat
     from .search import TreeSearch
 
-    out_path = Path(out_path)
-    if resume and overwrite:
-        raise RunError("--resume and --overwrite exclude each other: --resume continues OUT, --overwrite starts it over")
-    exists = out_path.exists() and out_path.stat().st_size > 0
-    if exists and not resume and not overwrite:
-        raise RunError(f"{out_path} already exists and is not empty: pass --resume to continue it or --overwrite to start over")
-    if sampling.seed is None:
-        raise RunError("a run needs a fixed seed (--seed) so that it can be resumed")
-
-    previous = read_results(out_path, repair=True) if resume else []
-    done_ids = {r["id"] for r in previous}
-    prompt = PromptFormat(system_prompt, chat_template, chat_template_kwargs)
-    if engine.tokenizer is not None:  # a template that fails on any text is the run's fault, not a problem's
-        prompt.encode(TEMPLATE_PROBE, engine.tokenizer, engine.model.path)
-    mine = run_settings(strategy, sampling, prompt, models)
-    picks = {"maj", "naive", "weighted"} if prm is not None else {"maj"}  # no verifier: majority only
-    for line, record in enumerate(previous, start=1):
-        theirs = line_settings(record, strategy)
-        diff = ", ".join(f"{k}: {theirs.get(k)!r} in the file, {mine[k]!r} now" for k in mine
-                         if k != "models" and theirs.get(k) != mine[k])
-        if diff:
-            raise RunError(f"{out_path}: line {line} was written with other settings ({diff}): resume with the same "
-                           "settings, or use --overwrite")
-        if any(set(p) != picks for p in record.get("picks", {}).values()):
-            raise RunError(f"{out_path}: line {line} was written {'without' if prm is not None else 'with'} a verifier: "
-                           f"resume {'with' if prm is None else 'without'} --prm as it was, or use --overwrite")
-        other_models = models_differ(theirs["models"], models)
-        if other_models:
-            raise RunError(f"{out_path}: line {line} was written with other settings (models: {other_models}): resume "
-                           "with the same models, or use --overwrite")
-
-    if positions is None:
-        positions = list(range(len(problems)))
-    elif len(positions) != len(problems):
-        raise RunError(f"{len(problems)} problems but {len(positions)} positions")
-    todo = [(i, p) for i, p in zip(positions, problems) if p.id not in done_ids]
+    out_path, prompt, previous, todo = open_run(engine.tokenizer, engine.model.path, prm is not None, strategy, sampling,
+                                                 problems, out_path, resume, overwrite, system_prompt, chat_template,
+                                                 chat_template_kwargs, positions, models)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     records = list(previous)
     bar = _Progress(len(problems), len(problems) - len(todo), progress)
@@ -252,3 +218,49 @@ def run_search(engine, prm, strategy, sampling, problems, out_path, resume: bool
     finally:
         bar.close()
     return RunOutcome(records, records[len(previous):], time.perf_counter() - start)
+
+
+def open_run(tokenizer, model_path, has_verifier: bool, strategy, sampling, problems, out_path, resume, overwrite,
+             system_prompt, chat_template, chat_template_kwargs, positions, models):
+    """The checks before a run writes OUT (see `run_search`; the policy's tokenizer renders a
+    probe prompt); returns (OUT as a Path, the prompt's PromptFormat, the records already in
+    OUT, the (position, problem) pairs left to search)."""
+    from .prompts import PromptFormat
+
+    out_path = Path(out_path)
+    if resume and overwrite:
+        raise RunError("--resume and --overwrite exclude each other: --resume continues OUT, --overwrite starts it over")
+    exists = out_path.exists() and out_path.stat().st_size > 0
+    if exists and not resume and not overwrite:
+        raise RunError(f"{out_path} already exists and is not empty: pass --resume to continue it or --overwrite to start over")
+    if sampling.seed is None:
+        raise RunError("a run needs a fixed seed (--seed) so that it can be resumed")
+
+    previous = read_results(out_path, repair=True) if resume else []
+    done_ids = {r["id"] for r in previous}
+    prompt = PromptFormat(system_prompt, chat_template, chat_template_kwargs)
+    if tokenizer is not None:  # a template that fails on any text is the run's fault, not a problem's
+        prompt.encode(TEMPLATE_PROBE, tokenizer, model_path)
+    mine = run_settings(strategy, sampling, prompt, models)
+    picks = {"maj", "naive", "weighted"} if has_verifier else {"maj"}  # no verifier: majority only
+    for line, record in enumerate(previous, start=1):
+        theirs = line_settings(record, strategy)
+        diff = ", ".join(f"{k}: {theirs.get(k)!r} in the file, {mine[k]!r} now" for k in mine
+                         if k != "models" and theirs.get(k) != mine[k])
+        if diff:
+            raise RunError(f"{out_path}: line {line} was written with other settings ({diff}): resume with the same "
+                           "settings, or use --overwrite")
+        if any(set(p) != picks for p in record.get("picks", {}).values()):
+            raise RunError(f"{out_path}: line {line} was written {'without' if has_verifier else 'with'} a verifier: "
+                           f"resume {'with' if not has_verifier else 'without'} --prm as it was, or use --overwrite")
+        other_models = models_differ(theirs["models"], models)
+        if other_models:
+            raise RunError(f"{out_path}: line {line} was written with other settings (models: {other_models}): resume "
+                           "with the same models, or use --overwrite")
+
+    if positions is None:
+        positions = list(range(len(problems)))
+    elif len(positions) != len(problems):
+        raise RunError(f"{len(problems)} problems but {len(positions)} positions")
+    todo = [(i, p) for i, p in zip(positions, problems) if p.id not in done_ids]
+    return out_path, prompt, previous, todo

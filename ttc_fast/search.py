@@ -112,7 +112,13 @@ class TreeSearch:
         fails on its own input yields a result with `error` set; the others go on."""
         if indices is not None and len(indices) != len(problems):
             raise ValueError(f"{len(problems)} problems but {len(indices)} indices")
-        queue = deque(zip(indices if indices is not None else range(len(problems)), problems))
+        yield from self.run_source(deque(zip(indices if indices is not None else range(len(problems)), problems)))
+
+    def run_source(self, queue):
+        """`run_with_problems` over a source of (index, problem) pairs that may grow while the
+        search runs: `bool(queue)` says whether one is ready now (it may fetch one), and
+        `queue.popleft()` takes it; the search ends when the source is empty and nothing is in
+        flight. A deque is one; a distributed worker's pulls from its driver are another."""
         flight: list[ProblemState] = []
         while queue or flight:
             while queue and self._room_for_another(flight):
