@@ -193,11 +193,11 @@ def run_distributed(spec: WorkerSpec, workers: int, problems, out_path, tokenize
                     kind, wid, position, record = results.get(timeout=0.2)
                 except Empty:
                     kind = None
-                if kind == "claim":
+                if kind == "claim" and wid in claimed:  # (a dead worker's messages may still arrive)
                     claimed[wid].add(position)
                 elif kind == "result":
                     position = id_position[record["id"]]
-                    claimed[wid].discard(position)
+                    claimed.get(wid, set()).discard(position)
                     if position not in done:  # a re-queued problem may finish twice
                         done.add(position)
                         append_line(f, record)
