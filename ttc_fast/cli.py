@@ -104,15 +104,27 @@ def _profile_blocks(args) -> int:
     return max(profile_blocks(8192, args.block_size), args.cuda_graph_max_batch + 8)
 
 
-def _path_tokens(problems, prompt, engine, max_tokens: int) -> int:
-    """One path's length: the longest prompt (of those that encode) and max_tokens, within the context."""
+def _path_tokens(problems, prompt, tokenizer, max_tokens: int, max_context: int | None = None) -> int:
+    """One path's length: the longest prompt (of those that encode) and max_tokens, within the
+    context when it is given."""
     longest = 0
     for p in problems:
         try:
-            longest = max(longest, len(prompt.encode(p.question, engine.tokenizer)))
+            longest = max(longest, len(prompt.encode(p.question, tokenizer)))
         except ValueError:
             continue  # that problem will be an error record
-    return min(longest + max_tokens, engine.model.config.max_context)
+    return longest + max_tokens if max_context is None else min(longest + max_tokens, max_context)
+
+
+def _print_outcome(outcome, problems, out, workers: int | None = None) -> None:
+    """The summary of this run's problems (OUT may hold others) and where the lines are."""
+    from .results import summarize
+
+    ids = {p.id for p in problems}
+    mine = [r for r in outcome.records if r["id"] in ids]
+    print(summarize(mine, wall_seconds=outcome.wall_seconds, new_policy_tokens=outcome.new_policy_tokens))
+    on = f", {workers} workers" if workers is not None else ""
+    print(f"results: {out} ({len(outcome.new_records)} new, {len(mine)} of {len(problems)} problems{on})")
 
 
 def _describe_pools(engine, prm) -> str:
@@ -127,7 +139,6 @@ def _describe_pools(engine, prm) -> str:
 
 def cmd_run(args) -> int:
     """Search a problem file with a policy and a verifier; see `ttc_fast.run` for the output."""
-    from .results import summarize
     from .run import RunError, make_strategy, needs_prm, resolve_prm, run_search
 
     if args.policy is None:
@@ -210,7 +221,8 @@ def cmd_run(args) -> int:
         from .memory_plan import plan_device_memory
 
         plan = plan_device_memory(engine, prm, 0.9 if args.gpu_memory_utilization is None else args.gpu_memory_utilization,
-                                  args.prm_kv_fraction, path_tokens=_path_tokens(problems, prompt, engine, sampling.max_tokens))
+                                  args.prm_kv_fraction, path_tokens=_path_tokens(problems, prompt, engine.tokenizer, sampling.max_tokens,
+                                                                       engine.model.config.max_context))
         print(plan.describe())
     else:
         print(_describe_pools(engine, prm))
@@ -226,10 +238,7 @@ def cmd_run(args) -> int:
                          system_prompt=prompt.system_prompt, chat_template=prompt.chat_template,
                          chat_template_kwargs=prompt.chat_template_kwargs, positions=positions,
                          models=run_models(model, prm, args.prm))
-    ids = {p.id for p in problems}
-    mine = [r for r in outcome.records if r["id"] in ids]
-    print(summarize(mine, wall_seconds=outcome.wall_seconds, new_policy_tokens=outcome.new_policy_tokens))
-    print(f"results: {out} ({len(outcome.new_records)} new, {len(mine)} of {len(problems)} problems)")
+    _print_outcome(outcome, problems, out)
     return 0
 
 
@@ -238,7 +247,6 @@ def _run_on_workers(args, settings, strategy, sampling, problems, positions, out
     from .distributed import WorkerSpec, run_distributed
     from .loader import load_model, load_tokenizer, resolve_path
     from .prompts import PromptFormat
-    from .results import summarize
     from .run_options import chat_template_for, prm_options
 
     path = resolve_path(args.policy)
@@ -252,24 +260,21 @@ def _run_on_workers(args, settings, strategy, sampling, problems, positions, out
     cuda = args.device == "cuda" or (args.device is None and torch.cuda.is_available())
     spec = WorkerSpec(
         policy=str(args.policy), prm=args.prm, device=args.device, dtype=args.dtype,
-        engine_options={k: v for k, v in _engine_options(args).items()}, prm_kind=args.prm_kind,
+        engine_options=_engine_options(args), prm_kind=args.prm_kind,
         prm_options={"kv_cache_bytes": args.prm_kv_cache_bytes, **prm_options(args, settings)}, strategy=strategy,
         sampling=sampling, prompt={"system_prompt": prompt.system_prompt, "chat_template": prompt.chat_template,
                                    "chat_template_kwargs": prompt.chat_template_kwargs},
         models=None, max_in_flight=args.max_in_flight, gpus=1.0 if cuda else 0.0)
     if cuda and args.kv_cache_bytes is None and args.prm_kv_cache_bytes is None:
-        # each worker plans its GPU's memory as a single process does (see cmd_run)
-        longest = max((len(prompt.encode(p.question, tokenizer)) for p in problems), default=0)
+        # each worker plans its GPU's memory as a single process does (see cmd_run), the path
+        # within its model's context
         spec.memory_plan = (0.9 if args.gpu_memory_utilization is None else args.gpu_memory_utilization,
-                            args.prm_kv_fraction, longest + sampling.max_tokens, _profile_blocks(args))
+                            args.prm_kv_fraction, _path_tokens(problems, prompt, tokenizer, sampling.max_tokens),
+                            _profile_blocks(args))
     outcome = run_distributed(spec, args.workers, problems, out, tokenizer, path, resume=args.resume,
                               overwrite=args.overwrite, positions=positions, ray_address=args.ray_address,
                               progress=not args.no_progress)
-    ids = {p.id for p in problems}
-    mine = [r for r in outcome.records if r["id"] in ids]
-    print(summarize(mine, wall_seconds=outcome.wall_seconds, new_policy_tokens=outcome.new_policy_tokens))
-    print(f"results: {out} ({len(outcome.new_records)} new, {len(mine)} of {len(problems)} problems, "
-          f"{args.workers} workers)")
+    _print_outcome(outcome, problems, out, args.workers)
     return 0
 
 

@@ -51,8 +51,10 @@ class _Pulls:
     search has room, each claimed (told to the driver) as it is taken."""
 
     def __init__(self, first, work, results, wid):
+        from ray.util.queue import Empty
+
         self.buf, self.work, self.results, self.wid = deque(), work, results, wid
-        self.ended = False
+        self.ended, self._empty = False, Empty
         self._take(first)
 
     def _take(self, item) -> None:
@@ -64,11 +66,9 @@ class _Pulls:
 
     def __bool__(self) -> bool:
         if not self.buf and not self.ended:
-            from ray.util.queue import Empty
-
             try:
                 self._take(self.work.get_nowait())
-            except Empty:
+            except self._empty:
                 pass
         return bool(self.buf)
 
@@ -98,7 +98,7 @@ class SearchWorker:
         if plan is not None:
             from .memory_plan import plan_device_memory
 
-            plan_device_memory(self.engine, self.prm, plan[0], plan[1], path_tokens=plan[2])
+            plan_device_memory(self.engine, self.prm, plan[0], plan[1], path_tokens=min(plan[2], model.config.max_context))
 
     def pid(self) -> int:
         return os.getpid()

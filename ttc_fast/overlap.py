@@ -34,6 +34,7 @@ class DecodeStep:
     tokens: torch.Tensor
     host_tokens: torch.Tensor | None = None  # pinned copy in flight (CUDA)
     ready: object = None  # CUDA event recorded after the copy
+    parent_rows: np.ndarray | None = None  # each row's row in the step before, whose draw it was fed
 
 
 class OverlappedDecoder:
@@ -67,10 +68,12 @@ class OverlappedDecoder:
         arrays = {name: v[rows] for name, v in a.items()}
         arrays["position"] = arrays["position"] + 1
         try:
-            return self._launch([step.samples[i] for i in rows.tolist()], arrays, None,
-                                step.tokens[torch.as_tensor(rows, device=step.tokens.device)])
+            nxt = self._launch([step.samples[i] for i in rows.tolist()], arrays, None,
+                               step.tokens[torch.as_tensor(rows, device=step.tokens.device)])
         except OutOfBlocks:
             return None  # settle step t alone; the engine's own loop makes room
+        nxt.parent_rows = rows
+        return nxt
 
     def _launch(self, samples: list, arrays: dict, host_inputs, device_inputs) -> DecodeStep:
         n = len(samples)
@@ -104,10 +107,9 @@ class OverlappedDecoder:
         continued = {id(s) for s in nxt.samples} if nxt is not None else set()
         sched.settle_decoded(tokens[alive], continued)
         if nxt is not None:
-            # Step t+1's rows were fed step t's tokens: known now for the samples still running.
-            where = {id(s): i for i, s in enumerate(step.samples)}
-            rows = [(k, where[id(s)]) for k, s in enumerate(nxt.samples) if s.finish_reason is None]
-            if rows:
-                k, i = (np.asarray(x, dtype=np.int64) for x in zip(*rows))
-                # A draw for position p is fed at position p.
-                self.runner.blocks.set_tokens(nxt.arrays["seq"][k], step.arrays["position"][i], tokens[i])
+            # Step t+1's rows were fed step t's draws, known now for the samples still running;
+            # a draw for position p is fed at position p.
+            live = np.fromiter((s.finish_reason is None for s in nxt.samples), dtype=bool, count=len(nxt.samples))
+            if live.any():
+                self.runner.blocks.set_tokens(nxt.arrays["seq"][live], nxt.arrays["position"][live] - 1,
+                                              tokens[nxt.parent_rows[live]])
