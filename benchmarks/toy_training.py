@@ -105,11 +105,16 @@ SIZES = {
     # hidden=64/inter=176 (0.1M) reached 88% greedy, too close to L: the shipped S is narrower
     "policy-s": dict(hidden=32, layers=2, heads=4, kv_heads=2, inter=96),
     "policy-l": dict(hidden=128, layers=4, heads=4, kv_heads=2, inter=384),
+    # the middle policy (about 5x S, 1/5 of L) for the toy's "small + search against larger" table
+    "policy-m": dict(hidden=64, layers=3, heads=4, kv_heads=2, inter=176),
 }
 TRAIN = {
     "policy-s": dict(steps=6000, batch=64, lr=3e-3, eval_every=250, patience=5, seed=1),
     # L was still improving at the end of its first schedule (84%): a second cosine stage follows
     "policy-l": dict(steps=2600, batch=32, lr=2e-3, eval_every=200, patience=5, seed=2,
+                     then=dict(steps=1000, lr=7e-4)),
+    # M: L's recipe on its own seeds, time-boxed to one hour of one CPU thread in all
+    "policy-m": dict(steps=2600, batch=32, lr=2e-3, eval_every=200, patience=5, seed=4,
                      then=dict(steps=1000, lr=7e-4)),
     # each batch: S's samples plus `pairs` fresh (right, slipped) solution pairs
     # the PRM was still improving (held-out AUC) at the end of its first schedule: four more
@@ -1032,7 +1037,7 @@ def write_log(log: dict) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["all", "policy-s", "policy-l", "prm", "eval"])
+    ap.add_argument("what", choices=["all", "policy-s", "policy-l", "policy-m", "prm", "eval"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=None, help="override the step budget (smoke tests)")
     ap.add_argument("--hidden", type=int, default=None, help="override a policy's width (size sweeps)")
