@@ -33,6 +33,24 @@ def test_two_workers_write_the_lines_of_one_process(setup, full_run, local_ray, 
 
 
 @pytest.mark.slow
+def test_two_workers_with_a_model_prm_match_one_process(setup, local_ray, tmp_path):  # noqa: F811  (fixtures of test_run_cli)
+    """With a model PRM the workers' lines are one process's: the same completions and picks,
+    scores within the record comparison's tolerance for batched float sums (1e-5)."""
+    from prm_builders import build_math_shepherd_prm
+
+    root, policy, data = setup
+    prm = build_math_shepherd_prm(tmp_path / "prm", seed=3)
+    outs = {}
+    for label, extra in (("one", ()), ("workers", ("--workers", "2", "--max-in-flight", "2"))):
+        outs[label] = tmp_path / f"{label}.jsonl"
+        args = _args(policy, data, outs[label], "--prm-kind", "math-shepherd", *extra)
+        args[args.index("--prm") + 1] = str(prm)
+        assert main(args) == 0
+    assert all(r["prm_tokens"] > 0 for r in read_results(outs["one"]))
+    _check_same(outs["one"], outs["workers"], exact=False)
+
+
+@pytest.mark.slow
 def test_a_killed_worker_loses_nothing(setup, full_run, local_ray, tmp_path):  # noqa: F811  (fixtures of test_run_cli)
     """One worker's process is killed (SIGKILL) once the first line is written: its unfinished
     problems go to the other, every problem is written once, and the lines are one process's."""
