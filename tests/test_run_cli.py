@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 
 LINE_KEYS = {"id", "question", "gold", "strategy", "n", "width", "iterations", "aggregation", "options", "config", "prompt",
-             "models", "completions", "picks", "correct", "policy_tokens", "prm_tokens", "seconds"}
+             "models", "completions", "picks", "correct", "policy_tokens", "prm_tokens", "compute", "seconds"}
 COMPLETION_KEYS = {"text", "steps", "step_scores", "score", "answer", "finish_reason", "policy_tokens"}
 
 
@@ -602,7 +602,7 @@ def test_shards_merged_are_the_unsharded_run(setup, full_run, tmp_path, capsys):
     _check_same(full_run, merged)
     models = read_results(merged)[0]["models"]
     assert models["policy"]["path"] == str(policy) and len(models["policy"]["config_sha256"]) == 64
-    assert models["prm"] == {"spec": VERIFIER, "kind": None, "config_sha256": None}
+    assert models["prm"] == {"spec": VERIFIER, "kind": None, "config_sha256": None, "cost": None}
 
 
 def _edited(src, dst, edit):

@@ -11,7 +11,7 @@ import ttc_fast as tf
 from ttc_fast.data import Problem
 from ttc_fast.loader import BUILTIN_DIR
 from ttc_fast.prm import aggregate
-from ttc_fast.results import summarize
+from ttc_fast.results import canonical, summarize
 from ttc_fast.run import run_search
 from ttc_fast.toy import eval_problems
 
@@ -117,8 +117,7 @@ def test_problems_that_fail_on_their_own_are_error_records(tmp_path, policy, cap
     # the same three problems alone give the same lines
     alone = run_search(engine, prm, strategy, SAMPLING, [p for p in problems if p.id in {r["id"] for r in good}],
                        tmp_path / "alone.jsonl", progress=False, system_prompt="", chat_template=REJECTING_TEMPLATE).records
-    strip = lambda rs: sorted(({k: v for k, v in r.items() if k not in ("seconds", "prm_tokens")} for r in rs), key=lambda r: r["id"])
-    assert strip(alone) == strip(good)
+    assert canonical(alone) == canonical(good)
     table = summarize(records)
     assert "failed: 2 problems" in table
     correct4 = sum(r["correct"]["4"]["weighted"] for r in good)

@@ -6,6 +6,8 @@
                                        search a problem file, one JSON line per problem (resumable)
     ttc-fast export --format sal OUT.jsonl --out FILE
                                        the results in search-and-learn's columns
+    ttc-fast report RUN.jsonl [RUN2.jsonl ...] [--plot FILE.png]
+                                       accuracy against n and against tokens or FLOPs, per strategy
 """
 from __future__ import annotations
 
@@ -296,6 +298,13 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import report
+
+    print(report(args.results, args.plot, x=args.x, pick=args.pick))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ttc-fast", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -405,6 +414,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="the file to write")
     export.add_argument("--data", default=None, help="the data file the run read: adds its other columns, keeps its order")
     export.set_defaults(func=cmd_export)
+
+    rep = sub.add_parser("report", help="accuracy against n and against compute for results files, as a table and a plot",
+                         description="One row per run and n: strategy, n, the accuracy of the final pick, and the mean "
+                                     "policy tokens, PRM tokens and FLOPs per problem; best-of-N runs also give each "
+                                     "smaller n they hold. Runs of one strategy make one curve.")
+    rep.add_argument("results", nargs="+", help="results JSONL files written by `ttc-fast run`")
+    rep.add_argument("--plot", default=None, metavar="FILE.png",
+                     help="also write a PNG: accuracy against n, and against --x, a curve per strategy")
+    rep.add_argument("--x", default="tokens", choices=["tokens", "flops"],
+                     help="the second panel's axis: mean policy tokens (default) or FLOPs per problem")
+    rep.add_argument("--pick", default=None, choices=["maj", "naive", "weighted"],
+                     help="which pick is a problem's answer (default: weighted where the lines hold it, else maj)")
+    rep.set_defaults(func=cmd_report)
     return parser
 
 

@@ -2,6 +2,8 @@
 shards can refuse lines written with other models. A checkpoint is named by its path (for the
 reader) and the SHA-256 of its model configuration (what is compared: the same checkpoint may
 sit at another path on another node); a verifier given as ``python:MODULE:NAME`` by that spec.
+Each model also records its cost constants (`ttc_fast.flops.ModelCost`), so that a line's FLOPs
+can be recomputed from the line alone; they follow from the configuration, so they are not compared.
 """
 from __future__ import annotations
 
@@ -17,14 +19,18 @@ def config_sha256(config) -> str:
 
 
 def run_models(policy, prm=None, prm_spec=None) -> dict:
-    """{"policy": {"path", "config_sha256"}, "prm": None | {"spec", "kind", "config_sha256"}}:
-    `policy` a LoadedModel, `prm` the verifier object, `prm_spec` what named it (a path, a
-    python: spec)."""
-    out = {"policy": {"path": str(policy.path), "config_sha256": config_sha256(policy.config)}, "prm": None}
+    """{"policy": {"path", "config_sha256", "cost"}, "prm": None | {"spec", "kind", "config_sha256",
+    "cost"}}: `policy` a LoadedModel, `prm` the verifier object, `prm_spec` what named it (a path,
+    a python: spec). "cost" is `ModelCost.as_dict()` (null for a verifier without a model)."""
+    from .flops import model_cost
+
+    out = {"policy": {"path": str(policy.path), "config_sha256": config_sha256(policy.config),
+                      "cost": model_cost(policy).as_dict()}, "prm": None}
     if prm is not None:
         model = getattr(prm, "model", None)
         out["prm"] = {"spec": None if prm_spec is None else str(prm_spec), "kind": getattr(prm, "kind", None),
-                      "config_sha256": config_sha256(model.config) if model is not None else None}
+                      "config_sha256": config_sha256(model.config) if model is not None else None,
+                      "cost": model_cost(model, getattr(prm, "head", None)).as_dict() if model is not None else None}
     return out
 
 

@@ -12,14 +12,22 @@ Line schema (one object per problem)::
      "config": {"temperature", "top_p", "max_tokens", "seed"},
      "prompt": {"system_prompt", "chat_template", "chat_template_kwargs"},  # the policy's prompt: the
                                                         # system text, "checkpoint" | "none" | "sha256:..."
-     "models": {"policy": {"path", "config_sha256"},    # what made the line (ttc_fast/identity.py),
-                "prm": null | {"spec", "kind", "config_sha256"}},  # or null from the API without it
+     "models": {"policy": {"path", "config_sha256", "cost"},  # what made the line (ttc_fast/identity.py),
+                "prm": null | {"spec", "kind", "config_sha256", "cost"}},  # or null from the API without it;
+                                                        # cost: {"non_embedding_params", "layers", "q_heads",
+                                                        # "head_dim"} (ttc_fast/flops.py), null without a model
      "completions": [{"text", "steps", "step_scores", "score", "answer", "finish_reason",
                       "policy_tokens"}, ...],           # exactly n
      "picks":   {"1": {"maj", "naive", "weighted"}, "2": {...}, "4": {...}, ..., "N": {...}},
      "correct": {"1": {"maj": bool, "naive": bool, "weighted": bool}, ...},
      "policy_tokens",                                     # every token generated, pruned paths too
      "prm_tokens",                                        # tokens the verifier processed (see below)
+     "compute": {"policy_tokens_processed",               # the prompt once + policy_tokens
+                 "policy_context_sum",                    # their context lengths summed (position p: p + 1)
+                 "prm_tokens_processed",                  # = prm_tokens
+                 "prm_context_sum",
+                 "policy_flops", "prm_flops", "flops"},   # by ttc_fast/flops.py from these and models' costs;
+                                                          # null where a cost is not recorded
      "seconds",                                           # wall time of this problem
      "error"}                                             # only on a problem that failed on its own
 
@@ -29,13 +37,17 @@ completions or picks; the others go on, `--resume` skips it like any finished pr
 summary counts it as wrong. Only run-level faults (a missing model, a bad flag) stop a run.
 
 ``width`` / ``iterations`` are null for strategies that have none (best-of-N family). Without a
-verifier (majority vote) the picks hold "maj" only.
+verifier (majority vote) the picks hold "maj" only. Lines written before ``compute`` and the
+models' ``cost`` existed lack them; readers treat them as unknown.
 
 What "the same file" means for ``--resume``: a resumed run and an uninterrupted run with the same
 data, settings and seed hold the same SET of lines, one per problem id, and the lines of a given
 id are the same except for the fields in `VOLATILE_FIELDS`: ``seconds`` (timing) and
 ``prm_tokens`` (what the PRM ran for a problem depends on what its prefix cache and its evictions
-held, so on the problems in flight beside it). Line ORDER is completion order and may differ.
+held, so on the problems in flight beside it), and the parts of ``compute`` that follow from the
+PRM's tokens (`VOLATILE_COMPUTE`: its context sum, its FLOPs and the total). The policy's part of
+``compute`` is not volatile: it counts the prompt whole and each generated token once, whatever
+the cache held. Line ORDER is completion order and may differ.
 Sampling is seeded per problem from ``--seed`` and the problem's position in the data file, so a
 problem's texts, steps, answers and picks do not depend on which others ran beside it. A model
 PRM's scores match to about 1e-6, not bit for bit: a batched forward's float sums depend on which
@@ -55,6 +67,7 @@ import sys
 from pathlib import Path
 
 VOLATILE_FIELDS = ("seconds", "prm_tokens")
+VOLATILE_COMPUTE = ("prm_tokens_processed", "prm_context_sum", "prm_flops", "flops")  # keys of "compute"
 
 
 class RunError(ValueError):
@@ -111,9 +124,24 @@ def result_to_record(result, strategy, sampling, prompt=None, models=None) -> di
         "prm_tokens": int(result.prm_tokens),
         "seconds": round(float(result.seconds), 4),
     }
+    record["compute"] = compute_fields(result, models)
     if result.error is not None:
         record["error"] = result.error
     return record
+
+
+def compute_fields(result, models=None) -> dict:
+    """A line's "compute": the FLOPs' ingredients of a SearchResult and the FLOPs they come to
+    with the models' recorded costs (`flops.record_flops`)."""
+    from .flops import record_flops
+
+    compute = {
+        "policy_tokens_processed": int(result.policy_tokens_processed),
+        "policy_context_sum": int(result.policy_context_sum),
+        "prm_tokens_processed": int(result.prm_tokens),
+        "prm_context_sum": int(result.prm_context_sum),
+    }
+    return {**compute, **record_flops(compute, models)}
 
 
 def line_settings(record: dict, strategy) -> dict:
@@ -175,8 +203,15 @@ def read_results(path, repair: bool = False) -> list[dict]:
 
 
 def canonical(records: list[dict]) -> list[dict]:
-    """Records as compared between runs: without `VOLATILE_FIELDS`, sorted by id."""
-    return sorted(({k: v for k, v in r.items() if k not in VOLATILE_FIELDS} for r in records), key=lambda r: str(r["id"]))
+    """Records as compared between runs: without `VOLATILE_FIELDS` (and `VOLATILE_COMPUTE` in
+    "compute"), sorted by id."""
+    def stable(r: dict) -> dict:
+        out = {k: v for k, v in r.items() if k not in VOLATILE_FIELDS}
+        if isinstance(out.get("compute"), dict):
+            out["compute"] = {k: v for k, v in out["compute"].items() if k not in VOLATILE_COMPUTE}
+        return out
+
+    return sorted(map(stable, records), key=lambda r: str(r["id"]))
 
 
 def differences(a: list[dict], b: list[dict], atol: float = 1e-5) -> list[str]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 from . import kernels as K
 from .data import Problem
+from .flops import context_sum
 from .grading import extract_answer, grade, picks_at_n
 from .prompts import DEFAULT_SYSTEM_PROMPT, PromptFormat  # noqa: F401  (DEFAULT_SYSTEM_PROMPT: public name)
 from .sampling import SamplingParams, fresh_seed, sample_seed
@@ -50,6 +51,11 @@ class SearchResult:
     prm_tokens: int  # every token the PRM processed for this problem
     seconds: float
     error: str | None = None  # the problem failed on its own (no completions): why
+    # The FLOPs' ingredients (ttc_fast.flops): tokens the policy processed (the prompt once, then
+    # policy_tokens) and the sums of their context lengths, the policy's and the PRM's
+    policy_tokens_processed: int = 0
+    policy_context_sum: int = 0
+    prm_context_sum: int = 0
 
 
 class SearchObserver:
@@ -174,14 +180,19 @@ class TreeSearch:
         strategy = self.strategy.for_problem(problem)
         root = Path([], [], branch=self.engine.start(prompt))
         st = ProblemState(index, problem, strategy, root, time.perf_counter())
+        # The prompt is charged whole, once: its n children fork it, and a prefix-cache hit from
+        # another problem is not subtracted (the count would then depend on the problems beside it).
+        st.prompt_tokens = len(root.branch.token_ids)
+        st.policy_context += context_sum(0, st.prompt_tokens)
         if self.prm is not None:
-            before = self.prm.tokens_processed
+            before, before_context = self.prm.tokens_processed, getattr(self.prm, "context_processed", 0)
             try:
                 root.prm = self.prm.start(problem.question)
             except BaseException:
                 self._drop(root)
                 raise
             st.prm_tokens += self.prm.tokens_processed - before  # the question, encoded once
+            st.prm_context += getattr(self.prm, "context_processed", 0) - before_context
         st.frontier = [(root, strategy.n)]  # the prompt's n children: prefilled once, shared
         return st
 
@@ -233,7 +244,7 @@ class TreeSearch:
                 parent.branch = None  # consumed by the expansion
                 self._drop(parent)
             for j, ((branch, out), prm_handle) in enumerate(zip(res, prm_children)):
-                st.policy_tokens += len(out.token_ids)
+                st.charge_generated(len(branch.token_ids), len(out.token_ids))
                 cut = out.finish_reason == "length" and len(branch.token_ids) >= context
                 text = out.text if out.text is not None else " ".join(map(str, out.token_ids))
                 child = Path(parent.steps + [text], parent.scores, parent.tokens + len(out.token_ids),
@@ -263,7 +274,7 @@ class TreeSearch:
             still = []
             for (i, st, _, handle), res, score in zip(rollouts, results, scores):
                 (branch, out), = res
-                st.policy_tokens += len(out.token_ids)
+                st.charge_generated(len(branch.token_ids), len(out.token_ids))
                 if score is not None:
                     ends[i] = score
                 if out.finish_reason == "stop" and score is not None:
@@ -335,6 +346,8 @@ class TreeSearch:
             problem_id=st.problem.id, question=st.problem.question, gold=st.problem.answer, strategy=strategy.name,
             completions=completions, picks=picks, correct=correct, policy_tokens=st.policy_tokens,
             prm_tokens=int(round(st.prm_tokens)), seconds=time.perf_counter() - st.started,
+            policy_tokens_processed=st.prompt_tokens + st.policy_tokens, policy_context_sum=st.policy_context,
+            prm_context_sum=int(round(st.prm_context)),
         )
 
 

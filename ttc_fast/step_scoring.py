@@ -1,7 +1,8 @@
 """Scoring a search's new steps with the verifier: each new step of each child, or every step of
 whole solutions, all problems in one batched call per step index; a PRM input that several
 children share (the same sequence and the same step) is scored once and forked to the others.
-A problem is charged the PRM tokens its rows ran."""
+A problem is charged the PRM tokens its rows ran and the sum of their context lengths (for its
+FLOPs, `ttc_fast.flops`)."""
 from __future__ import annotations
 
 from .tree import Path, ProblemState
@@ -94,13 +95,22 @@ class StepScorer:
         return [scores[j] for j in scored], scored
 
     def score_batch(self, items: list[tuple[ProblemState, object, str]]) -> list[float | None]:
-        """One batched PRM call; each problem is charged the tokens its rows ran (a verifier
-        object that does not report them per row: the call's tokens split evenly over its items)."""
-        before = self.prm.tokens_processed
+        """One batched PRM call; each problem is charged the tokens its rows ran and the sum of
+        their context lengths (a verifier object that does not report them per row: the call's
+        split evenly over its items; one without `context_processed`: no context)."""
+        before, before_context = self.prm.tokens_processed, getattr(self.prm, "context_processed", 0)
         scores = self.prm.score_steps([handle for _, handle, _ in items], [step for _, _, step in items])
-        per_row = getattr(self.prm, "last_row_tokens", None)
-        if per_row is None or len(per_row) != len(items):
-            per_row = [(self.prm.tokens_processed - before) / max(1, len(items))] * len(items)
-        for (st, _, _), tokens in zip(items, per_row):
-            st.prm_tokens += tokens
+        tokens = _per_row(getattr(self.prm, "last_row_tokens", None), self.prm.tokens_processed - before, len(items))
+        contexts = _per_row(getattr(self.prm, "last_row_context", None),
+                            getattr(self.prm, "context_processed", 0) - before_context, len(items))
+        for (st, _, _), t, c in zip(items, tokens, contexts):
+            st.prm_tokens += t
+            st.prm_context += c
         return [None if s is None else float(s) for s in scores]
+
+
+def _per_row(per_row: list | None, total: float, rows: int) -> list:
+    """A verifier's per-row figures, or its call's total split evenly when it has none."""
+    if per_row is None or len(per_row) != rows:
+        return [total / max(1, rows)] * rows
+    return per_row

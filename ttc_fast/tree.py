@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .data import Problem
+from .flops import context_sum
 from .scores import path_score
 
 
@@ -43,5 +44,15 @@ class ProblemState:
     frontier: list[tuple[Path, int]] = field(default_factory=list)
     completed: list[Path] = field(default_factory=list)
     iteration: int = 0
-    policy_tokens: int = 0
+    policy_tokens: int = 0  # generated, pruned paths and rollouts included
     prm_tokens: float = 0
+    # What the FLOPs are computed from (ttc_fast.flops): the prompt's length, and the sums of the
+    # context lengths of the policy's processed tokens and of the PRM's
+    prompt_tokens: int = 0
+    policy_context: int = 0
+    prm_context: float = 0
+
+    def charge_generated(self, length: int, count: int) -> None:
+        """`count` tokens generated at the end of a sequence now `length` tokens long."""
+        self.policy_tokens += count
+        self.policy_context += context_sum(length - count, count)

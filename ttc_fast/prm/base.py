@@ -26,13 +26,15 @@ class PRMHandle:
 class PRM:
     """Common interface; see the module docstring. `tokens_processed` counts every token this PRM
     ran through its model (prefix + steps + outcome probes + re-encodes + score_full); `stats`
-    splits it."""
+    splits it. `context_processed` is the sum of those tokens' context lengths (a token at
+    position p attends p + 1 positions), for the FLOPs of `ttc_fast.flops`."""
 
     kind: str
     outcome: bool = False
-    # Tokens the model ran for each handle of the latest `score_steps` call (a search charges
-    # them to the handle's problem)
+    # Tokens the model ran for each handle of the latest `score_steps` call, and the sum of
+    # their context lengths (a search charges both to the handle's problem)
     last_row_tokens: list[int]
+    last_row_context: list[int]
 
     @property
     def default_aggregation(self) -> str:

@@ -15,6 +15,7 @@ class CallablePRM(PRM):
         self.fn, self.outcome, self.sep = fn, outcome, step_separator
         self.kind = "outcome:callable" if outcome else "callable"
         self.tokens_processed = 0
+        self.context_processed = 0
         self.stats = {"tokens_processed": 0, "calls": 0}
 
     def _call(self, question, steps) -> float:
@@ -40,6 +41,7 @@ class CallablePRM(PRM):
     def score_steps(self, handles, steps):
         self._check(handles, steps)
         self.last_row_tokens = [0] * len(handles)
+        self.last_row_context = [0] * len(handles)
         out = []
         for h, s in zip(handles, steps):
             h.steps.append(s)

@@ -51,6 +51,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from ..block_manager import OutOfBlocks
+from ..flops import context_sum
 from .base import PRM, PRMHandle
 from .formats import Format
 
@@ -74,7 +75,7 @@ class ModelPRM(PRM):
         self.runner = ModelRunner(loaded, kv_cache_bytes=kv_cache_bytes, block_size=block_size, backend=backend,
                                   enable_prefix_cache=True, num_blocks=num_blocks)
         self.stats = {"prefix_tokens": 0, "prefix_tokens_cached": 0, "step_tokens": 0, "probe_tokens": 0,
-                      "full_tokens": 0, "forwards": 0, "evictions": 0, "recomputed_tokens": 0}
+                      "full_tokens": 0, "forwards": 0, "evictions": 0, "recomputed_tokens": 0, "context_sum": 0}
         # Handles holding KV, least recently scored first: the eviction order when the pool is short.
         self._resident: OrderedDict[int, PRMHandle] = OrderedDict()
 
@@ -82,6 +83,11 @@ class ModelPRM(PRM):
     def tokens_processed(self) -> int:
         s = self.stats
         return s["prefix_tokens"] + s["step_tokens"] + s["probe_tokens"] + s["full_tokens"] + s["recomputed_tokens"]
+
+    @property
+    def context_processed(self) -> int:
+        """The sum over `tokens_processed` of each token's context length (`flops.context_sum`)."""
+        return self.stats["context_sum"]
 
     # --- scoring rows ------------------------------------------------------------------------------
     def _forward(self, seqs, tokens, offsets) -> torch.Tensor:
@@ -142,6 +148,7 @@ class ModelPRM(PRM):
                 self.runner.free(seq)
             raise
         self.stats["prefix_tokens"] += sum(len(f) for f in feeds)
+        self.stats["context_sum"] += sum(context_sum(self.runner.seq_len(s) - len(f), len(f)) for s, f in zip(seqs, feeds))
         self.stats["forwards"] += bool(seqs)
         return handles
 
@@ -215,6 +222,7 @@ class ModelPRM(PRM):
                 )
         scores: list[float | None] = [None] * len(handles)
         self.last_row_tokens = [0] * len(handles)
+        self.last_row_context = [0] * len(handles)
         # Rows holding KV first: under pressure they need only their new tokens.
         pending = sorted(fits, key=lambda i: handles[i].seq is None)
         while pending:
@@ -246,7 +254,11 @@ class ModelPRM(PRM):
             for (i, _), v in zip(probes, tag_vals):
                 scores[i] = v[0]
             for i, feed, off in rows:  # new step tokens, or a re-encoded evicted text; and the tag
-                self.last_row_tokens[i] = len(feed) + (len(segs[i][1]) if off >= len(feed) else 0)
+                tag = len(segs[i][1]) if off >= len(feed) else 0
+                end = self.runner.seq_len(handles[i].seq)  # the tag ran on a fork of this length
+                self.last_row_tokens[i] = len(feed) + tag
+                self.last_row_context[i] = context_sum(end - len(feed), len(feed)) + context_sum(end, tag)
+                self.stats["context_sum"] += self.last_row_context[i]
                 handles[i].steps.append(steps[i])
                 self._resident.move_to_end(id(handles[i]))
             pending = pending[len(rows):]
@@ -319,6 +331,7 @@ class ModelPRM(PRM):
         finally:
             self.runner.free(seq)
         self.stats["full_tokens"] += len(ids)
+        self.stats["context_sum"] += context_sum(0, len(ids))
         return vals.tolist()
 
 
