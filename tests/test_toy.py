@@ -14,7 +14,7 @@ from ttc_fast.prompts import encode_prompt
 from ttc_fast.toy import check_step, eval_problems, make_dataset, make_problem, prefix_labels, solve
 from ttc_fast.toy.task import LEVELS
 
-NAMES = ("toy-policy-s", "toy-policy-l", "toy-prm")
+NAMES = ("toy-policy-s", "toy-policy-m", "toy-policy-l", "toy-prm")
 
 
 def _shipped() -> bool:
@@ -327,7 +327,7 @@ def test_checkpoints_load_and_tokenizer():
     total = sum(f.stat().st_size for n in NAMES for f in (BUILTIN_DIR / n).iterdir())
     assert total < 20 * 2**20
     sizes = {}
-    for name in ("toy-policy-s", "toy-policy-l"):
+    for name in ("toy-policy-s", "toy-policy-m", "toy-policy-l"):
         m = load_model(f"builtin:{name}", device="cpu")
         tok = m.tokenizer
         assert not getattr(tok, "chat_template", None)
@@ -339,6 +339,7 @@ def test_checkpoints_load_and_tokenizer():
         assert tok.unk_token_id not in ids
         sizes[name] = sum(p.numel() for p in m.module.parameters())
     assert sizes["toy-policy-l"] >= 3 * sizes["toy-policy-s"]
+    assert 4 * sizes["toy-policy-s"] <= sizes["toy-policy-m"] <= 8 * sizes["toy-policy-s"]  # the middle size
     prm = load_prm("builtin:toy-prm", kind="math-shepherd", device="cpu")
     p = eval_problems()[0]
     steps = p.meta["steps"]
