@@ -72,6 +72,11 @@ class Strategy:
         return self
 
     # --- expand ----------------------------------------------------------------------------------
+    def first_frontier(self, root: Path) -> list[tuple[Path, int]]:
+        """The first expansion: the prompt's n children (prefilled once, shared). Strategies that
+        sample in rounds start with fewer."""
+        return [(root, self.n)]
+
     def is_final_iteration(self, iteration: int) -> bool:
         """Whether expansion `iteration` (from 0) is the last: it then runs to EOS. Whole-solution
         strategies have one."""
