@@ -301,3 +301,74 @@ def test_adaptive_settings_are_validated(cls):
         with pytest.raises(ValueError, match=r"confidence must be in \(0.5, 1\)"):
             cls(confidence=confidence)
     assert cls(n=2, round_size=4).first_frontier("root") == [("root", 2)]  # n below round_size: one round of n
+
+
+# --- the CLI -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory):
+    import json
+
+    from ttc_fast.toy import eval_problems
+
+    path = tmp_path_factory.mktemp("toy_data") / "toy.jsonl"
+    path.write_text("".join(json.dumps({"problem": p.question, "answer": p.answer, "unique_id": p.id}) + "\n"
+                            for p in eval_problems(3)))
+    return path
+
+
+def _toy_run(data, out, strategy, *extra, prm=True):
+    verifier = ["--prm", "builtin:toy-prm", "--prm-kind", "math-shepherd"] if prm else []
+    return ["run", "--policy", "builtin:toy-policy-s", *verifier, "--strategy", strategy, "--data", str(data),
+            "--out", str(out), "--device", "cpu", "--no-progress", "--temperature", "0.6", "--max-tokens", "192", *extra]
+
+
+@pytest.mark.parametrize("strategy,extra,prm,cls,options", [
+    ("rebase", ("--n", "4", "--iterations", "8", "--rebase-temperature", "0.3"), True, "Rebase",
+     {"delimiter": "\n\n", "temperature": 0.3}),
+    ("adaptive-majority", ("--n", "8", "--round-size", "2", "--confidence", "0.9"), False, "AdaptiveMajority",
+     {"delimiter": "\n\n", "round_size": 2, "confidence": 0.9}),
+    ("adaptive-weighted", ("--n", "8", "--round-size", "4"), True, "AdaptiveWeighted",
+     {"delimiter": "\n\n", "round_size": 4, "confidence": 0.95}),
+])
+def test_cli_runs_each_new_strategy_on_the_toy_models(toy_data, tmp_path, strategy, extra, prm, cls, options):
+    from ttc_fast.cli import main
+    from ttc_fast.results import read_results
+
+    out = tmp_path / f"{strategy}.jsonl"
+    assert main(_toy_run(toy_data, out, strategy, *extra, prm=prm)) == 0
+    records = read_results(out)
+    assert sorted(r["id"] for r in records) == ["toy-eval-0", "toy-eval-1", "toy-eval-2"]
+    n = int(extra[extra.index("--n") + 1])
+    for r in records:
+        assert (r["strategy"], r["n"], r["options"]) == (cls, n, options)
+        drawn = len(r["completions"])
+        if cls == "Rebase":
+            assert r["iterations"] == 8 and drawn == n
+        else:
+            assert 1 <= drawn <= n and drawn % options["round_size"] == 0
+        assert sorted(int(k) for k in r["picks"]) == powers_of_two(drawn)
+        assert set(r["picks"][str(drawn)]) == ({"maj", "naive", "weighted"} if prm else {"maj"})
+
+
+@pytest.mark.parametrize("strategy,flag,value,having", [
+    ("rebase", "--pf-temperature", "0.5", "particle-filtering"),  # not REBASE's temperature
+    ("particle-filtering", "--rebase-temperature", "0.5", "rebase"),
+    ("beam", "--round-size", "2", "adaptive-majority, adaptive-weighted"),
+    ("rebase", "--confidence", "0.9", "adaptive-majority, adaptive-weighted"),
+])
+def test_cli_flags_apply_only_to_their_strategies(toy_data, tmp_path, capsys, strategy, flag, value, having):
+    from ttc_fast.cli import main
+
+    assert main(_toy_run(toy_data, tmp_path / "x.jsonl", strategy, flag, value)) == 2
+    err = capsys.readouterr().err
+    assert f"{flag} does not apply to" in err and f"({having})" in err
+
+
+def test_cli_bad_adaptive_and_rebase_settings_name_the_range(toy_data, tmp_path, capsys):
+    from ttc_fast.cli import main
+
+    for strategy, flag, value, message in (("adaptive-majority", "--confidence", "1.5", "confidence must be in (0.5, 1)"),
+                                           ("adaptive-weighted", "--round-size", "0", "round_size must be >= 1"),
+                                           ("rebase", "--rebase-temperature", "0", "temperature must be a finite number > 0")):
+        assert main(_toy_run(toy_data, tmp_path / "x.jsonl", strategy, flag, value)) == 2
+        assert message in capsys.readouterr().err

@@ -10,10 +10,12 @@ One iteration of `ttc_fast.search.TreeSearch`, for every problem in flight:
             problem's next frontier, (path, times to expand it), from its children; the loop
             frees every path not kept
     pick    a problem whose frontier is empty is over: `final_paths` are its n completions
+            (fewer when an adaptive strategy stopped early)
 
 `for_problem` may hand a problem to another strategy (routing by difficulty); the root (the
-prompt) is a path too, so `select` may expand it again (sampling in rounds); `expansion_sampling`
-with a token budget and `child_finish` turning "length" into a checkpoint score partial steps.
+prompt) is a path too, so `select` may expand it again (sampling in rounds; the first expansion
+is `first_frontier`); `expansion_sampling` with a token budget and `child_finish` turning
+"length" into a checkpoint score partial steps.
 Defaults follow search-and-learn: aggregation "last", steps delimited by "\\n\\n", temperature 0.8,
 top_p 1.0, max_tokens 2048 (`SEARCH_SAMPLING`).
 """
