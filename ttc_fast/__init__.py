@@ -13,11 +13,14 @@ from .model_runner import ModelRunner
 from .prm import load_prm
 from .sampling import SamplingParams
 from .search import Completion, SearchResult
-from .strategies import DVTS, BeamSearch, BestOfN, MajorityVote, ParticleFiltering, WeightedBestOfN
+from .strategies import (DVTS, AdaptiveMajority, AdaptiveWeighted, BeamSearch, BestOfN, MajorityVote, ParticleFiltering,
+                         Rebase, WeightedBestOfN)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveMajority",
+    "AdaptiveWeighted",
     "BeamSearch",
     "BestOfN",
     "Branch",
@@ -25,6 +28,7 @@ __all__ = [
     "DVTS",
     "MajorityVote",
     "ParticleFiltering",
+    "Rebase",
     "SearchResult",
     "WeightedBestOfN",
     "BlockManager",

@@ -89,6 +89,7 @@ def cmd_generate(args) -> int:
 
 # Flags that mean nothing to the toy task (`ttc-fast run` without --policy), which has its own settings.
 POLICY_ONLY_FLAGS = ("data", "prm", "prm_kind", "out", "lookahead", "pf_temperature", "filter_duplicates", "preset",
+                     "rebase_temperature", "round_size", "confidence",
                      "system_prompt", "chat_template", "chat_template_kwargs", "prm_layout", "prm_step_separator", "n",
                      "width", "iterations", "aggregation", "temperature", "top_p", "max_tokens", "prm_kv_cache_bytes",
                      "gpu_memory_utilization", "prm_kv_fraction", "shard", "workers", "ray_address")
@@ -161,7 +162,9 @@ def cmd_run(args) -> int:
     settings = resolve_run_settings(args)
     strategy = make_strategy(args.strategy, settings["n"], settings.get("width"), settings.get("iterations"),
                              settings["aggregation"], lookahead=settings.get("lookahead"),
-                             pf_temperature=settings.get("pf_temperature"), filter_duplicates=settings.get("filter_duplicates"))
+                             pf_temperature=settings.get("pf_temperature"), filter_duplicates=settings.get("filter_duplicates"),
+                             rebase_temperature=settings.get("rebase_temperature"), round_size=settings.get("round_size"),
+                             confidence=settings.get("confidence"))
     if needs_prm(strategy) and args.prm is None:
         raise RunError(f"strategy {args.strategy!r} ranks paths with a verifier: pass --prm CHECKPOINT (with --prm-kind) "
                        f"or --prm python:MODULE:FUNCTION, or use --strategy majority, which needs none")
@@ -347,10 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "lookahead 0, aggregation last, seed 0, its math-shepherd layout, filter_duplicates for beam "
                           "search); explicit flags override it")
     run.add_argument("--strategy", default="beam",
-                     help="best-of-n, majority, weighted-best-of-n, beam, dvts, particle-filtering (case-insensitive)")
+                     help="best-of-n, majority, weighted-best-of-n, beam, dvts, particle-filtering, rebase, "
+                          "adaptive-majority, adaptive-weighted (case-insensitive)")
     run.add_argument("--n", type=int, default=None, help="completions per problem (default 4)")
     run.add_argument("--width", type=int, default=None, help="beam/DVTS: children per kept beam (default: the strategy's, 4)")
-    run.add_argument("--iterations", type=int, default=None, help="beam/DVTS: search steps (default: the strategy's, 40)")
+    run.add_argument("--iterations", type=int, default=None,
+                     help="beam/DVTS/particle filtering/REBASE: search steps (default: the strategy's, 40)")
     run.add_argument("--aggregation", default=None, choices=["last", "min", "prod", "mean"],
                      help="step scores -> path score (default last)")
     run.add_argument("--lookahead", type=int, default=None,
@@ -360,6 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "filter_duplicates; default off, on in --preset sal for beam)")
     run.add_argument("--pf-temperature", type=float, default=None,
                      help="particle filtering: resample in proportion to softmax(score / T) (default 1.0)")
+    run.add_argument("--rebase-temperature", type=float, default=None,
+                     help="rebase: share each step's expansions in proportion to softmax(score / T) (default 0.2)")
+    run.add_argument("--round-size", type=int, default=None,
+                     help="adaptive-majority/-weighted: solutions drawn per round, before each stopping check (default 4)")
+    run.add_argument("--confidence", type=float, default=None,
+                     help="adaptive-majority/-weighted: stop once P(leading answer beats the second | votes) reaches "
+                          "this, in (0.5, 1) (default 0.95); --n caps the solutions drawn")
     run.add_argument("--system-prompt", default=None,
                      help="the policy's system message, TEXT or @FILE; \"\" for none (default: ttc_fast's math prompt)")
     run.add_argument("--chat-template", default=None,

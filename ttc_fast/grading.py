@@ -365,6 +365,13 @@ def pick_weighted(answers: Sequence[str | None], scores: Sequence[float]) -> str
     return answers[best[0]]
 
 
+def vote_totals(answers: Sequence[str | None], weights: Sequence[float]) -> list[float]:
+    """Each answer's summed weight, by the equivalence groups the picks use (in order of first
+    occurrence); None answers do not vote."""
+    _check_lengths(answers, weights)
+    return [sum(weights[i] for i in idx) for idx in _groups(answers)]
+
+
 def picks_at_n(
     answers: Sequence[str | None], scores: Sequence[float], ns: Iterable[int]
 ) -> dict[int, dict[str, str | None]]:

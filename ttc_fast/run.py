@@ -28,6 +28,9 @@ STRATEGY_ALIASES = {
     "beam": "BeamSearch",
     "dvts": "DVTS",
     "particle-filtering": "ParticleFiltering",
+    "rebase": "Rebase",
+    "adaptive-majority": "AdaptiveMajority",
+    "adaptive-weighted": "AdaptiveWeighted",
 }
 
 
@@ -51,10 +54,14 @@ def strategy_class(name: str) -> type:
 
 
 def make_strategy(name: str, n: int, width: int | None = None, iterations: int | None = None, aggregation: str = "last",
-                  lookahead: int | None = None, pf_temperature: float | None = None, filter_duplicates: bool | None = None):
+                  lookahead: int | None = None, pf_temperature: float | None = None, filter_duplicates: bool | None = None,
+                  rebase_temperature: float | None = None, round_size: int | None = None, confidence: float | None = None):
     """A strategy from its CLI name (case-insensitive); width/iterations go where the class has
-    them; lookahead and filter_duplicates (beam search, DVTS) and pf_temperature (particle
-    filtering) only where it has them."""
+    them; lookahead and filter_duplicates (beam search, DVTS), pf_temperature (particle
+    filtering), rebase_temperature (REBASE), round_size and confidence (the adaptive ones) only
+    to the strategies that have them."""
+    from .strategies import STRATEGIES
+
     cls = strategy_class(name)
     cls_name = cls.__name__
     fields = {f.name for f in dataclasses.fields(cls)}
@@ -63,17 +70,27 @@ def make_strategy(name: str, n: int, width: int | None = None, iterations: int |
         kwargs["width"] = width
     if iterations is not None and "iterations" in fields:
         kwargs["iterations"] = iterations
-    for flag, field, value in (("--lookahead", "lookahead", lookahead), ("--pf-temperature", "temperature", pf_temperature),
-                               ("--filter-duplicates", "filter_duplicates", filter_duplicates)):
+    # flag, field, value, the classes (and their subclasses) it applies to: a field name alone
+    # would not do, particle filtering's and REBASE's "temperature" are different settings
+    for flag, field, value, owners in (
+            ("--lookahead", "lookahead", lookahead, ("BeamSearch",)),
+            ("--pf-temperature", "temperature", pf_temperature, ("ParticleFiltering",)),
+            ("--filter-duplicates", "filter_duplicates", filter_duplicates, ("BeamSearch",)),
+            ("--rebase-temperature", "temperature", rebase_temperature, ("Rebase",)),
+            ("--round-size", "round_size", round_size, ("AdaptiveMajority",)),
+            ("--confidence", "confidence", confidence, ("AdaptiveMajority",))):
         if value is not None:
-            if field not in fields:
+            bases = tuple(STRATEGIES[o] for o in owners if o in STRATEGIES)
+            if not issubclass(cls, bases) or field not in fields:
+                having = [alias for alias, c in STRATEGY_ALIASES.items() if c in STRATEGIES and issubclass(STRATEGIES[c], bases)]
                 raise RunError(f"{flag} does not apply to {cls_name}: drop it, or pick a strategy that has it "
-                               f"({'particle-filtering' if field == 'temperature' else 'beam, dvts'})")
+                               f"({', '.join(having)})")
             kwargs[field] = value
     try:
         return cls(**kwargs)
     except ValueError as e:
-        raise RunError(f"{e} (check --n / --width / --iterations / --lookahead / --pf-temperature)") from None
+        raise RunError(f"{e} (check --n / --width / --iterations / --lookahead / --pf-temperature / --rebase-temperature / "
+                       f"--round-size / --confidence)") from None
 
 
 def needs_prm(strategy) -> bool:

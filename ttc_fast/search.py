@@ -193,7 +193,7 @@ class TreeSearch:
                 raise
             st.prm_tokens += self.prm.tokens_processed - before  # the question, encoded once
             st.prm_context += getattr(self.prm, "context_processed", 0) - before_context
-        st.frontier = [(root, strategy.n)]  # the prompt's n children: prefilled once, shared
+        st.frontier = strategy.first_frontier(root)
         return st
 
     def _failed(self, problem: Problem, error: Exception, started: float) -> SearchResult:

@@ -10,10 +10,12 @@ One iteration of `ttc_fast.search.TreeSearch`, for every problem in flight:
             problem's next frontier, (path, times to expand it), from its children; the loop
             frees every path not kept
     pick    a problem whose frontier is empty is over: `final_paths` are its n completions
+            (fewer when an adaptive strategy stopped early)
 
 `for_problem` may hand a problem to another strategy (routing by difficulty); the root (the
-prompt) is a path too, so `select` may expand it again (sampling in rounds); `expansion_sampling`
-with a token budget and `child_finish` turning "length" into a checkpoint score partial steps.
+prompt) is a path too, so `select` may expand it again (sampling in rounds; the first expansion
+is `first_frontier`); `expansion_sampling` with a token budget and `child_finish` turning
+"length" into a checkpoint score partial steps.
 Defaults follow search-and-learn: aggregation "last", steps delimited by "\\n\\n", temperature 0.8,
 top_p 1.0, max_tokens 2048 (`SEARCH_SAMPLING`).
 """
@@ -72,6 +74,11 @@ class Strategy:
         return self
 
     # --- expand ----------------------------------------------------------------------------------
+    def first_frontier(self, root: Path) -> list[tuple[Path, int]]:
+        """The first expansion: the prompt's n children (prefilled once, shared). Strategies that
+        sample in rounds start with fewer."""
+        return [(root, self.n)]
+
     def is_final_iteration(self, iteration: int) -> bool:
         """Whether expansion `iteration` (from 0) is the last: it then runs to EOS. Whole-solution
         strategies have one."""
