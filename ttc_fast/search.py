@@ -170,7 +170,7 @@ class TreeSearch:
         # when every solution runs to max_tokens (the PRM re-tokenizes the same text; the margin
         # of two blocks per solution covers its step tags and a different tokenizer).
         tokens = self.sampling.max_tokens
-        return all(problems * self.strategy.n * (-(-tokens // b.block_size) + 2) <= b.num_available_blocks
+        return all(problems * self.strategy.solutions_at_once * (-(-tokens // b.block_size) + 2) <= b.num_available_blocks
                    for b in self._pools())
 
     def _start(self, index: int, problem: Problem) -> ProblemState:

@@ -36,6 +36,10 @@ class AdaptiveMajority(Strategy):
         if not 0.5 < self.confidence < 1:
             raise ValueError(f"{self.name}: confidence must be in (0.5, 1), got {self.confidence}")
 
+    @property
+    def solutions_at_once(self) -> int:
+        return min(self.round_size, self.n)  # a round at a time
+
     def first_frontier(self, root: Path) -> list[tuple[Path, int]]:
         return [(root, min(self.round_size, self.n))]
 

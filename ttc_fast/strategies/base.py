@@ -73,6 +73,12 @@ class Strategy:
         """The strategy that runs `problem` (this one)."""
         return self
 
+    @property
+    def solutions_at_once(self) -> int:
+        """The most whole solutions a problem of a whole-solution strategy holds at once (the
+        loop admits problems by it): all n."""
+        return self.n
+
     # --- expand ----------------------------------------------------------------------------------
     def first_frontier(self, root: Path) -> list[tuple[Path, int]]:
         """The first expansion: the prompt's n children (prefilled once, shared). Strategies that
