@@ -5,9 +5,12 @@ from .base import SEARCH_SAMPLING, STEP_DELIMITER, Strategy
 from .beam_search import BeamSearch
 from .best_of_n import BestOfN, MajorityVote, WeightedBestOfN
 from .dvts import DVTS
+from .early_reject import EarlyReject
 from .particle_filtering import ParticleFiltering
+from .routed import Routed
 
-STRATEGIES = {cls.__name__: cls for cls in (BestOfN, MajorityVote, WeightedBestOfN, BeamSearch, DVTS, ParticleFiltering)}
+STRATEGIES = {cls.__name__: cls for cls in (BestOfN, MajorityVote, WeightedBestOfN, BeamSearch, DVTS, ParticleFiltering,
+                                            EarlyReject, Routed)}
 
 __all__ = ["SEARCH_SAMPLING", "STEP_DELIMITER", "STRATEGIES", "Strategy", "BestOfN", "MajorityVote", "WeightedBestOfN",
-           "BeamSearch", "DVTS", "ParticleFiltering"]
+           "BeamSearch", "DVTS", "ParticleFiltering", "EarlyReject", "Routed"]
