@@ -89,7 +89,8 @@ def cmd_generate(args) -> int:
 POLICY_ONLY_FLAGS = ("data", "prm", "prm_kind", "out", "lookahead", "pf_temperature", "filter_duplicates", "preset",
                      "system_prompt", "chat_template", "chat_template_kwargs", "prm_layout", "prm_step_separator", "n",
                      "width", "iterations", "aggregation", "temperature", "top_p", "max_tokens", "prm_kv_cache_bytes",
-                     "gpu_memory_utilization", "prm_kv_fraction", "shard", "workers", "ray_address")
+                     "gpu_memory_utilization", "prm_kv_fraction", "shard", "workers", "ray_address", "reject_fraction",
+                     "checkpoint_steps", "reject_rounds", "probe_n", "routing")
 
 
 def _flag(name: str) -> str:
@@ -159,7 +160,9 @@ def cmd_run(args) -> int:
     settings = resolve_run_settings(args)
     strategy = make_strategy(args.strategy, settings["n"], settings.get("width"), settings.get("iterations"),
                              settings["aggregation"], lookahead=settings.get("lookahead"),
-                             pf_temperature=settings.get("pf_temperature"), filter_duplicates=settings.get("filter_duplicates"))
+                             pf_temperature=settings.get("pf_temperature"), filter_duplicates=settings.get("filter_duplicates"),
+                             reject_fraction=args.reject_fraction, checkpoint_steps=args.checkpoint_steps,
+                             reject_rounds=args.reject_rounds, probe_n=args.probe_n, routing=args.routing)
     if needs_prm(strategy) and args.prm is None:
         raise RunError(f"strategy {args.strategy!r} ranks paths with a verifier: pass --prm CHECKPOINT (with --prm-kind) "
                        f"or --prm python:MODULE:FUNCTION, or use --strategy majority, which needs none")
@@ -338,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "lookahead 0, aggregation last, seed 0, its math-shepherd layout, filter_duplicates for beam "
                           "search); explicit flags override it")
     run.add_argument("--strategy", default="beam",
-                     help="best-of-n, majority, weighted-best-of-n, beam, dvts, particle-filtering (case-insensitive)")
+                     help="best-of-n, majority, weighted-best-of-n, beam, dvts, particle-filtering, early-reject, routed "
+                          "(case-insensitive)")
     run.add_argument("--n", type=int, default=None, help="completions per problem (default 4)")
     run.add_argument("--width", type=int, default=None, help="beam/DVTS: children per kept beam (default: the strategy's, 4)")
     run.add_argument("--iterations", type=int, default=None, help="beam/DVTS: search steps (default: the strategy's, 40)")
@@ -351,6 +355,17 @@ def build_parser() -> argparse.ArgumentParser:
                           "filter_duplicates; default off, on in --preset sal for beam)")
     run.add_argument("--pf-temperature", type=float, default=None,
                      help="particle filtering: resample in proportion to softmax(score / T) (default 1.0)")
+    run.add_argument("--reject-fraction", type=float, default=None,
+                     help="early-reject: at each checkpoint stop this fraction of the live samples, the lowest scored (default 0.5)")
+    run.add_argument("--checkpoint-steps", type=int, default=None,
+                     help="early-reject: a checkpoint after every K steps (default 1)")
+    run.add_argument("--reject-rounds", type=int, default=None,
+                     help="early-reject: how many checkpoints reject (default 1); then the survivors run to the end")
+    run.add_argument("--probe-n", type=int, default=None,
+                     help="routed: whole samples in the probe that estimates a problem's difficulty (default: --n, 4)")
+    run.add_argument("--routing", default=None, metavar="FILE.json",
+                     help="routed: the difficulty -> search map (benchmarks/fit_routing.py writes one; default: the "
+                          "map fitted on the toy task's development problems)")
     run.add_argument("--system-prompt", default=None,
                      help="the policy's system message, TEXT or @FILE; \"\" for none (default: ttc_fast's math prompt)")
     run.add_argument("--chat-template", default=None,

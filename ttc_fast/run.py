@@ -28,6 +28,8 @@ STRATEGY_ALIASES = {
     "beam": "BeamSearch",
     "dvts": "DVTS",
     "particle-filtering": "ParticleFiltering",
+    "early-reject": "EarlyReject",
+    "routed": "Routed",
 }
 
 
@@ -51,14 +53,24 @@ def strategy_class(name: str) -> type:
 
 
 def make_strategy(name: str, n: int, width: int | None = None, iterations: int | None = None, aggregation: str = "last",
-                  lookahead: int | None = None, pf_temperature: float | None = None, filter_duplicates: bool | None = None):
+                  lookahead: int | None = None, pf_temperature: float | None = None, filter_duplicates: bool | None = None,
+                  reject_fraction: float | None = None, checkpoint_steps: int | None = None, reject_rounds: int | None = None,
+                  probe_n: int | None = None, routing: str | None = None):
     """A strategy from its CLI name (case-insensitive); width/iterations go where the class has
-    them; lookahead and filter_duplicates (beam search, DVTS) and pf_temperature (particle
-    filtering) only where it has them."""
+    them; lookahead and filter_duplicates (beam search, DVTS), pf_temperature (particle
+    filtering), reject_fraction / checkpoint_steps / reject_rounds (early-reject) and probe_n /
+    routing (routed: its map, default the toy task's) only where it has them."""
     cls = strategy_class(name)
     cls_name = cls.__name__
     fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {"n": n, "aggregation": aggregation}
+    kwargs = {**_routed_settings(cls_name, probe_n, routing), "n": n if probe_n is None else probe_n, "aggregation": aggregation}
+    for flag, field, value in (("--reject-fraction", "reject_fraction", reject_fraction),
+                               ("--checkpoint-steps", "checkpoint_steps", checkpoint_steps),
+                               ("--reject-rounds", "rounds", reject_rounds)):
+        if value is not None:
+            if cls_name != "EarlyReject":
+                raise RunError(f"{flag} does not apply to {cls_name}: drop it, or pick a strategy that has it (early-reject)")
+            kwargs[field] = value
     if width is not None and "width" in fields:
         kwargs["width"] = width
     if iterations is not None and "iterations" in fields:
@@ -73,7 +85,33 @@ def make_strategy(name: str, n: int, width: int | None = None, iterations: int |
     try:
         return cls(**kwargs)
     except ValueError as e:
-        raise RunError(f"{e} (check --n / --width / --iterations / --lookahead / --pf-temperature)") from None
+        raise RunError(f"{e} (check --n / --width / --iterations / --lookahead / --pf-temperature / --reject-fraction / "
+                       "--checkpoint-steps / --reject-rounds / --probe-n / --routing)") from None
+
+
+def _routed_settings(cls_name: str, probe_n: int | None, routing: str | None) -> dict:
+    """Routed's map (from --routing FILE.json, else the toy task's), less its probe size (the
+    caller's: --probe-n, else --n) and aggregation; nothing for the other strategies, which
+    refuse both flags."""
+    if cls_name != "Routed":
+        for flag, value in (("--probe-n", probe_n), ("--routing", routing)):
+            if value is not None:
+                raise RunError(f"{flag} does not apply to {cls_name}: drop it, or pick a strategy that has it (routed)")
+        return {}
+    import json
+
+    from .strategies.routed import TOY_ROUTING, routing_settings
+
+    path = Path(routing) if routing is not None else TOY_ROUTING
+    try:
+        settings = routing_settings(path)
+    except FileNotFoundError:
+        raise RunError(f"--routing {routing}: no such file") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise RunError(f"--routing {path}: not a routing map as benchmarks/fit_routing.py writes ({type(e).__name__}: {e})") from None
+    settings.pop("n")  # the probe's size is --probe-n, else --n
+    settings.pop("aggregation")  # --aggregation's, as for every strategy
+    return settings
 
 
 def needs_prm(strategy) -> bool:
