@@ -50,7 +50,10 @@ class Routed(Strategy):
     differ from the probe's; every token it and the probe generate counts towards the problem.
     The probes join the final candidates, after the chosen search's completions: they are
     paid for and scored by the same PRM, and with "stop" they are the only ones. No choice may
-    run more than `budget` paths (N <= budget; the probe comes on top).
+    run more than `budget` paths (N <= budget; the probe comes on top). A routed problem's
+    SearchResult names the strategy that finished it (its results line names Routed). The
+    search admits problems by the probe's needs; a chosen search that outgrows the KV pool
+    makes the engine evict and recompute, slower but not wrong.
 
     The map is fitted on development problems (`benchmarks/fit_routing.py`; `Routed.toy()` loads
     the toy task's). Defaults: n (the probe) 4, budget 64, width 4, iterations 40 (the fitted
