@@ -23,6 +23,6 @@ setup(
     packages=["ttc_fast", "ttc_fast.prm", "ttc_fast.strategies", "ttc_fast.toy", "ttc_fast.kernels"],
     package_dir={"ttc_fast": "ttc_fast", "ttc_fast.kernels": "kernels"},
     # The built-in toy checkpoints (HF format) ship inside the package: builtin:NAME; and the
-    # search-and-learn preset's data file.
-    package_data={"ttc_fast": ["builtin/*/*", "sal_preset.json"]},
+    # search-and-learn preset's data file; the toy task's routing map (Routed.toy()).
+    package_data={"ttc_fast": ["builtin/*/*", "sal_preset.json", "routing_toy.json"]},
 )

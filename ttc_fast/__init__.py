@@ -13,8 +13,8 @@ from .model_runner import ModelRunner
 from .prm import load_prm
 from .sampling import SamplingParams
 from .search import Completion, SearchResult
-from .strategies import (DVTS, AdaptiveMajority, AdaptiveWeighted, BeamSearch, BestOfN, MajorityVote, ParticleFiltering,
-                         Rebase, WeightedBestOfN)
+from .strategies import (DVTS, AdaptiveMajority, AdaptiveWeighted, BeamSearch, BestOfN, EarlyReject, MajorityVote,
+                         ParticleFiltering, Rebase, Routed, WeightedBestOfN)
 
 __version__ = "0.1.0"
 
@@ -26,9 +26,11 @@ __all__ = [
     "Branch",
     "Completion",
     "DVTS",
+    "EarlyReject",
     "MajorityVote",
     "ParticleFiltering",
     "Rebase",
+    "Routed",
     "SearchResult",
     "WeightedBestOfN",
     "BlockManager",

@@ -89,8 +89,8 @@ def cmd_generate(args) -> int:
 
 # Flags that mean nothing to the toy task (`ttc-fast run` without --policy), which has its own settings.
 POLICY_ONLY_FLAGS = ("data", "prm", "prm_kind", "out", "lookahead", "pf_temperature", "filter_duplicates", "preset",
-                     "rebase_temperature", "round_size", "confidence",
-                     "system_prompt", "chat_template", "chat_template_kwargs", "prm_layout", "prm_step_separator", "n",
+                     "rebase_temperature", "round_size", "confidence", "reject_fraction", "checkpoint_steps",
+                     "reject_rounds", "probe_n", "routing", "system_prompt", "chat_template", "chat_template_kwargs", "prm_layout", "prm_step_separator", "n",
                      "width", "iterations", "aggregation", "temperature", "top_p", "max_tokens", "prm_kv_cache_bytes",
                      "gpu_memory_utilization", "prm_kv_fraction", "shard", "workers", "ray_address")
 
@@ -164,7 +164,9 @@ def cmd_run(args) -> int:
                              settings["aggregation"], lookahead=settings.get("lookahead"),
                              pf_temperature=settings.get("pf_temperature"), filter_duplicates=settings.get("filter_duplicates"),
                              rebase_temperature=settings.get("rebase_temperature"), round_size=settings.get("round_size"),
-                             confidence=settings.get("confidence"))
+                             confidence=settings.get("confidence"), reject_fraction=settings.get("reject_fraction"),
+                             checkpoint_steps=settings.get("checkpoint_steps"), reject_rounds=settings.get("reject_rounds"),
+                             probe_n=settings.get("probe_n"), routing=settings.get("routing"))
     if needs_prm(strategy) and args.prm is None:
         raise RunError(f"strategy {args.strategy!r} ranks paths with a verifier: pass --prm CHECKPOINT (with --prm-kind) "
                        f"or --prm python:MODULE:FUNCTION, or use --strategy majority, which needs none")
@@ -350,8 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "lookahead 0, aggregation last, seed 0, its math-shepherd layout, filter_duplicates for beam "
                           "search); explicit flags override it")
     run.add_argument("--strategy", default="beam",
-                     help="best-of-n, majority, weighted-best-of-n, beam, dvts, particle-filtering, rebase, "
-                          "adaptive-majority, adaptive-weighted (case-insensitive)")
+                     help="best-of-n, majority, weighted-best-of-n, beam, dvts, particle-filtering, rebase, early-reject, "
+                          "adaptive-majority, adaptive-weighted, routed (case-insensitive)")
     run.add_argument("--n", type=int, default=None, help="completions per problem (default 4)")
     run.add_argument("--width", type=int, default=None, help="beam/DVTS: children per kept beam (default: the strategy's, 4)")
     run.add_argument("--iterations", type=int, default=None,
@@ -372,6 +374,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--confidence", type=float, default=None,
                      help="adaptive-majority/-weighted: stop once P(leading answer beats the second | votes) reaches "
                           "this, in (0.5, 1) (default 0.95); --n caps the solutions drawn")
+    run.add_argument("--reject-fraction", type=float, default=None,
+                     help="early-reject: at each checkpoint stop this fraction of the live samples, the lowest scored (default 0.5)")
+    run.add_argument("--checkpoint-steps", type=int, default=None,
+                     help="early-reject: a checkpoint after every K steps (default 1)")
+    run.add_argument("--reject-rounds", type=int, default=None,
+                     help="early-reject: how many checkpoints reject (default 1); then the survivors run to the end")
+    run.add_argument("--probe-n", type=int, default=None,
+                     help="routed: whole samples in the probe that estimates a problem's difficulty (default: --n, 4)")
+    run.add_argument("--routing", default=None, metavar="FILE.json",
+                     help="routed: the difficulty -> search map (benchmarks/fit_routing.py writes one; default: the "
+                          "map fitted on the toy task's development problems)")
     run.add_argument("--system-prompt", default=None,
                      help="the policy's system message, TEXT or @FILE; \"\" for none (default: ttc_fast's math prompt)")
     run.add_argument("--chat-template", default=None,

@@ -78,7 +78,12 @@ def strategy_options(strategy) -> dict:
     """The strategy's settings beyond n / width / iterations / aggregation (step delimiter,
     lookahead, particle filtering's temperature): recorded on every line, checked on resume."""
     shown = {"n", "width", "iterations", "aggregation"}
-    return {f.name: getattr(strategy, f.name) for f in dataclasses.fields(strategy) if f.name not in shown}
+    # tuples as lists, as a line reads back from JSON, so that --resume compares like with like
+    return {f.name: _as_json(getattr(strategy, f.name)) for f in dataclasses.fields(strategy) if f.name not in shown}
+
+
+def _as_json(value):
+    return [_as_json(v) for v in value] if isinstance(value, (tuple, list)) else value
 
 
 # --- results file ----------------------------------------------------------------------------------
@@ -152,7 +157,7 @@ def line_settings(record: dict, strategy) -> dict:
     settings = {k: record.get(k) for k in SETTINGS}
     # Options a line does not name (it predates them) had the strategy class's defaults.
     defaults = {f.name: f.default for f in dataclasses.fields(strategy)}
-    settings["options"] = {**{k: defaults[k] for k in strategy_options(strategy)}, **(record.get("options") or {})}
+    settings["options"] = {**{k: _as_json(defaults[k]) for k in strategy_options(strategy)}, **(record.get("options") or {})}
     if "prompt" not in record:
         settings["prompt"] = PromptFormat().settings()
     return settings

@@ -29,8 +29,10 @@ STRATEGY_ALIASES = {
     "dvts": "DVTS",
     "particle-filtering": "ParticleFiltering",
     "rebase": "Rebase",
+    "early-reject": "EarlyReject",
     "adaptive-majority": "AdaptiveMajority",
     "adaptive-weighted": "AdaptiveWeighted",
+    "routed": "Routed",
 }
 
 
@@ -53,44 +55,80 @@ def strategy_class(name: str) -> type:
     return STRATEGIES[cls_name]
 
 
+# A strategy option (its CLI flag without "--") -> the field it sets and the strategies (with their
+# subclasses) that have it: a field name alone would not do, particle filtering's and REBASE's
+# "temperature" are different settings.
+STRATEGY_OPTIONS = {
+    "lookahead": ("lookahead", ("BeamSearch",)),
+    "filter_duplicates": ("filter_duplicates", ("BeamSearch",)),
+    "pf_temperature": ("temperature", ("ParticleFiltering",)),
+    "rebase_temperature": ("temperature", ("Rebase",)),
+    "reject_fraction": ("reject_fraction", ("EarlyReject",)),
+    "checkpoint_steps": ("checkpoint_steps", ("EarlyReject",)),
+    "reject_rounds": ("rounds", ("EarlyReject",)),
+    "round_size": ("round_size", ("AdaptiveMajority",)),
+    "confidence": ("confidence", ("AdaptiveMajority",)),
+}
+
+
 def make_strategy(name: str, n: int, width: int | None = None, iterations: int | None = None, aggregation: str = "last",
-                  lookahead: int | None = None, pf_temperature: float | None = None, filter_duplicates: bool | None = None,
-                  rebase_temperature: float | None = None, round_size: int | None = None, confidence: float | None = None):
+                  probe_n: int | None = None, routing: str | None = None, **options):
     """A strategy from its CLI name (case-insensitive); width/iterations go where the class has
-    them; lookahead and filter_duplicates (beam search, DVTS), pf_temperature (particle
-    filtering), rebase_temperature (REBASE), round_size and confidence (the adaptive ones) only
-    to the strategies that have them."""
+    them; each of `options` (`STRATEGY_OPTIONS`: lookahead, pf_temperature, ...; None: not given)
+    only to the strategies that have it, else a RunError naming them; probe_n / routing (routed:
+    its map, default the toy task's) likewise."""
     from .strategies import STRATEGIES
 
     cls = strategy_class(name)
     cls_name = cls.__name__
     fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {"n": n, "aggregation": aggregation}
+    kwargs = {**_routed_settings(cls_name, probe_n, routing), "n": n if probe_n is None else probe_n, "aggregation": aggregation}
     if width is not None and "width" in fields:
         kwargs["width"] = width
     if iterations is not None and "iterations" in fields:
         kwargs["iterations"] = iterations
-    # flag, field, value, the classes (and their subclasses) it applies to: a field name alone
-    # would not do, particle filtering's and REBASE's "temperature" are different settings
-    for flag, field, value, owners in (
-            ("--lookahead", "lookahead", lookahead, ("BeamSearch",)),
-            ("--pf-temperature", "temperature", pf_temperature, ("ParticleFiltering",)),
-            ("--filter-duplicates", "filter_duplicates", filter_duplicates, ("BeamSearch",)),
-            ("--rebase-temperature", "temperature", rebase_temperature, ("Rebase",)),
-            ("--round-size", "round_size", round_size, ("AdaptiveMajority",)),
-            ("--confidence", "confidence", confidence, ("AdaptiveMajority",))):
-        if value is not None:
-            bases = tuple(STRATEGIES[o] for o in owners if o in STRATEGIES)
-            if not issubclass(cls, bases) or field not in fields:
-                having = [alias for alias, c in STRATEGY_ALIASES.items() if c in STRATEGIES and issubclass(STRATEGIES[c], bases)]
-                raise RunError(f"{flag} does not apply to {cls_name}: drop it, or pick a strategy that has it "
-                               f"({', '.join(having)})")
-            kwargs[field] = value
+    for option, value in options.items():
+        if option not in STRATEGY_OPTIONS:
+            raise TypeError(f"make_strategy: unknown option {option!r} (one of {', '.join(STRATEGY_OPTIONS)})")
+        if value is None:
+            continue
+        field, owners = STRATEGY_OPTIONS[option]
+        bases = tuple(STRATEGIES[o] for o in owners if o in STRATEGIES)
+        if not issubclass(cls, bases) or field not in fields:
+            having = [alias for alias, c in STRATEGY_ALIASES.items() if c in STRATEGIES and issubclass(STRATEGIES[c], bases)]
+            raise RunError(f"--{option.replace('_', '-')} does not apply to {cls_name}: drop it, or pick a strategy that "
+                           f"has it ({', '.join(having)})")
+        kwargs[field] = value
     try:
         return cls(**kwargs)
     except ValueError as e:
-        raise RunError(f"{e} (check --n / --width / --iterations / --lookahead / --pf-temperature / --rebase-temperature / "
-                       f"--round-size / --confidence)") from None
+        flags = ["--n", "--width", "--iterations", *(f"--{o.replace('_', '-')}" for o in STRATEGY_OPTIONS), "--probe-n", "--routing"]
+        raise RunError(f"{e} (check {' / '.join(flags)})") from None
+
+
+def _routed_settings(cls_name: str, probe_n: int | None, routing: str | None) -> dict:
+    """Routed's map (from --routing FILE.json, else the toy task's), less its probe size (the
+    caller's: --probe-n, else --n) and aggregation; nothing for the other strategies, which
+    refuse both flags."""
+    if cls_name != "Routed":
+        for flag, value in (("--probe-n", probe_n), ("--routing", routing)):
+            if value is not None:
+                raise RunError(f"{flag} does not apply to {cls_name}: drop it, or pick a strategy that has it (routed)")
+        return {}
+    import json
+
+    from .strategies.routed import TOY_ROUTING, routing_settings
+
+    path = Path(routing) if routing is not None else TOY_ROUTING
+    try:
+        settings = routing_settings(path)
+    except FileNotFoundError:
+        raise RunError(f"--routing {routing}: no such file") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise RunError(f"--routing {path}: not a routing map as benchmarks/fit_routing.py writes ({type(e).__name__}: {e})") from None
+    settings.pop("n")  # the probe's size is --probe-n, else --n
+    settings.pop("aggregation")  # --aggregation's, as for every strategy
+    return settings
 
 
 def needs_prm(strategy) -> bool:

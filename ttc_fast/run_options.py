@@ -54,7 +54,8 @@ def resolve_run_settings(args) -> dict:
     settings = dict(RUN_DEFAULTS)
     settings.update(preset)
     for name in ("n", "width", "iterations", "aggregation", "lookahead", "pf_temperature", "filter_duplicates",
-                 "rebase_temperature", "round_size", "confidence",
+                 "rebase_temperature", "round_size", "confidence", "reject_fraction", "checkpoint_steps", "reject_rounds",
+                 "probe_n", "routing",
                  "temperature", "top_p", "max_tokens", "seed", "system_prompt", "chat_template", "prm_layout"):
         value = getattr(args, name)
         if value is not None:

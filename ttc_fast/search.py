@@ -333,7 +333,7 @@ class TreeSearch:
                 answer=extract_answer(delimiter.join(path.steps)), finish_reason=path.finish_reason,
                 policy_tokens=path.tokens,
             )
-            for path in strategy.final_paths(st)
+            for path in strategy.final_paths(st) + st.set_aside
         ]
         answers = [c.answer for c in completions]
         scores = [c.score for c in completions]

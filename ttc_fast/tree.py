@@ -43,6 +43,9 @@ class ProblemState:
     started: float
     frontier: list[tuple[Path, int]] = field(default_factory=list)
     completed: list[Path] = field(default_factory=list)
+    # finished paths kept out of `completed` when another strategy takes the problem over (a
+    # routed problem's probes): they join its completions after the new strategy's own
+    set_aside: list[Path] = field(default_factory=list)
     iteration: int = 0
     policy_tokens: int = 0  # generated, pruned paths and rollouts included
     prm_tokens: float = 0

@@ -6,11 +6,14 @@ from .base import SEARCH_SAMPLING, STEP_DELIMITER, Strategy
 from .beam_search import BeamSearch
 from .best_of_n import BestOfN, MajorityVote, WeightedBestOfN
 from .dvts import DVTS
+from .early_reject import EarlyReject
 from .particle_filtering import ParticleFiltering
 from .rebase import Rebase
+from .routed import Routed
 
 STRATEGIES = {cls.__name__: cls for cls in (BestOfN, MajorityVote, WeightedBestOfN, BeamSearch, DVTS, ParticleFiltering,
-                                             Rebase, AdaptiveMajority, AdaptiveWeighted)}
+                                             Rebase, EarlyReject, AdaptiveMajority, AdaptiveWeighted, Routed)}
 
 __all__ = ["SEARCH_SAMPLING", "STEP_DELIMITER", "STRATEGIES", "Strategy", "BestOfN", "MajorityVote", "WeightedBestOfN",
-           "BeamSearch", "DVTS", "ParticleFiltering", "Rebase", "AdaptiveMajority", "AdaptiveWeighted"]
+           "BeamSearch", "DVTS", "ParticleFiltering", "Rebase", "EarlyReject", "AdaptiveMajority", "AdaptiveWeighted",
+           "Routed"]

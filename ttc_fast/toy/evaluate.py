@@ -11,6 +11,14 @@ samples (the first n samples give the n-sample result), as search-and-learn does
 DVTS and particle filtering run once per N; their answer is the weighted pick over their N
 completions. At N = 1 the three are one algorithm (one path, one sample per step, nothing to
 prune or resample, the same seeds): it runs once and counts for all three.
+
+Beyond them, the strategies that spend compute adaptively run at the larger N (`ADAPTIVE_NS`):
+REBASE and early rejection at each, adaptive majority and adaptive weighted best-of-N with N as
+their cap, and routing by difficulty with its map fitted on the development problems. Each cell
+records the mean policy tokens per problem beside its accuracy (best-of-N at n: its first n
+samples' tokens), and the plot draws accuracy against those tokens beside accuracy against N.
+A strategy's answer is its weighted pick over its completions (adaptive majority: the majority
+pick), read at the last n it drew.
 """
 from __future__ import annotations
 
@@ -19,6 +27,7 @@ import time
 from pathlib import Path
 
 NS = (1, 4, 16, 64)
+ADAPTIVE_NS = (16, 64)  # N (or the cap) of the adaptive strategies: fewer runs keep the job under 10 minutes
 STEP_TOKENS = 48  # longest step of a toy solution, in tokens
 SOLUTION_TOKENS = 192  # longest whole solution
 ITERATIONS = 10  # toy solutions have at most 7 steps
@@ -43,16 +52,24 @@ def _greedy_accuracy(engine, problems) -> tuple[float, list[dict]]:
 
 
 def _configs(ns):
-    from ..strategies import DVTS, BeamSearch, BestOfN, ParticleFiltering
+    """(name, N, strategy, the pick that is its answer) of every toy search run."""
+    from ..strategies import DVTS, AdaptiveMajority, AdaptiveWeighted, BeamSearch, BestOfN, EarlyReject, ParticleFiltering, Rebase, Routed
 
     top = max(ns)
-    yield "best-of-n", top, BestOfN(n=top)
+    yield "best-of-n", top, BestOfN(n=top), None  # read at every n (see the docstring)
     for n in ns:
         width = min(4, n)
-        yield "beam", n, BeamSearch(n=n, width=width, iterations=ITERATIONS)
+        yield "beam", n, BeamSearch(n=n, width=width, iterations=ITERATIONS), "weighted"
         if n > 1:  # at N = 1 DVTS and particle filtering are beam search (see the docstring)
-            yield "dvts", n, DVTS(n=n, width=width, iterations=ITERATIONS)
-            yield "particle-filtering", n, ParticleFiltering(n=n, iterations=ITERATIONS)
+            yield "dvts", n, DVTS(n=n, width=width, iterations=ITERATIONS), "weighted"
+            yield "particle-filtering", n, ParticleFiltering(n=n, iterations=ITERATIONS), "weighted"
+    for n in [n for n in ADAPTIVE_NS if n in ns]:
+        yield "rebase", n, Rebase(n=n, iterations=ITERATIONS), "weighted"
+        yield "early-reject", n, EarlyReject(n=n, iterations=ITERATIONS), "weighted"
+        yield "adaptive-majority", n, AdaptiveMajority(n=n), "maj"
+        yield "adaptive-weighted", n, AdaptiveWeighted(n=n), "weighted"
+    if top >= 16:
+        yield "routed", top, Routed.toy(iterations=ITERATIONS), "weighted"
 
 
 def policy_s(device: str | None = None, backend: str = "auto"):
@@ -88,23 +105,23 @@ def run_toy(out_dir: str | Path = "runs/toy", limit: int | None = None, ns=NS, r
     if limit is not None:
         problems = problems[:limit]
     started = time.perf_counter()
-    policy = policy_s(device, backend)
-    larger = Engine(load_model("builtin:toy-policy-l", device=device), backend=backend)
+
+    greedy, greedy_rows = {}, []
+    for label, path in (("S", "builtin:toy-policy-s"), ("M", "builtin:toy-policy-m"), ("L", "builtin:toy-policy-l")):
+        engine = policy_s(device, backend) if label == "S" else Engine(load_model(path, device=device), backend=backend)
+        greedy[label], rows = _greedy_accuracy(engine, problems)
+        greedy_rows += [{"model": label, **r} for r in rows]
+    (out_dir / "greedy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in greedy_rows))
+    if progress:
+        print("greedy accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in greedy.items()) + f" on {len(problems)} problems")
 
     table: dict[str, dict[int, float]] = {}
-    acc_s, rows_s = _greedy_accuracy(policy, problems)
-    acc_l, rows_l = _greedy_accuracy(larger, problems)
-    (out_dir / "greedy.jsonl").write_text("".join(json.dumps({"model": m, **r}) + "\n" for m, rows in (("S", rows_s), ("L", rows_l)) for r in rows))
-    table["greedy S"] = {1: acc_s}
-    table["greedy L"] = {1: acc_l}
-    if progress:
-        print(f"greedy accuracy: S {acc_s:.3f}, L {acc_l:.3f} on {len(problems)} problems")
-
+    tokens_table: dict[str, dict[int, float]] = {}  # mean policy tokens per problem
     tokens = 0
-    for name, n, strategy in _configs(ns):
+    for name, n, strategy, pick in _configs(ns):
         if progress:
             print(f"{name}, N = {n}", flush=True)
-        sampling = SamplingParams(temperature=TEMPERATURE, top_p=1.0, max_tokens=SOLUTION_TOKENS if name == "best-of-n" else STEP_TOKENS, seed=seed)
+        sampling = SamplingParams(temperature=TEMPERATURE, top_p=1.0, max_tokens=STEP_TOKENS if strategy.stepwise else SOLUTION_TOKENS, seed=seed)
         # Fresh caches for each run: reused pools (their free blocks scattered, most likely) made
         # beam search at N = 64 twice as slow.
         policy = prm = None  # the previous run's pools go before the new ones are allocated
@@ -119,13 +136,16 @@ def run_toy(out_dir: str | Path = "runs/toy", limit: int | None = None, ns=NS, r
         if name == "best-of-n":
             for label, key in (("majority", "maj"), ("best-of-n", "naive"), ("weighted best-of-n", "weighted")):
                 table[label] = {m: _mean(r["correct"][str(m)][key] for r in records) for m in ns}
+                tokens_table[label] = {m: _mean_of(sum(c["policy_tokens"] for c in r["completions"][:m]) for r in records) for m in ns}
         else:
-            acc = _mean(r["correct"][str(n)]["weighted"] for r in records)
-            for same in ([name] if n > 1 else ["beam", "dvts", "particle-filtering"]):
+            acc = _mean(_final(r, pick) for r in records)
+            cost = _mean_of(r["policy_tokens"] for r in records)
+            for same in ([name] if n > 1 or name != "beam" else ["beam", "dvts", "particle-filtering"]):
                 table.setdefault(same, {})[n] = acc
+                tokens_table.setdefault(same, {})[n] = cost
     seconds = time.perf_counter() - started
-    summary = {"problems": len(problems), "ns": list(ns), "accuracy": table, "greedy_S": acc_s, "greedy_L": acc_l,
-               "policy_tokens": tokens, "seconds": seconds}
+    summary = {"problems": len(problems), "ns": list(ns), "accuracy": table, "policy_tokens_per_problem": tokens_table,
+               "greedy": greedy, "greedy_S": greedy["S"], "greedy_L": greedy["L"], "policy_tokens": tokens, "seconds": seconds}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     print(format_table(summary))
     plot(summary, out_dir / "accuracy.png")
@@ -133,45 +153,122 @@ def run_toy(out_dir: str | Path = "runs/toy", limit: int | None = None, ns=NS, r
     return summary
 
 
+def _final(record: dict, pick: str) -> bool:
+    """Whether a record's answer is right: its `pick` at the last n it drew (adaptive strategies
+    may stop before N); a failed problem is wrong."""
+    correct = record.get("correct") or {}
+    if not correct:
+        return False
+    return bool(correct[str(max(int(k) for k in correct))].get(pick))
+
+
 def _mean(values) -> float:
     values = list(values)
     return sum(bool(v) for v in values) / max(1, len(values))
 
 
+def _mean_of(values) -> float:
+    values = list(values)
+    return sum(values) / max(1, len(values))
+
+
+def _interpolate(points: list[tuple[float, float]], x: float) -> float | None:
+    """Accuracy of a curve of (tokens, accuracy) points at `x` tokens, linear in log tokens
+    between measured points; None outside them."""
+    points = sorted(points)
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            if x1 == x0:
+                return max(y0, y1)
+            import math
+
+            t = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return y0 + t * (y1 - y0)
+    return points[0][1] if len(points) == 1 and points[0][0] == x else None
+
+
+def equal_token_lines(summary: dict) -> list[str]:
+    """Each adaptive strategy's cells against beam search and best-of-N at the same mean policy
+    tokens per problem (their curves interpolated), and the goal: beam search's accuracy at its
+    largest N with at most half its tokens."""
+    acc, cost = summary["accuracy"], summary["policy_tokens_per_problem"]
+
+    def curve(name):
+        return [(float(cost[name][n]), float(acc[name][n])) for n in acc.get(name, {}) if n in cost.get(name, {})]
+
+    beam, bon = curve("beam"), curve("weighted best-of-n")
+    lines = []
+    for name in ("rebase", "early-reject", "adaptive-majority", "adaptive-weighted", "routed"):
+        for n in sorted(acc.get(name, {}), key=int):
+            x, y = float(cost[name][n]), float(acc[name][n])
+            b, w = _interpolate(beam, x), _interpolate(bon, x)
+            fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+            lines.append(f"{name + ' N=' + str(n):<24}{y:>9.3f}{x:>10.0f}{fmt(b):>14}{fmt(w):>16}")
+    if beam:
+        top = max(acc["beam"], key=int)
+        target, budget = float(acc["beam"][top]), float(cost["beam"][top]) / 2
+        met = [f"{name} N={n}" for name in acc for n in acc[name]
+               if name in cost and n in cost[name] and float(acc[name][n]) >= target and float(cost[name][n]) <= budget]
+        lines.append(f"goal: beam search's N={top} accuracy ({target:.3f}) with at most {budget:.0f} policy tokens per problem "
+                     f"(half its {2 * budget:.0f}): " + (", ".join(met) if met else "not met"))
+    if not lines:
+        return []
+    return [f"{'at equal tokens':<24}{'accuracy':>9}{'tokens':>10}{'beam there':>14}{'w. bo-N there':>16}"] + lines
+
+
 def format_table(summary: dict) -> str:
     ns = summary["ns"]
+    greedy = summary.get("greedy") or {"S": summary["greedy_S"], "L": summary["greedy_L"]}
+    tokens = summary.get("policy_tokens_per_problem", {})
     lines = [f"toy task, {summary['problems']} problems: accuracy of policy S with the toy PRM against N "
-             f"(greedy S {summary['greedy_S']:.3f}, greedy L {summary['greedy_L']:.3f})",
-             f"{'strategy':<22}" + "".join(f"{'N=' + str(n):>9}" for n in ns)]
-    for name, by_n in summary["accuracy"].items():
-        if name.startswith("greedy"):
-            continue
-        lines.append(f"{name:<22}" + "".join(f"{by_n[n]:>9.3f}" if n in by_n else f"{'':>9}" for n in ns))
+             "(greedy " + ", ".join(f"{k} {v:.3f}" for k, v in greedy.items()) + "); in brackets, mean policy tokens per problem",
+             f"{'strategy':<22}" + "".join(f"{'N=' + str(n):>16}" for n in ns)]
+
+    def cell(name, n):
+        by_n = summary["accuracy"][name]
+        if n not in by_n and str(n) not in by_n:
+            return f"{'':>16}"
+        key = n if n in by_n else str(n)
+        spent = tokens.get(name, {}).get(key)
+        return f"{by_n[key]:>7.3f}" + (f" ({spent:>6.0f})" if spent is not None else " " * 9)
+
+    for name in summary["accuracy"]:
+        lines.append(f"{name:<22}" + "".join(cell(name, n) for n in ns))
+    lines += equal_token_lines(summary)
     lines.append(f"policy tokens {summary['policy_tokens']}, wall time {summary['seconds']:.0f} s, "
                  f"{summary['policy_tokens'] / max(summary['seconds'], 1e-9):.0f} policy tokens/s")
     return "\n".join(lines)
 
 
 def plot(summary: dict, path: Path) -> None:
+    """Two panels: accuracy against N, and accuracy against mean policy tokens per problem; the
+    greedy accuracies of S, M and L as reference lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    greedy = summary.get("greedy") or {"S": summary["greedy_S"], "L": summary["greedy_L"]}
+    tokens = summary.get("policy_tokens_per_problem", {})
+    fig, (by_n_ax, by_tokens_ax) = plt.subplots(1, 2, figsize=(12.8, 4.8))
     for name, by_n in summary["accuracy"].items():
-        if name.startswith("greedy"):
-            continue
-        ns = sorted(int(n) for n in by_n)
-        ax.plot(ns, [by_n[n] for n in ns], marker="o", label=name)
-    ax.axhline(summary["greedy_L"], color="black", linestyle="--", label="greedy L (larger model)")
-    ax.axhline(summary["greedy_S"], color="gray", linestyle=":", label="greedy S")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(summary["ns"], [str(n) for n in summary["ns"]])
-    ax.set_xlabel("N (samples / beams)")
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"toy task: small policy + PRM search ({summary['problems']} problems)")
-    ax.legend(fontsize=8)
+        ns = sorted(by_n, key=int)
+        style = dict(marker="o", label=name, linestyle="-" if len(ns) > 1 else "none")
+        lines = by_n_ax.plot([int(n) for n in ns], [by_n[n] for n in ns], **style)
+        if name in tokens:
+            style["color"] = lines[0].get_color()
+            by_tokens_ax.plot([tokens[name][n] for n in ns], [by_n[n] for n in ns], **style)
+    for ax in (by_n_ax, by_tokens_ax):
+        for (label, acc), style in zip(greedy.items(), (":", "-.", "--")):
+            ax.axhline(acc, color="black" if label == "L" else "gray", linestyle=style, label=f"greedy {label}")
+        ax.set_ylabel("accuracy")
+        ax.set_xscale("log", base=2)
+    by_n_ax.set_xticks(summary["ns"], [str(n) for n in summary["ns"]])
+    by_n_ax.set_xlabel("N (samples / beams; the cap of adaptive strategies)")
+    by_tokens_ax.set_xlabel("policy tokens per problem (mean)")
+    by_n_ax.set_title(f"toy task: policy S + PRM search ({summary['problems']} problems)")
+    by_tokens_ax.set_title("accuracy against compute")
+    by_n_ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
