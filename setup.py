@@ -24,5 +24,5 @@ setup(
     package_dir={"ttc_fast": "ttc_fast", "ttc_fast.kernels": "kernels"},
     # The built-in toy checkpoints (HF format) ship inside the package: builtin:NAME; and the
     # search-and-learn preset's data file; the toy task's routing map (Routed.toy()).
-    package_data={"ttc_fast": ["builtin/*/*", "sal_preset.json", "routing_toy.json"]},
+    package_data={"ttc_fast": ["builtin/*/*", "sal_preset.json", "toy/routing.json"]},
 )

@@ -1,5 +1,5 @@
 """Fit `Routed`'s difficulty -> search map on the toy task's DEVELOPMENT problems (never the
-eval set) and write it as the package's toy map (ttc_fast/routing_toy.json).
+eval set) and write it as the package's toy map (ttc_fast/toy/routing.json).
 
     python benchmarks/fit_routing.py [--problems 160] [--bins 4] [--tolerance 0.025]
 

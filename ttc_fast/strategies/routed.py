@@ -17,7 +17,7 @@ from .early_reject import EarlyReject
 
 # choice name -> the strategy it runs after the probe ("stop": none, the probes are the answer)
 CHOICES = {"bon": BestOfN, "beam": BeamSearch, "dvts": DVTS, "early-reject": EarlyReject}
-TOY_ROUTING = FilePath(__file__).resolve().parents[1] / "routing_toy.json"
+TOY_ROUTING = FilePath(__file__).resolve().parents[1] / "toy" / "routing.json"
 
 
 def parse_choice(choice: str) -> tuple[str, int]:
