@@ -410,3 +410,32 @@ def test_learned_prm_guided_search_beats_greedy():
     prm = load_prm("builtin:toy-prm", kind="math-shepherd", device="cpu")
     greedy, searched = greedy_and_beam_search(prm, MIDDLE_SUBSET, n=4)
     assert searched >= greedy + 4, (greedy, searched)  # measured: 46/60 -> 53/60
+
+
+@pytest.mark.slow
+@needs_ckpt
+def test_toy_job_end_to_end_on_a_few_problems(tmp_path):
+    """`ttc-fast run` without arguments, shrunk: every strategy's run (the adaptive ones and the
+    routed one included) writes its lines, the summary holds each cell's accuracy and tokens,
+    the equal-token comparison is printed and the two-panel plot written."""
+    from ttc_fast.results import read_results
+    from ttc_fast.toy.evaluate import format_table, run_toy
+
+    summary = run_toy(out_dir=tmp_path, limit=3, ns=(1, 4, 16), progress=False)
+    names = {"majority", "best-of-n", "weighted best-of-n", "beam", "dvts", "particle-filtering", "rebase",
+             "early-reject", "adaptive-majority", "adaptive-weighted", "routed"}
+    assert set(summary["accuracy"]) == names == set(summary["policy_tokens_per_problem"])
+    assert set(summary["greedy"]) == {"S", "M", "L"}
+    for name in names:
+        for n, acc in summary["accuracy"][name].items():
+            assert 0.0 <= acc <= 1.0 and summary["policy_tokens_per_problem"][name][n] > 0, (name, n)
+    for f in ("rebase-n16", "early-reject-n16", "adaptive-majority-n16", "adaptive-weighted-n16", "routed-n64"):
+        records = read_results(tmp_path / f"{f}.jsonl")
+        assert len(records) == 3 and all(r["compute"]["policy_tokens_processed"] > 0 for r in records), f
+    # best-of-N at n reads its first n samples: their tokens, not the whole run's
+    bon = read_results(tmp_path / "best-of-n-n16.jsonl")
+    assert summary["policy_tokens_per_problem"]["best-of-n"][4] == sum(
+        sum(c["policy_tokens"] for c in r["completions"][:4]) for r in bon) / 3
+    table = format_table(summary)
+    assert "at equal tokens" in table and "goal: beam search's N=16 accuracy" in table
+    assert (tmp_path / "accuracy.png").stat().st_size > 10_000

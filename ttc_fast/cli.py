@@ -337,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Search every problem of --data with --policy and the verifier --prm; each finished "
                                      "problem is one JSON line of --out, written as soon as it finishes. Without --policy: "
                                      "the built-in toy task: policy S with the toy PRM under every strategy at N in {1, 4, 16, 64}, against greedy "
-                                     "S and the larger L (results, table and accuracy.png in --out-dir).")
+                                     "S, the middle M and the larger L (results, table and accuracy.png against N and against "
+                                     "policy tokens in --out-dir).")
     run.add_argument("--policy", default=None, help="policy checkpoint directory (Hugging Face format)")
     run.add_argument("--prm", default=None, help="verifier: PRM checkpoint directory, or python:MODULE:FUNCTION")
     run.add_argument("--prm-kind", default=None, help="PRM format: rlhflow, math-shepherd, qwen-prm, skywork, outcome")

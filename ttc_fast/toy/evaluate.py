@@ -1,10 +1,11 @@
 """The built-in toy evaluation, run by `ttc-fast run` with no arguments.
 
 Policy S (`builtin:toy-policy-s`) searches with the toy PRM (`builtin:toy-prm`, Math-Shepherd
-format) under every strategy at N in {1, 4, 16, 64}; greedy decoding of S and of the larger L
-(`builtin:toy-policy-l`) are the references. Each (strategy, N) streams its problems to its own
-JSONL file under the output folder (so `--resume` loses nothing), then a table and a PNG plot of
-accuracy against N per strategy, with L's greedy accuracy as a reference line, are written.
+format) under every strategy at N in {1, 4, 16, 64}; greedy decoding of S, of the middle M
+(`builtin:toy-policy-m`, about 5x S) and of the larger L (`builtin:toy-policy-l`) are the
+references. Each (strategy, N) streams its problems to its own JSONL file under the output
+folder (so `--resume` loses nothing), then a table and a PNG plot of accuracy against N and
+against policy tokens per strategy, with the greedy accuracies as reference lines, are written.
 
 Best-of-N, majority and weighted best-of-N read their picks at every N from one run of N = 64
 samples (the first n samples give the n-sample result), as search-and-learn does. Beam search,
@@ -12,9 +13,10 @@ DVTS and particle filtering run once per N; their answer is the weighted pick ov
 completions. At N = 1 the three are one algorithm (one path, one sample per step, nothing to
 prune or resample, the same seeds): it runs once and counts for all three.
 
-Beyond them, the strategies that spend compute adaptively run at the larger N (`ADAPTIVE_NS`):
-REBASE and early rejection at each, adaptive majority and adaptive weighted best-of-N with N as
-their cap, and routing by difficulty with its map fitted on the development problems. Each cell
+Beyond them, the strategies that spend compute adaptively run at a few larger N: REBASE
+(`REBASE_NS`) and early rejection (`EARLY_REJECT_NS`), adaptive majority and adaptive weighted
+best-of-N with the largest N as their cap, and routing by difficulty (its map fitted on the
+development problems) with it as its budget. Each cell
 records the mean policy tokens per problem beside its accuracy (best-of-N at n: its first n
 samples' tokens), and the plot draws accuracy against those tokens beside accuracy against N.
 A strategy's answer is its weighted pick over its completions (adaptive majority: the majority
@@ -27,7 +29,10 @@ import time
 from pathlib import Path
 
 NS = (1, 4, 16, 64)
-ADAPTIVE_NS = (16, 64)  # N (or the cap) of the adaptive strategies: fewer runs keep the job under 10 minutes
+# The adaptive strategies run at fewer N, to keep the job under 10 minutes on 2 cores. REBASE's N
+# = 32 spends half the policy tokens of beam search at N = 64: the goal's budget.
+REBASE_NS = (16, 32)
+EARLY_REJECT_NS = (16, 64)
 STEP_TOKENS = 48  # longest step of a toy solution, in tokens
 SOLUTION_TOKENS = 192  # longest whole solution
 ITERATIONS = 10  # toy solutions have at most 7 steps
@@ -63,13 +68,15 @@ def _configs(ns):
         if n > 1:  # at N = 1 DVTS and particle filtering are beam search (see the docstring)
             yield "dvts", n, DVTS(n=n, width=width, iterations=ITERATIONS), "weighted"
             yield "particle-filtering", n, ParticleFiltering(n=n, iterations=ITERATIONS), "weighted"
-    for n in [n for n in ADAPTIVE_NS if n in ns]:
+    for n in [n for n in REBASE_NS if n <= top]:
         yield "rebase", n, Rebase(n=n, iterations=ITERATIONS), "weighted"
+    for n in [n for n in EARLY_REJECT_NS if n <= top]:
         yield "early-reject", n, EarlyReject(n=n, iterations=ITERATIONS), "weighted"
-        yield "adaptive-majority", n, AdaptiveMajority(n=n), "maj"
-        yield "adaptive-weighted", n, AdaptiveWeighted(n=n), "weighted"
-    if top >= 16:
-        yield "routed", top, Routed.toy(iterations=ITERATIONS), "weighted"
+    if top >= 16:  # N is the cap of the adaptive samplers, and routing's budget (its fitted map's)
+        yield "adaptive-majority", top, AdaptiveMajority(n=top), "maj"
+        yield "adaptive-weighted", top, AdaptiveWeighted(n=top), "weighted"
+        routed = Routed.toy(iterations=ITERATIONS)
+        yield "routed", routed.budget, routed, "weighted"
 
 
 def policy_s(device: str | None = None, backend: str = "auto"):
@@ -125,7 +132,8 @@ def run_toy(out_dir: str | Path = "runs/toy", limit: int | None = None, ns=NS, r
         # Fresh caches for each run: reused pools (their free blocks scattered, most likely) made
         # beam search at N = 64 twice as slow.
         policy = prm = None  # the previous run's pools go before the new ones are allocated
-        policy, prm = policy_s(device, backend), toy_prm(device=device, backend=backend)
+        policy = policy_s(device, backend)
+        prm = toy_prm(device=device, backend=backend) if strategy.needs_verifier else None  # majority votes alone
         path = out_dir / f"{name}-n{n}.jsonl"
         if resume and path.exists():
             outcome = run_search(policy, prm, strategy, sampling, problems, path, resume=True, progress=progress)
@@ -176,6 +184,8 @@ def _interpolate(points: list[tuple[float, float]], x: float) -> float | None:
     """Accuracy of a curve of (tokens, accuracy) points at `x` tokens, linear in log tokens
     between measured points; None outside them."""
     points = sorted(points)
+    if points and points[-1][0] < x <= 1.02 * points[-1][0]:  # the same cost as the last point, within 2 %
+        return points[-1][1]
     for (x0, y0), (x1, y1) in zip(points, points[1:]):
         if x0 <= x <= x1:
             if x1 == x0:
@@ -217,7 +227,7 @@ def equal_token_lines(summary: dict) -> list[str]:
 
 
 def format_table(summary: dict) -> str:
-    ns = summary["ns"]
+    ns = sorted({int(n) for by_n in summary["accuracy"].values() for n in by_n} | set(summary["ns"]))
     greedy = summary.get("greedy") or {"S": summary["greedy_S"], "L": summary["greedy_L"]}
     tokens = summary.get("policy_tokens_per_problem", {})
     lines = [f"toy task, {summary['problems']} problems: accuracy of policy S with the toy PRM against N "
@@ -263,7 +273,8 @@ def plot(summary: dict, path: Path) -> None:
             ax.axhline(acc, color="black" if label == "L" else "gray", linestyle=style, label=f"greedy {label}")
         ax.set_ylabel("accuracy")
         ax.set_xscale("log", base=2)
-    by_n_ax.set_xticks(summary["ns"], [str(n) for n in summary["ns"]])
+    ticks = sorted({int(n) for by_n in summary["accuracy"].values() for n in by_n} | set(summary["ns"]))
+    by_n_ax.set_xticks(ticks, [str(n) for n in ticks])
     by_n_ax.set_xlabel("N (samples / beams; the cap of adaptive strategies)")
     by_tokens_ax.set_xlabel("policy tokens per problem (mean)")
     by_n_ax.set_title(f"toy task: policy S + PRM search ({summary['problems']} problems)")
