@@ -432,6 +432,7 @@ def test_toy_job_end_to_end_on_a_few_problems(tmp_path):
     for f in ("rebase-n16", "early-reject-n16", "adaptive-majority-n16", "adaptive-weighted-n16", "routed-n64"):
         records = read_results(tmp_path / f"{f}.jsonl")
         assert len(records) == 3 and all(r["compute"]["policy_tokens_processed"] > 0 for r in records), f
+        assert all(r["compute"]["flops"] > 0 for r in records), f  # the lines record the models' constants
     # best-of-N at n reads its first n samples: their tokens, not the whole run's
     bon = read_results(tmp_path / "best-of-n-n16.jsonl")
     assert summary["policy_tokens_per_problem"]["best-of-n"][4] == sum(

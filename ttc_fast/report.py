@@ -209,7 +209,8 @@ def plot(points: list[Point], path, x: str = "tokens") -> list[str]:
     for ax in (by_n, by_cost):
         ax.set_ylabel("accuracy (%)")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a flops panel may have no curve (none recorded)
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

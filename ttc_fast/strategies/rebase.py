@@ -17,9 +17,10 @@ class Rebase(Strategy):
     remainder rounding, so the counts sum to B); a path given none is dropped. The last
     iteration runs to EOS. A problem stops when B is spent or no path is live.
 
-    Defaults: n 16, iterations 40 (as beam search), temperature 0.2 (the balance temperature of
-    the authors' released REBASE configuration: with PRM scores in [0, 1], a path 0.2 better gets
-    e times the expansions, enough to favour the best paths while keeping several alive),
+    Defaults: n 16, iterations 40 (as beam search), temperature 0.2 (`softmax_temperature` of the
+    authors' configuration, thu-wyz/rebase hype-parameters/rebase.yaml: with PRM scores in
+    [0, 1], a path 0.2 better gets e times the expansions, favouring the best while keeping
+    several alive),
     aggregation "last", delimiter "\\n\\n"."""
 
     iterations: int = 40

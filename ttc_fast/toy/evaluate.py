@@ -101,6 +101,7 @@ def run_toy(out_dir: str | Path = "runs/toy", limit: int | None = None, ns=NS, r
             progress: bool = True, seed: int = 0, device: str | None = None, backend: str = "auto") -> dict:
     """Run the whole toy evaluation; returns the accuracy table (also written to summary.json)."""
     from ..engine import Engine
+    from ..identity import run_models
     from ..loader import load_model
     from ..run import run_search
     from ..sampling import SamplingParams
@@ -135,10 +136,12 @@ def run_toy(out_dir: str | Path = "runs/toy", limit: int | None = None, ns=NS, r
         policy = policy_s(device, backend)
         prm = toy_prm(device=device, backend=backend) if strategy.needs_verifier else None  # majority votes alone
         path = out_dir / f"{name}-n{n}.jsonl"
+        # the lines record the models (their FLOPs constants too: `ttc-fast report --x flops`)
+        models = run_models(policy.model, prm, "builtin:toy-prm" if prm is not None else None)
         if resume and path.exists():
-            outcome = run_search(policy, prm, strategy, sampling, problems, path, resume=True, progress=progress)
+            outcome = run_search(policy, prm, strategy, sampling, problems, path, resume=True, progress=progress, models=models)
         else:
-            outcome = run_search(policy, prm, strategy, sampling, problems, path, overwrite=True, progress=progress)
+            outcome = run_search(policy, prm, strategy, sampling, problems, path, overwrite=True, progress=progress, models=models)
         records = outcome.records
         tokens += outcome.new_policy_tokens  # a resumed run counts only what it generated itself
         if name == "best-of-n":
@@ -261,12 +264,15 @@ def plot(summary: dict, path: Path) -> None:
     greedy = summary.get("greedy") or {"S": summary["greedy_S"], "L": summary["greedy_L"]}
     tokens = summary.get("policy_tokens_per_problem", {})
     fig, (by_n_ax, by_tokens_ax) = plt.subplots(1, 2, figsize=(12.8, 4.8))
-    for name, by_n in summary["accuracy"].items():
+    palette = plt.get_cmap("tab20")
+    adaptive = ("rebase", "early-reject", "adaptive-majority", "adaptive-weighted", "routed")
+    for i, (name, by_n) in enumerate(summary["accuracy"].items()):
         ns = sorted(by_n, key=int)
-        style = dict(marker="o", label=name, linestyle="-" if len(ns) > 1 else "none")
-        lines = by_n_ax.plot([int(n) for n in ns], [by_n[n] for n in ns], **style)
+        # 11 strategies: tab20's dark shades first, then its light ones, so that no two share a colour
+        style = dict(marker="s" if name in adaptive else "o", label=name, linestyle="-" if len(ns) > 1 else "none",
+                     color=palette((2 * i) % 20 + (2 * i) // 20))
+        by_n_ax.plot([int(n) for n in ns], [by_n[n] for n in ns], **style)
         if name in tokens:
-            style["color"] = lines[0].get_color()
             by_tokens_ax.plot([tokens[name][n] for n in ns], [by_n[n] for n in ns], **style)
     for ax in (by_n_ax, by_tokens_ax):
         for (label, acc), style in zip(greedy.items(), (":", "-.", "--")):
