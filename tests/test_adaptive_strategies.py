@@ -8,37 +8,27 @@ test_strategy_rules.py); the adaptive samplers need real answers, so they run on
 policy S (`builtin:toy-policy-s`), with the toy task's exact step checker as the verifier.
 """
 import math
-import zlib
 from collections import Counter
 
 import pytest
 import torch
+from strategy_helpers import DELIM, path_score, problems, tiny_engine
 
 import ttc_fast as tf
-from ttc_fast.data import Problem
 from ttc_fast.grading import extract_answer
 from ttc_fast.search import SearchObserver, TreeSearch, powers_of_two
-from ttc_fast.strategies.adaptive import beta_stop_probability, regularized_incomplete_beta
+from ttc_fast.strategies.adaptive import (
+    beta_stop_probability,
+    regularized_incomplete_beta,
+)
 from ttc_fast.strategies.rebase import balanced_allocation
-from ttc_fast.testing import build_tiny_model
 
-DELIM = "e"
 SAMPLING = tf.SamplingParams(temperature=1.0, max_tokens=10, seed=0)
-
-
-def path_score(question: str, steps: list[str]) -> float:
-    """A verifier whose score is a hash of the whole path: every path scores differently."""
-    return (zlib.crc32("\x00".join([question, *steps]).encode("utf-8")) % 1000) / 1000
 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    path = build_tiny_model(tmp_path_factory.mktemp("llama"), "llama", seed=5)
-    return tf.Engine(tf.load_model(path, device="cpu"), num_blocks=1024, block_size=4)
-
-
-def problems(k: int) -> list[Problem]:
-    return [Problem(f"p{i}", f"What is {i} times {i + 4}?", str(i * (i + 4)), "math", {}) for i in range(k)]
+    return tiny_engine(tmp_path_factory)
 
 
 # --- REBASE ------------------------------------------------------------------------------------

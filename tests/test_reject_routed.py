@@ -9,36 +9,22 @@ delimiter there is "e".
 """
 import json
 import math
-import zlib
 
 import pytest
+from strategy_helpers import DELIM, path_score, problems, tiny_engine
 
 import ttc_fast as tf
 from ttc_fast.cli import main
-from ttc_fast.data import Problem
 from ttc_fast.results import read_results
 from ttc_fast.search import SearchObserver, TreeSearch
 from ttc_fast.strategies import DVTS, BeamSearch, BestOfN, EarlyReject, Routed
 from ttc_fast.strategies.routed import TOY_ROUTING
-from ttc_fast.testing import build_tiny_model
 from ttc_fast.tree import Path
-
-DELIM = "e"
-
-
-def path_score(question: str, steps: list[str]) -> float:
-    """A verifier whose score is a hash of the whole path: every path scores differently."""
-    return (zlib.crc32("\x00".join([question, *steps]).encode("utf-8")) % 1000) / 1000
 
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    path = build_tiny_model(tmp_path_factory.mktemp("llama"), "llama", seed=5)
-    return tf.Engine(tf.load_model(path, device="cpu"), num_blocks=2048, block_size=4)
-
-
-def problems(k: int, start: int = 0) -> list[Problem]:
-    return [Problem(f"p{i}", f"What is {i} times {i + 4}?", str(i * (i + 4)), "math", {}) for i in range(start, start + k)]
+    return tiny_engine(tmp_path_factory, num_blocks=2048)
 
 
 class Prunings(SearchObserver):

@@ -55,20 +55,11 @@ class ModelCost:
         """The cost of a model from its configuration: ttc_fast's `ModelConfig`, a transformers
         config object or a config.json dict. `head_params`: the parameters of the output head in
         place of the lm head (a PRM's score head); None: the lm head, counted when untied."""
+        from .memory_plan import layer_parameter_count
+
         config = _model_config(config)
         h, d = config.hidden_size, config.head_dim
-        q, kv = config.num_heads * d, config.num_kv_heads * d
-        attention = h * q + 2 * h * kv + q * h
-        if config.qkv_bias:
-            attention += q + 2 * kv
-        if config.o_bias:
-            attention += h
-        if config.qk_norm:
-            attention += 2 * d
-        mlp = 3 * h * config.intermediate_size
-        if config.mlp_bias:
-            mlp += 2 * config.intermediate_size + h
-        layer = attention + mlp + 2 * h  # input and post-attention norms
+        layer = layer_parameter_count(config)
         if head_params is None:
             head_params = 0 if config.tie_word_embeddings else h * config.vocab_size
         params = config.num_layers * layer + h + head_params  # + the final norm

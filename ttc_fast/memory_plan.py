@@ -27,9 +27,9 @@ from .kv_pool import bytes_per_block
 GiB = 1 << 30
 
 
-def parameter_count(config: ModelConfig, lm_head: bool = True) -> int:
-    """Parameters of our decoder for `config`: embeddings, every layer's attention (with q/k/v/o
-    biases and q/k norms where the family has them) and MLP, the norms, and an untied lm_head."""
+def layer_parameter_count(config: ModelConfig) -> int:
+    """Parameters of one decoder layer: attention (with q/k/v/o biases and q/k norms where the
+    family has them), MLP, and its two norms."""
     h, hd = config.hidden_size, config.head_dim
     q, kv = config.num_heads * hd, config.num_kv_heads * hd
     attention = h * q + 2 * h * kv + q * h
@@ -40,10 +40,16 @@ def parameter_count(config: ModelConfig, lm_head: bool = True) -> int:
     if config.qk_norm:
         attention += 2 * hd
     mlp = 3 * h * config.intermediate_size + (2 * config.intermediate_size + h if config.mlp_bias else 0)
-    layer = attention + mlp + 2 * h
+    return attention + mlp + 2 * h
+
+
+def parameter_count(config: ModelConfig, lm_head: bool = True) -> int:
+    """Parameters of our decoder for `config`: embeddings, every layer (`layer_parameter_count`),
+    the final norm, and an untied lm_head."""
+    h = config.hidden_size
     embed = config.vocab_size * h
     head = embed if lm_head and not config.tie_word_embeddings else 0
-    return embed + config.num_layers * layer + h + head
+    return embed + config.num_layers * layer_parameter_count(config) + h + head
 
 
 def weight_bytes(config: ModelConfig, dtype: torch.dtype, lm_head: bool = True, extra_parameters: int = 0) -> int:
