@@ -4,25 +4,18 @@ last iteration running to EOS, the defaults, and admission bounded by the KV poo
 
 As in test_search.py, the random policy never writes "\\n\\n", so the step delimiter is "e".
 """
-import zlib
 from collections import Counter
 
 import pytest
 import torch
+from strategy_helpers import DELIM, path_score, problems
 
 import ttc_fast as tf
-from ttc_fast.data import Problem
 from ttc_fast.search import SearchObserver, TreeSearch
 from ttc_fast.testing import build_tiny_model
 from ttc_fast.tree import Path
 
-DELIM = "e"
 SAMPLING = tf.SamplingParams(temperature=1.0, max_tokens=10, seed=0)
-
-
-def path_score(question: str, steps: list[str]) -> float:
-    """A verifier whose score is a hash of the whole path: every path scores differently."""
-    return (zlib.crc32("\x00".join([question, *steps]).encode("utf-8")) % 1000) / 1000
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +26,6 @@ def model_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine(model_path):
     return tf.Engine(tf.load_model(model_path, device="cpu"), num_blocks=1024, block_size=4)
-
-
-def problems(k: int) -> list[Problem]:
-    return [Problem(f"p{i}", f"What is {i} times {i + 4}?", str(i * (i + 4)), "math", {}) for i in range(k)]
 
 
 class Recorder(SearchObserver):

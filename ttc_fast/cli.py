@@ -169,7 +169,7 @@ def cmd_run(args) -> int:
                              probe_n=settings.get("probe_n"), routing=settings.get("routing"))
     if needs_prm(strategy) and args.prm is None:
         raise RunError(f"strategy {args.strategy!r} ranks paths with a verifier: pass --prm CHECKPOINT (with --prm-kind) "
-                       f"or --prm python:MODULE:FUNCTION, or use --strategy majority, which needs none")
+                       f"or --prm python:MODULE:FUNCTION, or use --strategy majority or adaptive-majority, which need none")
     import ttc_fast as tf
     from .data import load_problems
     from .prompts import PromptFormat

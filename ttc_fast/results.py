@@ -17,7 +17,7 @@ Line schema (one object per problem)::
                                                         # cost: {"non_embedding_params", "layers", "q_heads",
                                                         # "head_dim"} (ttc_fast/flops.py), null without a model
      "completions": [{"text", "steps", "step_scores", "score", "answer", "finish_reason",
-                      "policy_tokens"}, ...],           # exactly n
+                      "policy_tokens"}, ...],           # n (adaptive strategies: those drawn, <= n)
      "picks":   {"1": {"maj", "naive", "weighted"}, "2": {...}, "4": {...}, ..., "N": {...}},
      "correct": {"1": {"maj": bool, "naive": bool, "weighted": bool}, ...},
      "policy_tokens",                                     # every token generated, pruned paths too
