@@ -17,6 +17,8 @@ import sys
 import tempfile
 import time
 
+from .run import STRATEGY_OPTIONS
+
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -88,10 +90,9 @@ def cmd_generate(args) -> int:
 
 
 # Flags that mean nothing to the toy task (`ttc-fast run` without --policy), which has its own settings.
-POLICY_ONLY_FLAGS = ("data", "prm", "prm_kind", "out", "lookahead", "pf_temperature", "filter_duplicates", "preset",
-                     "rebase_temperature", "round_size", "confidence", "reject_fraction", "checkpoint_steps",
-                     "reject_rounds", "probe_n", "routing", "system_prompt", "chat_template", "chat_template_kwargs", "prm_layout", "prm_step_separator", "n",
-                     "width", "iterations", "aggregation", "temperature", "top_p", "max_tokens", "prm_kv_cache_bytes",
+POLICY_ONLY_FLAGS = ("data", "prm", "prm_kind", "out", *STRATEGY_OPTIONS, "routing", "preset", "system_prompt",
+                     "chat_template", "chat_template_kwargs", "prm_layout", "prm_step_separator", "n", "width",
+                     "iterations", "aggregation", "temperature", "top_p", "max_tokens", "prm_kv_cache_bytes",
                      "gpu_memory_utilization", "prm_kv_fraction", "shard", "workers", "ray_address")
 
 
@@ -161,12 +162,8 @@ def cmd_run(args) -> int:
 
     settings = resolve_run_settings(args)
     strategy = make_strategy(args.strategy, settings["n"], settings.get("width"), settings.get("iterations"),
-                             settings["aggregation"], lookahead=settings.get("lookahead"),
-                             pf_temperature=settings.get("pf_temperature"), filter_duplicates=settings.get("filter_duplicates"),
-                             rebase_temperature=settings.get("rebase_temperature"), round_size=settings.get("round_size"),
-                             confidence=settings.get("confidence"), reject_fraction=settings.get("reject_fraction"),
-                             checkpoint_steps=settings.get("checkpoint_steps"), reject_rounds=settings.get("reject_rounds"),
-                             probe_n=settings.get("probe_n"), routing=settings.get("routing"))
+                             settings["aggregation"], routing=settings.get("routing"),
+                             **{option: settings.get(option) for option in STRATEGY_OPTIONS})
     if needs_prm(strategy) and args.prm is None:
         raise RunError(f"strategy {args.strategy!r} ranks paths with a verifier: pass --prm CHECKPOINT (with --prm-kind) "
                        f"or --prm python:MODULE:FUNCTION, or use --strategy majority or adaptive-majority, which need none")

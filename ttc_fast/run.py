@@ -68,21 +68,22 @@ STRATEGY_OPTIONS = {
     "reject_rounds": ("rounds", ("EarlyReject",)),
     "round_size": ("round_size", ("AdaptiveMajority",)),
     "confidence": ("confidence", ("AdaptiveMajority",)),
+    "probe_n": ("n", ("Routed",)),  # routed's n is its probe's size
 }
 
 
 def make_strategy(name: str, n: int, width: int | None = None, iterations: int | None = None, aggregation: str = "last",
-                  probe_n: int | None = None, routing: str | None = None, **options):
+                  routing: str | None = None, **options):
     """A strategy from its CLI name (case-insensitive); width/iterations go where the class has
     them; each of `options` (`STRATEGY_OPTIONS`: lookahead, pf_temperature, ...; None: not given)
-    only to the strategies that have it, else a RunError naming them; probe_n / routing (routed:
-    its map, default the toy task's) likewise."""
+    only to the strategies that have it, else a RunError naming them; routing (routed's map,
+    default the toy task's) likewise."""
     from .strategies import STRATEGIES
 
     cls = strategy_class(name)
     cls_name = cls.__name__
     fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {**_routed_settings(cls_name, probe_n, routing), "n": n if probe_n is None else probe_n, "aggregation": aggregation}
+    kwargs = {**_routed_settings(cls_name, routing), "n": n, "aggregation": aggregation}
     if width is not None and "width" in fields:
         kwargs["width"] = width
     if iterations is not None and "iterations" in fields:
@@ -102,18 +103,17 @@ def make_strategy(name: str, n: int, width: int | None = None, iterations: int |
     try:
         return cls(**kwargs)
     except ValueError as e:
-        flags = ["--n", "--width", "--iterations", *(f"--{o.replace('_', '-')}" for o in STRATEGY_OPTIONS), "--probe-n", "--routing"]
+        flags = ["--n", "--width", "--iterations", *(f"--{o.replace('_', '-')}" for o in STRATEGY_OPTIONS), "--routing"]
         raise RunError(f"{e} (check {' / '.join(flags)})") from None
 
 
-def _routed_settings(cls_name: str, probe_n: int | None, routing: str | None) -> dict:
+def _routed_settings(cls_name: str, routing: str | None) -> dict:
     """Routed's map (from --routing FILE.json, else the toy task's), less its probe size (the
     caller's: --probe-n, else --n) and aggregation; nothing for the other strategies, which
-    refuse both flags."""
+    refuse the flag."""
     if cls_name != "Routed":
-        for flag, value in (("--probe-n", probe_n), ("--routing", routing)):
-            if value is not None:
-                raise RunError(f"{flag} does not apply to {cls_name}: drop it, or pick a strategy that has it (routed)")
+        if routing is not None:
+            raise RunError(f"--routing does not apply to {cls_name}: drop it, or pick a strategy that has it (routed)")
         return {}
     import json
 

@@ -36,7 +36,7 @@ def resolve_run_settings(args) -> dict:
     import json
 
     from .results import RunError
-    from .run import strategy_class
+    from .run import STRATEGY_OPTIONS, strategy_class
 
     cls = strategy_class(args.strategy)
     fields = {f.name for f in dataclasses.fields(cls)}
@@ -53,10 +53,8 @@ def resolve_run_settings(args) -> dict:
         preset.update(system_prompt=sal["system_prompt"], chat_template="sal-auto", prm_layout="sal")
     settings = dict(RUN_DEFAULTS)
     settings.update(preset)
-    for name in ("n", "width", "iterations", "aggregation", "lookahead", "pf_temperature", "filter_duplicates",
-                 "rebase_temperature", "round_size", "confidence", "reject_fraction", "checkpoint_steps", "reject_rounds",
-                 "probe_n", "routing",
-                 "temperature", "top_p", "max_tokens", "seed", "system_prompt", "chat_template", "prm_layout"):
+    for name in ("n", "width", "iterations", "aggregation", *STRATEGY_OPTIONS, "routing", "temperature", "top_p",
+                 "max_tokens", "seed", "system_prompt", "chat_template", "prm_layout"):
         value = getattr(args, name)
         if value is not None:
             settings[name] = value
