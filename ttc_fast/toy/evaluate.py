@@ -25,6 +25,7 @@ pick), read at the last n it drew.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -104,6 +105,7 @@ def run_toy(out_dir: str | Path = "runs/toy", limit: int | None = None, ns=NS, r
     from ..engine import Engine
     from ..identity import run_models
     from ..loader import load_model
+    from ..report import run_points
     from ..run import run_search
     from ..sampling import SamplingParams
     from .task import eval_problems
@@ -145,16 +147,17 @@ def run_toy(out_dir: str | Path = "runs/toy", limit: int | None = None, ns=NS, r
             outcome = run_search(policy, prm, strategy, sampling, problems, path, overwrite=True, progress=progress, models=models)
         records = outcome.records
         tokens += outcome.new_policy_tokens  # a resumed run counts only what it generated itself
+        # `ttc-fast report`'s points: a run's final pick, and best-of-N's first n samples at each n
         if name == "best-of-n":
             for label, key in (("majority", "maj"), ("best-of-n", "naive"), ("weighted best-of-n", "weighted")):
-                table[label] = {m: _mean(r["correct"][str(m)][key] for r in records) for m in ns}
-                tokens_table[label] = {m: _mean_of(sum(c["policy_tokens"] for c in r["completions"][:m]) for r in records) for m in ns}
+                at = {p.n: p for p in run_points(str(path), records, key)}
+                table[label] = {m: at[m].accuracy for m in ns}
+                tokens_table[label] = {m: at[m].policy_tokens for m in ns}
         else:
-            acc = _mean(_final(r, pick) for r in records)
-            cost = _mean_of(r["policy_tokens"] for r in records)
+            point, = run_points(str(path), records, pick)
             for same in ([name] if n > 1 or name != "beam" else ["beam", "dvts", "particle-filtering"]):
-                table.setdefault(same, {})[n] = acc
-                tokens_table.setdefault(same, {})[n] = cost
+                table.setdefault(same, {})[n] = point.accuracy
+                tokens_table.setdefault(same, {})[n] = point.policy_tokens
     seconds = time.perf_counter() - started
     summary = {"problems": len(problems), "ns": list(ns), "accuracy": table, "policy_tokens_per_problem": tokens_table,
                "greedy": greedy, "greedy_S": greedy["S"], "greedy_L": greedy["L"], "policy_tokens": tokens, "seconds": seconds}
@@ -163,25 +166,6 @@ def run_toy(out_dir: str | Path = "runs/toy", limit: int | None = None, ns=NS, r
     plot(summary, out_dir / "accuracy.png")
     print(f"results in {out_dir}/ (one JSONL per strategy and N, summary.json, accuracy.png); {seconds:.0f} s")
     return summary
-
-
-def _final(record: dict, pick: str) -> bool:
-    """Whether a record's answer is right: its `pick` at the last n it drew (adaptive strategies
-    may stop before N); a failed problem is wrong."""
-    correct = record.get("correct") or {}
-    if not correct:
-        return False
-    return bool(correct[str(max(int(k) for k in correct))].get(pick))
-
-
-def _mean(values) -> float:
-    values = list(values)
-    return sum(bool(v) for v in values) / max(1, len(values))
-
-
-def _mean_of(values) -> float:
-    values = list(values)
-    return sum(values) / max(1, len(values))
 
 
 def _interpolate(points: list[tuple[float, float]], x: float) -> float | None:
@@ -194,8 +178,6 @@ def _interpolate(points: list[tuple[float, float]], x: float) -> float | None:
         if x0 <= x <= x1:
             if x1 == x0:
                 return max(y0, y1)
-            import math
-
             t = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
             return y0 + t * (y1 - y0)
     return points[0][1] if len(points) == 1 and points[0][0] == x else None
@@ -210,13 +192,15 @@ def equal_token_lines(summary: dict) -> list[str]:
     def curve(name):
         return [(float(cost[name][n]), float(acc[name][n])) for n in acc.get(name, {}) if n in cost.get(name, {})]
 
+    def fmt(value):
+        return "-" if value is None else f"{value:.3f}"
+
     beam, bon = curve("beam"), curve("weighted best-of-n")
     lines = []
     for name in ("rebase", "early-reject", "adaptive-majority", "adaptive-weighted", "routed"):
         for n in sorted(acc.get(name, {}), key=int):
             x, y = float(cost[name][n]), float(acc[name][n])
             b, w = _interpolate(beam, x), _interpolate(bon, x)
-            fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
             lines.append(f"{name + ' N=' + str(n):<24}{y:>9.3f}{x:>10.0f}{fmt(b):>14}{fmt(w):>16}")
     if beam:
         top = max(acc["beam"], key=int)
