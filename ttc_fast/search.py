@@ -185,14 +185,11 @@ class TreeSearch:
         st.prompt_tokens = len(root.branch.token_ids)
         st.policy_context += context_sum(0, st.prompt_tokens)
         if self.prm is not None:
-            before, before_context = self.prm.tokens_processed, getattr(self.prm, "context_processed", 0)
             try:
-                root.prm = self.prm.start(problem.question)
+                root.prm = self.scorer.start(st, problem.question)
             except BaseException:
                 self._drop(root)
                 raise
-            st.prm_tokens += self.prm.tokens_processed - before  # the question, encoded once
-            st.prm_context += getattr(self.prm, "context_processed", 0) - before_context
         st.frontier = strategy.first_frontier(root)
         return st
 

@@ -16,6 +16,20 @@ class StepScorer:
     def __init__(self, prm):
         self.prm = prm  # None: no verifier (majority vote); every step scores 0.0
 
+    def start(self, st: ProblemState, question: str):
+        """The verifier's handle for a problem's question (encoded once), charged to the problem."""
+        before = self._processed()
+        handle = self.prm.start(question)
+        tokens, context = self._processed()
+        st.prm_tokens += tokens - before[0]
+        st.prm_context += context - before[1]
+        return handle
+
+    def _processed(self) -> tuple[float, float]:
+        """The verifier's running counts: tokens, and their context lengths summed (0 for a
+        verifier object that does not count them)."""
+        return self.prm.tokens_processed, getattr(self.prm, "context_processed", 0)
+
     def score(self, children: list[tuple[ProblemState, Path]], parents: list[int]) -> None:
         if self.prm is None or not children:
             for _, path in children:
@@ -98,11 +112,11 @@ class StepScorer:
         """One batched PRM call; each problem is charged the tokens its rows ran and the sum of
         their context lengths (a verifier object that does not report them per row: the call's
         split evenly over its items; one without `context_processed`: no context)."""
-        before, before_context = self.prm.tokens_processed, getattr(self.prm, "context_processed", 0)
+        before = self._processed()
         scores = self.prm.score_steps([handle for _, handle, _ in items], [step for _, _, step in items])
-        tokens = _per_row(getattr(self.prm, "last_row_tokens", None), self.prm.tokens_processed - before, len(items))
-        contexts = _per_row(getattr(self.prm, "last_row_context", None),
-                            getattr(self.prm, "context_processed", 0) - before_context, len(items))
+        after = self._processed()
+        tokens = _per_row(getattr(self.prm, "last_row_tokens", None), after[0] - before[0], len(items))
+        contexts = _per_row(getattr(self.prm, "last_row_context", None), after[1] - before[1], len(items))
         for (st, _, _), t, c in zip(items, tokens, contexts):
             st.prm_tokens += t
             st.prm_context += c
