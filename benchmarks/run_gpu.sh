@@ -47,7 +47,8 @@
 #                                    processes; the cases themselves take milliseconds
 #   tests            50 s   35 s     75 tests, ~80 kernel compilations, 8 shards (+ a collect pass)
 #   bench_kernels    30 s   20 s     21 do_bench timings of ~0.4 s + ~10 compilations
-#   bench_host       15 s    8 s     CPU only: 64 / 256 / 1,024 live sequences (7 s on 2 cores)
+#   bench_host       25 s   14 s     CPU only: 64 / 256 / 1,024 live sequences, two step settings
+#                                    (14 s on 2 cores)
 #   bench_generate   35 s   22 s     a random 4-layer Llama: 6 x (warm-up + 2) generations of 64 tokens
 #                                    (plain, transformers, and with --overlap --cuda-graphs: graph
 #                                    captures of up to 6 buckets)
@@ -55,7 +56,7 @@
 #                                    it compiles the engine's kernels for both models), N=64 30 s
 #                                    (4 problems), N=256 35 s (2 problems; pools of 24 + 48 GiB
 #                                    hold both in flight); each builds a 1B policy + an 8B PRM (~8 s)
-#   total           350 s ~227 s     the budget (caps sum to 360 s; the last stages get what is left)
+#   total           350 s ~233 s     the budget (caps sum to 370 s; the last stages get what is left)
 #                                    + ~3 s of bookkeeping: under 6 minutes however the caps fall
 set -uo pipefail
 
@@ -65,7 +66,7 @@ PY=${PYTHON:-python3}
 ALL_STAGES=(build numerics tests bench_kernels bench_host bench_generate bench_search)
 
 # caps in seconds: real run / dry run
-declare -A CAP=([build]=45 [numerics]=60 [tests]=50 [bench_kernels]=30 [bench_host]=15 [bench_generate]=35
+declare -A CAP=([build]=45 [numerics]=60 [tests]=50 [bench_kernels]=30 [bench_host]=25 [bench_generate]=35
                 [bench_search]=105)
 declare -A DRY_CAP=([build]=60 [numerics]=60 [tests]=60 [bench_kernels]=30 [bench_host]=30 [bench_generate]=30
                     [bench_search]=60)

@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include <limits>
+#include <unordered_set>
 
 #include "block_manager.h"
 #include "gumbel_sample.h"
@@ -191,6 +192,19 @@ blocks, and a content-verified prefix cache with LRU eviction. See ttc_fast.bloc
         .def("truncate", &BlockManager::truncate, py::arg("seq"), py::arg("n"),
              "Remove the last n tokens of seq, which must all be unknown (-1).")
         .def("free", &BlockManager::free, py::arg("seq"), "Release a sequence and its blocks.")
+        .def(
+            "free_many",
+            [](BlockManager& self, py::array_t<int64_t, py::array::c_style | py::array::forcecast> seqs) {
+                const int64_t* ids = seqs.data();
+                std::unordered_set<int64_t> seen;
+                for (py::ssize_t i = 0; i < seqs.size(); ++i) {
+                    self.seq_len(ids[i]);  // throws KeyError for an unknown id, before anything is freed
+                    if (!seen.insert(ids[i]).second)
+                        throw py::value_error("free_many: sequence " + std::to_string(ids[i]) + " is listed twice");
+                }
+                for (py::ssize_t i = 0; i < seqs.size(); ++i) self.free(ids[i]);
+            },
+            py::arg("seqs"), "free() each sequence, in order; all or nothing (unknown or repeated ids raise first).")
         .def("block_table", &BlockManager::block_table, py::arg("seq"))
         .def("seq_len", &BlockManager::seq_len, py::arg("seq"))
         .def(

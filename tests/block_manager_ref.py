@@ -342,6 +342,17 @@ class PyBlockManager:
         for b in reversed(s.blocks):  # tail first: it gets the older tick, evicted first
             self._dec_ref(b)
 
+    def free_many(self, seqs) -> None:
+        seqs = [int(s) for s in seqs]
+        seen = set()
+        for s in seqs:
+            self._get(s)
+            if s in seen:
+                raise ValueError(f"free_many: sequence {s} is listed twice")
+            seen.add(s)
+        for s in seqs:
+            self.free(s)
+
     # ------------------------------------------------------------------ queries
     def block_table(self, seq: int) -> list[int]:
         return list(self._get(seq).blocks)

@@ -193,6 +193,19 @@ class BlockManagerMachine(RuleBasedStateMachine):
         assert ok
         del self.history[seq]
 
+    @precondition(lambda self: self.history)
+    @rule(picks=st.lists(st.integers(0, 100), min_size=1, max_size=4), repeat=st.booleans())
+    def free_many(self, picks, repeat):
+        """Several at once, as free() of each in order; a repeated or unknown id frees nothing."""
+        seqs = list(dict.fromkeys(self.pick(i) for i in picks))
+        bad = seqs + [seqs[0]] if repeat else seqs + [10**9]
+        ok, _ = self.run_both(lambda m: m.free_many(np.asarray(bad, dtype=np.int64)))
+        assert not ok
+        ok, _ = self.run_both(lambda m: m.free_many(np.asarray(seqs, dtype=np.int64)))
+        assert ok
+        for seq in seqs:
+            del self.history[seq]
+
     @rule()
     def bad_calls(self):
         ok, exc = self.run_both(lambda m: m.free(10**9))

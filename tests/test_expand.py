@@ -86,3 +86,35 @@ def test_finished_children_are_evicted_under_pressure_and_recomputed(engine):
     assert two_rounds(small) == two_rounds(engine)
     assert small.stats["evictions"] > 0
     assert small.runner.blocks.num_used_blocks == 0
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_on_finish_reports_each_child_once_at_the_step_it_finishes(engine, overlap):
+    """`on_finish` hears of every child exactly once, with its final text, in the step that
+    finished it: children that stop sooner are reported before the others finish (and the
+    outputs are the same as without the report)."""
+    sampling = [tf.SamplingParams(temperature=1.0, max_tokens=m, ignore_eos=True, seed=2) for m in (3, 9)]
+    reports = []
+
+    def on_finish(finished):
+        reports.append((engine.stats["steps"], finished))
+
+    engine.overlap = overlap
+    try:
+        runs = []
+        for hook in (None, on_finish):
+            roots = [engine.start([5, 6, 7]), engine.start([9, 8, 7, 6])]
+            runs.append(engine.expand(roots, [3, 2], sampling, seeds=[4, 5], on_finish=hook))
+    finally:
+        engine.overlap = False
+    plain, heard = runs
+    assert [[o.token_ids for _, o in r] for r in plain] == [[o.token_ids for _, o in r] for r in heard]
+    told = {(k, j): text for _, finished in reports for k, j, text in finished}
+    assert sum(len(f) for _, f in reports) == len(told) == 5
+    assert told == {(k, j): out.text for k, r in enumerate(heard) for j, (_, out) in enumerate(r)}
+    step_of = {(k, j): step for step, finished in reports for k, j, _ in finished}
+    assert max(step_of[0, j] for j in range(3)) < min(step_of[1, j] for j in range(2))
+    for r in plain + heard:
+        for child, _ in r:
+            engine.release(child)
+    assert engine.runner.blocks.num_used_blocks == 0

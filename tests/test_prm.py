@@ -116,13 +116,12 @@ def test_full_ids_are_the_formats(prm_case):
         assert prm.fmt.full_ids(q, steps) != stripped
 
 
-def test_many_rows_are_encoded_on_threads_in_order(prm_case):
-    """Past THREADED_MIN_ROWS handles, the steps are tokenized on a thread pool: every row still
-    gets its own step's ids (a row's score equals scoring it alone)."""
-    from ttc_fast.prm import scorer
-
+def test_many_rows_are_encoded_in_one_batch_in_order(prm_case):
+    """The steps of a call are tokenized in one batch call of the tokenizer (spread over the
+    cores by it): every row still gets its own step's ids (a row's score equals scoring it
+    alone), and the batch gives the ids of encoding each row on its own."""
     kind, path, prm = prm_case
-    n = scorer.THREADED_MIN_ROWS + 6
+    n = 70
     steps = [f"Step 1: add {i} and {i + 1}." for i in range(n)]
     root, = prm.start_many([QUESTIONS[0]])
     handles = prm.fork(root, n)  # sharing the question's blocks
@@ -135,6 +134,49 @@ def test_many_rows_are_encoded_on_threads_in_order(prm_case):
         prm.free(h)
         assert abs(alone - together[i]) < ATOL
     assert len(set(round(x, 5) for x in together)) > 1
+    for outcome in (False, True):
+        indices = [i % 3 for i in range(n)]
+        ragged = [s * (1 + i % 4) + ("\n" if i % 5 == 0 else "") for i, s in enumerate(steps)] + ["", " ", "\n\nx\n"]
+        indices += [0, 1, 2]
+        one_by_one = [prm.fmt.rows([s], [k], outcome)[0] for s, k in zip(ragged, indices)]
+        assert prm.fmt.rows(ragged, indices, outcome) == one_by_one
+
+
+def test_prefetched_steps_score_as_steps_encoded_on_demand(prm_case, monkeypatch):
+    """Steps prefetched (some of them, one with another step index, one twice, one no call
+    uses) give the same scores as none prefetched: the call takes the prefetched encodings,
+    encodes the rest in one batch and drops what it did not use; a step the format rejects
+    raises its error in the call that scores it."""
+    kind, path, prm = prm_case
+    steps = [f"Step 1: add {i} and {i + 1}." for i in range(6)]
+
+    def score(prefetch):
+        root, = prm.start_many([QUESTIONS[0]])
+        handles = prm.fork(root, len(steps))
+        prm.free(root)
+        prm.prefetch(prefetch)
+        try:
+            return prm.score_steps(handles, steps)
+        finally:
+            for h in handles:
+                prm.free(h)
+
+    plain = score([])
+    calls = []
+    rows = prm.fmt.rows
+    monkeypatch.setattr(prm.fmt, "rows", lambda s, k, outcome=False: calls.append(list(zip(s, k))) or rows(s, k, outcome))
+    ahead = [(steps[0], 0), (steps[2], 0), (steps[2], 0), (steps[3], 1), ("never scored", 0)]
+    assert score(ahead) == pytest.approx(plain, abs=ATOL)
+    assert calls == [list(dict.fromkeys(ahead)), [(s, 0) for i, s in enumerate(steps) if i not in (0, 2)]]
+    assert prm.encoder._ahead == {}
+    # A step the format rejects: raised by the call that uses it, prefetched or not.
+    monkeypatch.setattr(prm.fmt, "rows", lambda s, k, outcome=False: [ValueError(f"bad {x}") for x in s])
+    for prefetch in ([("x", 0)], []):
+        root, = prm.start_many([QUESTIONS[0]])
+        prm.prefetch(prefetch)
+        with pytest.raises(ValueError, match="bad x"):
+            prm.score_steps([root], ["x"])
+        prm.free(root)
 
 
 @pytest.fixture(scope="module")

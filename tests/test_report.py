@@ -108,8 +108,8 @@ def spy_generated(engine, monkeypatch) -> list[int]:
     positions = []
     real = engine.expand
 
-    def spy(branches, counts, sampling, seeds=None):
-        results = real(branches, counts, sampling, seeds)
+    def spy(branches, counts, sampling, seeds=None, **kw):
+        results = real(branches, counts, sampling, seeds, **kw)
         for res in results:
             for branch, out in res:
                 end = len(branch.token_ids)

@@ -3,6 +3,8 @@
 The random policy never writes "\\n\\n", so the step delimiter here is a frequent character ("e"):
 steps then end often, which is all the tree logic needs.
 """
+import threading
+
 import pytest
 
 import ttc_fast as tf
@@ -39,9 +41,9 @@ def record_expansions(engine, monkeypatch) -> list[list[int]]:
     calls = []
     real = engine.expand
 
-    def spy(branches, counts, sampling, seeds=None):
+    def spy(branches, counts, sampling, seeds=None, **kw):
         calls.append(list(counts))
-        return real(branches, counts, sampling, seeds)
+        return real(branches, counts, sampling, seeds, **kw)
 
     monkeypatch.setattr(engine, "expand", spy)
     return calls
@@ -277,3 +279,29 @@ def test_policy_and_prm_with_different_tokenizers(tmp_path):
     results = policy.search(problems(2), tf.BeamSearch(n=4, width=2, iterations=3, delimiter=DELIM), SAMPLING, prm=prm)
     assert any(len(c.steps) > 1 for r in results for c in r.completions)  # steps scored one after another
     assert_scores_match_fresh_scoring(prm, results)
+
+
+def test_steps_are_encoded_for_the_prm_as_the_policy_finishes_them(engine, tmp_path, monkeypatch):
+    """Each step index's new steps reach the PRM's encoder from `Engine.expand`'s on_finish
+    reports (steps of different lengths finish in different decode steps), so the scoring call
+    finds them encoded; the results are those of a search without the reports."""
+    from prm_builders import build_math_shepherd_prm
+
+    prm = tf.load_prm(build_math_shepherd_prm(tmp_path / "prm", seed=3), kind="math-shepherd", device="cpu", dtype="float32")
+    strategy = tf.BeamSearch(n=8, width=4, iterations=3, delimiter=DELIM)
+
+    def run():
+        return [[(c.steps, c.step_scores) for c in r.completions] for r in engine.search(problems(3), strategy, SAMPLING, prm=prm)]
+
+    on_worker, on_caller = [], []
+    rows = prm.fmt.rows
+
+    def spy(steps, indices, outcome=False):
+        (on_caller if threading.current_thread() is threading.main_thread() else on_worker).append(len(steps))
+        return rows(steps, indices, outcome)
+
+    monkeypatch.setattr(prm.fmt, "rows", spy)
+    with_reports = run()
+    assert len(on_worker) > 3 and on_caller == []  # every step encoded ahead, in several reports
+    monkeypatch.setattr(prm, "prefetch", lambda items: None)
+    assert run() == with_reports

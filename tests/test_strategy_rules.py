@@ -170,9 +170,9 @@ def test_steps_end_at_the_delimiter_and_the_last_iteration_runs_to_eos(engine, m
     stops = []
     real = engine.expand
 
-    def spy(branches, counts, sampling, seeds=None):
+    def spy(branches, counts, sampling, seeds=None, **kw):
         stops.append({p.stop for p in sampling})
-        return real(branches, counts, sampling, seeds)
+        return real(branches, counts, sampling, seeds, **kw)
 
     monkeypatch.setattr(engine, "expand", spy)
     strategy = tf.BeamSearch(n=4, width=2, iterations=iterations, delimiter=DELIM)

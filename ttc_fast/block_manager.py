@@ -14,7 +14,8 @@ KV blocks of `block_size` token slots; the flat slot of position p in block b is
   order, as one all-or-nothing step (one call per decode step).
 * `fork(parent, n)` -> n new sequences sharing all of parent's blocks (no copies).
 * `free(seq)`: release blocks last to first; unused registered blocks stay cached (LRU, tail
-  evicted first), others return to the FIFO free list.
+  evicted first), others return to the FIFO free list. `free_many(seqs)`: free() of each in
+  order, in one call; an unknown or repeated id raises before anything is freed.
 * `block_tables(seqs, width=0)` -> `(int32[B, W] tables padded with 0, int32[B] lengths)`.
 * Counters: `num_free_blocks`, `num_cached_blocks`, `num_available_blocks`, `num_used_blocks`,
   `num_shared_blocks`, `num_sequences`, `stats()`; `blocks_needed(seq, n)`, `refcount(block)`,

@@ -102,12 +102,22 @@ class Engine:
             self.runner.free(branch.seq)
             branch.seq = None
 
-    def expand(self, branches: list[Branch], counts: list[int], sampling, seeds: list[int] | None = None):
+    def release_many(self, branches: list[Branch]) -> None:
+        """`release` of each, in one call to the block manager."""
+        held = [b for b in branches if b.seq is not None]
+        self.runner.free_many([b.seq for b in held])
+        for b in held:
+            b.seq = None
+
+    def expand(self, branches: list[Branch], counts: list[int], sampling, seeds: list[int] | None = None,
+               on_finish=None):
         """Continue each branch `counts[i]` times (fork + sample until a stop), all branches of
         all problems decoding together. Consumes the branches; returns, per branch, a list of
         (child branch, CompletionOutput) whose child stays in the cache for the next step.
         `sampling`: one SamplingParams, or one per branch. `seeds[i]` seeds branch i's children
-        (default: derived from the sampling seed)."""
+        (default: derived from the sampling seed). `on_finish([(branch index, child index,
+        text), ...])` is told of the children each step finished, while the others decode on
+        (a search starts its verifier's work on them there: on a GPU, behind the device's steps)."""
         if len(counts) != len(branches) or any(c < 1 for c in counts):
             raise ValueError("expand needs one count >= 1 per branch")
         per_branch = sampling if isinstance(sampling, (list, tuple)) else [sampling] * len(branches)
@@ -127,7 +137,11 @@ class Engine:
             # An evicted branch (seq None) is recomputed from its tokens like a preempted sample.
             first.seq, first.pending, first.forks_pending = branch.seq, list(branch.pending), count - 1
             requests.append(request)
-        self._run([r.samples[0] for r in requests])
+        report = None
+        if on_finish is not None:
+            def report(samples):
+                on_finish([(s.request.index, s.index, self._final_text(s)) for s in samples])
+        self._run([r.samples[0] for r in requests], report)
         results = []
         for request in requests:
             out = self._output(request)
@@ -176,14 +190,20 @@ class Engine:
 
     def _output(self, request: Request) -> RequestOutput:
         outs = [
-            CompletionOutput(s.index, s.generated, self.stopper.final_text(s), s.finish_reason, s.stop_reason)
+            CompletionOutput(s.index, s.generated, self._final_text(s), s.finish_reason, s.stop_reason)
             for s in request.samples
         ]
         return RequestOutput(request.prompt, request.prompt_ids, outs)
 
+    def _final_text(self, s: Sample) -> str | None:
+        """A finished sample's text, decoded once (an `on_finish` report may have asked first)."""
+        if s.text is None:
+            s.text = self.stopper.final_text(s)
+        return s.text
+
     # --- the loop ------------------------------------------------------------------------------
-    def _run(self, samples: list[Sample]) -> None:
-        sched = Scheduler(self.runner, self.max_batch_tokens, self.stats, self.stopper, samples)
+    def _run(self, samples: list[Sample], on_finish=None) -> None:
+        sched = Scheduler(self.runner, self.max_batch_tokens, self.stats, self.stopper, samples, on_finish)
         while sched.waiting or len(sched.running):
             if self.overlap and not sched.waiting and len(sched.running) and OverlappedDecoder(sched).run():
                 continue

@@ -124,6 +124,12 @@ class ModelRunner:
         self.blocks.free(seq)
         self.shared_kv_memo.clear()
 
+    def free_many(self, seqs: list[int]) -> None:
+        """`free` of each, in one call."""
+        if seqs:
+            self.blocks.free_many(np.asarray(seqs, dtype=np.int64))
+            self.shared_kv_memo.clear()
+
     def seq_len(self, seq: int) -> int:
         return self.blocks.seq_len(seq)
 

@@ -103,8 +103,12 @@ class Batch:
 
 
 class Scheduler:
-    def __init__(self, runner, max_batch_tokens: int, stats: dict, stopper: StopChecker, samples: list[Sample]):
+    def __init__(self, runner, max_batch_tokens: int, stats: dict, stopper: StopChecker, samples: list[Sample],
+                 on_finish=None):
+        """on_finish(samples): called once per step with the samples that step finished, while the
+        others decode on."""
         self.runner, self.max_batch_tokens, self.stats, self.stopper = runner, max_batch_tokens, stats, stopper
+        self.on_finish, self.finished_now = on_finish, []
         self.waiting: deque[Sample] = deque(samples)
         self.running = RunningBatch()
         self.kept: list[Sample] = []  # finished samples whose blocks stay (expand); evictable
@@ -213,6 +217,7 @@ class Scheduler:
                 still_tokens.append(t)
                 still_groups.append(g)
         running.add(still, still_tokens, still_groups, self.runner.config.max_context)
+        self._report_finished()
 
     def settle_decoded(self, decoded: np.ndarray, continued: set | None = None) -> None:
         """The first len(decoded) running samples drew `decoded`: append, then check only the
@@ -234,9 +239,17 @@ class Scheduler:
                 self._finish(s)
         if done.any():
             running.keep(~done)
+        self._report_finished()
+
+    def _report_finished(self) -> None:
+        if self.finished_now:
+            finished, self.finished_now = self.finished_now, []
+            self.on_finish(finished)
 
     def _finish(self, s: Sample) -> None:
         s.pending = [s.generated[-1]]
+        if self.on_finish is not None:
+            self.finished_now.append(s)
         if s.request.keep_sequences:
             self.kept.append(s)
         else:

@@ -91,7 +91,8 @@ class TreeSearch:
                  system_prompt: str | None = None, max_problems_in_flight: int | None = None,
                  chat_template: str | None = None, chat_template_kwargs: dict | None = None,
                  observer: SearchObserver | None = None):
-        """engine: an `Engine` (or anything with its start / fork / expand / release);
+        """engine: an `Engine` (or anything with its start / fork / expand / release /
+        release_many);
         system_prompt: None is `DEFAULT_SYSTEM_PROMPT`, "" is no system message; chat_template:
         None is the policy tokenizer's own, "" none (plain prompt), else Jinja source;
         chat_template_kwargs go to `apply_chat_template` (see `ttc_fast.prompts`)."""
@@ -229,17 +230,18 @@ class TreeSearch:
                 # Seeds depend only on (problem, iteration, path within the problem): a problem's
                 # samples do not change with the other problems in flight (a resumed run repeats itself).
                 seeds.append(sample_seed(self.seed, st.index, st.iteration, k))
-        results = self.engine.expand(branches, counts, samplings, seeds)
+        results = self.engine.expand(branches, counts, samplings, seeds, on_finish=self._prefetch_steps(owners))
 
         context = self.engine.model.config.max_context
         children: list[tuple[ProblemState, Path]] = []
         parents: list[int] = []
+        consumed = []
         for k, ((st, parent), res) in enumerate(zip(owners, results)):
             of_root = parent is st.root
             prm_children = self.prm.fork(parent.prm, len(res)) if self.prm is not None else [None] * len(res)
             if not of_root:
                 parent.branch = None  # consumed by the expansion
-                self._drop(parent)
+                consumed.append(parent)
             for j, ((branch, out), prm_handle) in enumerate(zip(res, prm_children)):
                 st.charge_generated(len(branch.token_ids), len(out.token_ids))
                 cut = out.finish_reason == "length" and len(branch.token_ids) >= context
@@ -249,10 +251,26 @@ class TreeSearch:
                              cut, branch=branch, prm=prm_handle)
                 children.append((st, child))
                 parents.append(k)
+        self._drop_many(consumed)
         for st in flight:
             st.frontier = []
             st.iteration += 1
         return children, parents
+
+    def _prefetch_steps(self, owners: list[tuple[ProblemState, Path]]):
+        """`Engine.expand`'s on_finish report: the verifier starts on each finished child's new
+        step (stepwise strategies score it next) while the other children still decode."""
+        prefetch = getattr(self.prm, "prefetch", None)  # a verifier may not take the hint
+        if prefetch is None:
+            return None
+
+        def report(finished):
+            items = [(text, owners[k][1].prm.num_steps) for k, _, text in finished
+                     if text is not None and owners[k][0].strategy.stepwise]
+            if items:
+                prefetch(items)
+
+        return report
 
     def rollout_scores(self, items: list[tuple[ProblemState, Path]], steps: int) -> list[float | None]:
         """Roll each path out `steps` greedy steps on forks of its policy and PRM sequences; the
@@ -290,18 +308,18 @@ class TreeSearch:
         """Finished paths (`done`, set after scoring) join their problem's completions; each
         strategy selects the next frontier of its problems; every other path is freed."""
         new: dict[int, list[Path]] = {id(st): [] for st in flight}
+        finished = []
         for st, path in children:
             new[id(st)].append(path)
             if path.done:
                 st.completed.append(path)
-                self._drop(path)
+                finished.append(path)
+        self._drop_many(finished)
         ctx = PruneContext(self.seed, self._topk)
         for strategy, states in _by_strategy(flight, lambda st: st.strategy):
             for st, frontier in zip(states, strategy.select(states, [new[id(st)] for st in states], ctx)):
                 kept = {id(path) for path, _ in frontier}
-                for path in new[id(st)]:
-                    if id(path) not in kept:
-                        self._drop(path)
+                self._drop_many([path for path in new[id(st)] if id(path) not in kept])
                 st.frontier = frontier
                 self.observer.on_prune(st, new[id(st)], frontier)
 
@@ -312,12 +330,22 @@ class TreeSearch:
         return K.segmented_topk_ref(scores, seg_ptr, k)
 
     def _drop(self, path: Path) -> None:
-        if path.branch is not None:
-            self.engine.release(path.branch)
-            path.branch = None
-        if path.prm is not None and self.prm is not None:
-            self.prm.free(path.prm)
-            path.prm = None
+        self._drop_many([path])
+
+    def _drop_many(self, paths: list[Path]) -> None:
+        """Free the paths' policy and PRM sequences, each pool in one call."""
+        branches = [p.branch for p in paths if p.branch is not None]
+        if branches:
+            self.engine.release_many(branches)
+        handles = [p.prm for p in paths if p.prm is not None]
+        if handles and self.prm is not None:
+            if hasattr(self.prm, "free_many"):
+                self.prm.free_many(handles)
+            else:  # a verifier object with `free` alone
+                for handle in handles:
+                    self.prm.free(handle)
+        for p in paths:
+            p.branch = p.prm = None
 
     # --- results -------------------------------------------------------------------------------
     def _result(self, st: ProblemState) -> SearchResult:

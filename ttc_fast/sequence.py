@@ -71,6 +71,7 @@ class Sample:
     forks_pending: int = 0
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    text: str | None = None  # the final text, once finished and decoded
 
     def context(self) -> list[int]:
         return self.request.prompt_ids + self.generated

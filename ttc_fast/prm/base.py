@@ -52,10 +52,18 @@ class PRM:
     def free(self, handle: PRMHandle) -> None:
         raise NotImplementedError
 
+    def free_many(self, handles: list[PRMHandle]) -> None:
+        for handle in handles:
+            self.free(handle)
+
     def score_steps(self, handles: list[PRMHandle], steps: list[str]) -> list[float | None]:
         """Each handle's score after its new step; None (the handle unchanged) where a model PRM's
         context cannot hold the step."""
         raise NotImplementedError
+
+    def prefetch(self, items: list[tuple[str, int]]) -> None:
+        """A hint: (step, its index in the solution) pairs a coming `score_steps` call will score;
+        a model PRM starts encoding them now. Nothing for other verifiers."""
 
     def score_full(self, question: str, steps: list[str]) -> list[float]:
         raise NotImplementedError

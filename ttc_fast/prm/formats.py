@@ -8,7 +8,8 @@ segments, so the cached and uncached paths see the same token ids:
 
 Each segment is tokenized on its own by the PRM's tokenizer (a SentencePiece tokenizer's dummy
 prefix "▁" is not re-added at each segment: segments after the first are tokenized as a
-continuation). Segments start where the whole text's tokenization splits anyway (after a special
+continuation); `rows(steps, indices)` gives many steps' segments from one batch call of the
+tokenizer, the ids of encoding each alone. Segments start where the whole text's tokenization splits anyway (after a special
 token, or at a space or newline the pre-tokenizer splits at), so the ids are the ones the reference
 code gets from tokenizing the whole text; the tests check this against re-implementations of each
 reference on the test tokenizers and on SmolLM2's real one. Step texts are used as written (the
@@ -83,23 +84,35 @@ class _Segmenter:
     def __init__(self, tok):
         self.tok = tok
         # A fast tokenizer's Rust object encodes as transformers' encode does (which calls it), at
-        # a fraction of the per-call cost: every step of every beam is encoded here.
+        # a fraction of the per-call cost, and its batch call encodes many texts in parallel:
+        # every step of every beam is encoded here.
         rust = getattr(tok, "_tokenizer", None)
         self._encode = (lambda text, special: rust.encode(text, add_special_tokens=special).ids) if \
             hasattr(rust, "encode") else (lambda text, special: tok.encode(text, add_special_tokens=special))
+        batch = getattr(rust, "encode_batch_fast", None) or getattr(rust, "encode_batch", None)
+        self._encode_batch = (lambda texts, special: [e.ids for e in batch(texts, add_special_tokens=special)]) if \
+            batch is not None else (lambda texts, special: [self._encode(t, special) for t in texts])
         first = tok.convert_ids_to_tokens(self._encode("a", False))
         self.anchor = None
         if first and str(first[0]).startswith("\u2581"):
             self.anchor = self._encode("\n", False)
 
     def encode(self, text: str, first: bool = False, special: bool = False) -> list[int]:
-        if first or self.anchor is None or not text:
-            return list(self._encode(text, special)) if text or special else []
-        ids = list(self._encode("\n" + text, False))
-        n = len(self.anchor)
-        if ids[:n] == self.anchor:
-            return ids[n:]
-        return list(self._encode(text, False))
+        return self.encode_many([text], first, special)[0]
+
+    def encode_many(self, texts: list[str], first: bool = False, special: bool = False) -> list[list[int]]:
+        """`encode` of each text, in (at most two) batch calls of the tokenizer."""
+        out: list[list[int]] = [[] for _ in texts]
+        anchored = [] if first or self.anchor is None else [i for i, text in enumerate(texts) if text]
+        plain = sorted(set(i for i, text in enumerate(texts) if text or special) - set(anchored))
+        if plain:
+            for i, ids in zip(plain, self._encode_batch([texts[i] for i in plain], special)):
+                out[i] = list(ids)
+        if anchored:
+            n = len(self.anchor)
+            for i, ids in zip(anchored, self._encode_batch(["\n" + texts[i] for i in anchored], False)):
+                out[i] = ids[n:] if ids[:n] == self.anchor else list(self._encode(texts[i], False))
+        return out
 
     def single_id(self, text: str, what: str, source) -> int:
         ids = self.tok.encode(text, add_special_tokens=False)
@@ -117,8 +130,9 @@ class _Segmenter:
 class Format:
     """prefix_ids(question), step_ids(step, k) -> (ids, score offset within ids) and, for outcome
     mode, outcome_ids(step, k) -> (body, tag, score offset within body + tag): the body stays in
-    the sequence, the tag (the format's scoring tag, once, after the last body) only probes.
-    read_scores(rows, head) turns the model's outputs at the scored positions into scores."""
+    the sequence, the tag (the format's scoring tag, once, after the last body) only probes. A
+    format defines `rows`, which gives either for many steps at once. read_scores(rows, head)
+    turns the model's outputs at the scored positions into scores."""
 
     kind = ""
     needs = "logits"  # or "hidden"
@@ -134,19 +148,25 @@ class Format:
     def prefix_ids(self, question: str) -> list[int]:
         raise NotImplementedError
 
-    def step_ids(self, step: str, index: int) -> tuple[list[int], int]:
-        raise NotImplementedError
-
-    def outcome_ids(self, step: str, index: int) -> tuple[list[int], list[int], int]:
+    def rows(self, steps: list[str], indices: list[int], outcome: bool = False) -> list:
+        """What each step `indices[i]` adds (`row_ids`), from one batch call of the tokenizer; a
+        ValueError in place of a row the format rejects."""
         raise NotImplementedError
 
     def row_ids(self, step: str, index: int, outcome: bool = False) -> tuple[list[int], list[int], int]:
         """What step `index` adds: (ids kept in the handle's sequence, tag ids run only on a
         throwaway fork to probe the score (outcome mode), score offset within kept + tag)."""
-        if outcome:
-            return self.outcome_ids(step, index)
-        ids, off = self.step_ids(step, index)
-        return ids, [], off
+        row, = self.rows([step], [index], outcome)
+        if isinstance(row, Exception):
+            raise row
+        return row
+
+    def step_ids(self, step: str, index: int) -> tuple[list[int], int]:
+        ids, _, off = self.row_ids(step, index)
+        return ids, off
+
+    def outcome_ids(self, step: str, index: int) -> tuple[list[int], list[int], int]:
+        return self.row_ids(step, index, True)
 
     def kept_ids(self, question: str, steps: list[str], outcome: bool = False) -> tuple[list[int], list[int], list[int]]:
         """The ids a handle's sequence holds after `steps` (prefix + every step's kept ids), the
@@ -213,19 +233,18 @@ class _RLHFlowFormat(_LabelFormat):
         text = _render(self.tok, conv, self.source)
         return self.seg.encode(text[: text.index(" " + _SENTINEL_S)], first=True)
 
-    def step_ids(self, step, index):
+    def rows(self, steps, indices, outcome=False):
+        if outcome:
+            # One user turn: question + " " + step0 + "\n\n" + step1 ...; the tag closes it.
+            tag = self.seg.encode(self.after_step)
+            bodies = self.seg.encode_many([(" " if k == 0 else OUTCOME_JOIN) + step for step, k in zip(steps, indices)])
+            return [(body, list(tag), len(body) + len(tag) - 1) for body in bodies]
         if self.trims:  # the first turn's content is question + " " + step: only its end is trimmed
-            step = step.rstrip() if index == 0 else step.strip()
-        head = " " if index == 0 else self.before_step
-        body = self.seg.encode(head + step + self.after_step)
+            steps = [step.rstrip() if k == 0 else step.strip() for step, k in zip(steps, indices)]
         label = self.seg.encode("+" + self.after_label)
-        return body + label, len(body) - 1
-
-    def outcome_ids(self, step, index):
-        # One user turn: question + " " + step0 + "\n\n" + step1 ...; the tag closes it.
-        body = self.seg.encode((" " if index == 0 else OUTCOME_JOIN) + step)
-        tag = self.seg.encode(self.after_step)
-        return body, tag, len(body) + len(tag) - 1
+        bodies = self.seg.encode_many([(" " if k == 0 else self.before_step) + step + self.after_step
+                                       for step, k in zip(steps, indices)])
+        return [(body + label, [], len(body) - 1) for body in bodies]
 
 
 class _MathShepherdFormat(_LabelFormat):
@@ -256,16 +275,16 @@ class _MathShepherdFormat(_LabelFormat):
         text = question if self.layout == "model-card" else f"{self.system}\n{question}\n"
         return self.seg.encode(text, first=True, special=True)
 
-    def step_ids(self, step, index):
+    def rows(self, steps, indices, outcome=False):
+        texts = [(" " if k == 0 else self.sep) + step for step, k in zip(steps, indices)]
+        if outcome:
+            return [(body, list(self.tag_ids), len(body) + len(self.tag_ids) - 1) for body in self.seg.encode_many(texts)]
         # One segment: the tag after a step that ends in whitespace tokenizes with it.
-        ids = self.seg.encode((" " if index == 0 else self.sep) + step + " ки")
-        if ids[-1] != self.tag:
-            raise ValueError(f"step {index} + ' ки' does not end with the step tag token: {step!r}")
-        return ids, len(ids) - 1
-
-    def outcome_ids(self, step, index):
-        body = self.seg.encode((" " if index == 0 else self.sep) + step)
-        return body, list(self.tag_ids), len(body) + len(self.tag_ids) - 1
+        out = []
+        for step, k, ids in zip(steps, indices, self.seg.encode_many([text + " ки" for text in texts])):
+            out.append((ids, [], len(ids) - 1) if ids and ids[-1] == self.tag else
+                       ValueError(f"step {k} + ' ки' does not end with the step tag token: {step!r}"))
+        return out
 
 
 class _QwenPRMFormat(Format):
@@ -302,13 +321,13 @@ class _QwenPRMFormat(Format):
         text = _render(self.tok, self._messages(question), self.source)
         return self.seg.encode(text[: text.index(_SENTINEL_L) - len(self.head_tail)], first=True)
 
-    def step_ids(self, step, index):
-        ids = self.seg.encode((self.head_tail if index == 0 else "") + step) + [self.tag]
-        return ids, len(ids) - 1
-
-    def outcome_ids(self, step, index):
-        body = self.seg.encode(self.head_tail + step if index == 0 else OUTCOME_JOIN + step)
-        return body, [self.tag], len(body)
+    def rows(self, steps, indices, outcome=False):
+        if outcome:
+            bodies = self.seg.encode_many([self.head_tail + step if k == 0 else OUTCOME_JOIN + step
+                                           for step, k in zip(steps, indices)])
+            return [(body, [self.tag], len(body)) for body in bodies]
+        bodies = self.seg.encode_many([(self.head_tail if k == 0 else "") + step for step, k in zip(steps, indices)])
+        return [(body + [self.tag], [], len(body)) for body in bodies]
 
 
 class _SkyworkFormat(Format):
@@ -329,18 +348,21 @@ class _SkyworkFormat(Format):
     def prefix_ids(self, question):
         return self.seg.encode(self.bos + question + "\n", first=True, special=True)
 
-    def step_ids(self, step, index):
+    def rows(self, steps, indices, outcome=False):
         # As the reference's prepare_input over the solution joined by "\n\n": every piece of the
-        # text split at "\n", empty ones too, is tokenized on its own and followed by a "\n"; so a
-        # step after the first starts with the "\n" of the empty piece between two steps.
-        ids = [] if index == 0 else [self.newline]
-        for line in step.split("\n"):
-            ids += (list(self.tok.encode(line)) if line else []) + [self.newline]
-        return ids, len(ids) - 1
-
-    def outcome_ids(self, step, index):  # no tags: the score is read at the body's last "\n"
-        ids, off = self.step_ids(step, index)
-        return ids, [], off
+        # text split at "\n", empty ones too, is tokenized on its own (as tokenizer.encode does,
+        # special tokens included) and followed by a "\n"; so a step after the first starts with
+        # the "\n" of the empty piece between two steps. Outcome mode has no tags: the score is
+        # read at the body's last "\n", as in step mode.
+        lines = [step.split("\n") for step in steps]
+        encoded = iter(self.seg.encode_many([line for pieces in lines for line in pieces if line], first=True, special=True))
+        out = []
+        for pieces, k in zip(lines, indices):
+            ids = [] if k == 0 else [self.newline]
+            for line in pieces:
+                ids += (next(encoded) if line else []) + [self.newline]
+            out.append((ids, [], len(ids) - 1))
+        return out
 
 
 FORMATS: dict[str, type[Format]] = {cls.kind: cls for cls in (_RLHFlowFormat, _MathShepherdFormat, _QwenPRMFormat, _SkyworkFormat)}

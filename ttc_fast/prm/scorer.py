@@ -14,7 +14,9 @@ segment scored so far. `score_steps` appends to each handle only the new step's 
 handles (of all problems) in one ragged forward (split into chunks of at most `max_batch_tokens`
 tokens), and reads the score at that step's boundary position.
 
-The ids of each step come from the PRM's format (`ttc_fast.prm.formats`).
+The ids of each step come from the PRM's format (`ttc_fast.prm.formats`), encoded many steps
+to a batch call of the tokenizer by `step_encoder.StepEncoder`; a search hands it the steps the
+policy finishes (`prefetch`) while the rest still decode, so a call finds most already encoded.
 
 Outcome mode (kind="outcome" or "outcome:<kind>"): the partial solution is judged as a whole:
 the text is the question plus its steps joined as one solution, with the format's scoring tag
@@ -44,9 +46,7 @@ larger `kv_cache_bytes`.
 """
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -54,6 +54,7 @@ from ..block_manager import OutOfBlocks
 from ..flops import context_sum
 from .base import PRM, PRMHandle
 from .formats import Format
+from .step_encoder import StepEncoder
 
 
 class PRMOutOfBlocks(OutOfBlocks, ValueError):
@@ -71,6 +72,7 @@ class ModelPRM(PRM):
         self.model, self.fmt, self.head, self.outcome = loaded, fmt, head, outcome
         self.kind = ("outcome:" if outcome else "") + fmt.kind
         self.tokenizer = loaded.tokenizer
+        self.encoder = StepEncoder(fmt, outcome)
         self.max_batch_tokens = max_batch_tokens
         self.runner = ModelRunner(loaded, kv_cache_bytes=kv_cache_bytes, block_size=block_size, backend=backend,
                                   enable_prefix_cache=True, num_blocks=num_blocks)
@@ -170,11 +172,26 @@ class ModelPRM(PRM):
                 handle.seq = None
             handle.alive = False
 
+    def free_many(self, handles):
+        """`free` of each, in one call to the block manager."""
+        held = [h for h in handles if h.alive and h.seq is not None]
+        if len({id(h) for h in held}) != len(held):
+            raise ValueError("free_many: the same handle appears twice")
+        self.runner.free_many([h.seq for h in held])
+        for h in held:
+            self._resident.pop(id(h), None)
+            h.seq = None
+        for h in handles:
+            h.alive = False
+
     def _evict(self, handle) -> None:
         self._resident.pop(id(handle), None)
         self.runner.free(handle.seq)
         handle.seq = None
         self.stats["evictions"] += 1
+
+    def prefetch(self, items):
+        self.encoder.prefetch(items)
 
     def _check_room(self, seqs, feeds):
         blocks = self.runner.blocks
@@ -204,7 +221,7 @@ class ModelPRM(PRM):
         recorded steps when next used), so no handle keeps half a step. A row whose step would take
         its text past the PRM's context (max_position_embeddings) is not appended and scores None."""
         self._check(handles, steps)
-        segs = _map_threaded(lambda i: self.fmt.row_ids(steps[i], handles[i].num_steps, self.outcome), len(handles))
+        segs = self.encoder.rows(steps, [h.num_steps for h in handles])
         blocks = self.runner.blocks
         limit = self.model.config.max_context
         fits = []
@@ -333,22 +350,3 @@ class ModelPRM(PRM):
         self.stats["full_tokens"] += len(ids)
         self.stats["context_sum"] += context_sum(0, len(ids))
         return vals.tolist()
-
-
-_POOL: ThreadPoolExecutor | None = None
-THREADED_MIN_ROWS = 64  # below this, the threads' hand-off costs more than it saves
-
-
-def _map_threaded(fn, n: int) -> list:
-    """[fn(0), ..., fn(n - 1)], in chunks over the CPU's cores: tokenizing every beam's new step
-    is the PRM's largest host cost, and a fast (Rust) tokenizer encodes without holding the GIL."""
-    global _POOL
-    workers = min(8, os.cpu_count() or 1)
-    if n < THREADED_MIN_ROWS or workers < 2:
-        return [fn(i) for i in range(n)]
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(workers, thread_name_prefix="ttc-prm-encode")
-    bounds = [n * k // workers for k in range(workers + 1)]
-    chunks = _POOL.map(lambda k: [fn(i) for i in range(bounds[k], bounds[k + 1])], range(workers))
-    return [x for chunk in chunks for x in chunk]
-
