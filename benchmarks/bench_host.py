@@ -20,8 +20,8 @@ collector's way (gc.freeze).
                     reported too: on the CPU, work overlapped with decoding makes it longer.
 
 `--baseline REV` measures the same on a checkout of REV (a git worktree built in place) in the
-same run, each repeat of ours followed by one of the baseline's (each in a fresh process, so both
-see the machine in the same state), and prints both side by side.
+same run, its runs alternating with ours (each in a fresh process, so both see the machine in
+the same state), and prints both side by side.
 
     python benchmarks/bench_host.py [--sizes 64 256 1024 4096] [--repeats 3] [--baseline REV] [--json host.json]
     python benchmarks/bench_host.py --smoke     # 64 live sequences only, a few seconds
@@ -199,12 +199,19 @@ def worktree(rev: str):
 
 
 def side_by_side(rev: str, sizes: list[int], repeats: int) -> tuple[list[dict], list[dict]]:
-    """Rows of this checkout and of `rev`, their runs alternating (ours, then the baseline's, each
-    in a fresh process), so that both see the machine in the same state."""
+    """Rows of this checkout and of `rev`, their runs alternating (each in a fresh process; ours
+    first in even repeats, the baseline's in odd ones), so that both see the machine in the same
+    state."""
     ours, theirs = [], []
     with worktree(rev) as tree:
         for size in sizes:
-            pairs = [(run_in(REPO, size), run_in(tree, size)) for _ in range(repeats)]
+            pairs = []
+            for r in range(repeats):
+                if r % 2 == 0:
+                    pairs.append((run_in(REPO, size), run_in(tree, size)))
+                else:
+                    b = run_in(tree, size)
+                    pairs.append((run_in(REPO, size), b))
             ours.append(summarize(size, [a for a, _ in pairs]))
             theirs.append(summarize(size, [b for _, b in pairs]))
             print(json.dumps({"ours": ours[-1], "baseline": theirs[-1]}), flush=True)

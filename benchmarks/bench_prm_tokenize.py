@@ -2,10 +2,11 @@
 
 Steps are the GSM8K test solutions' lines and the MATH-500 solutions' paragraphs (../shared/data),
 encoded in the math-shepherd format with SmolLM2-135M-Instruct's tokenizer (a 49K BPE; the
-checkpoint fetched as the tests fetch it) plus the format's step tag "ки". Timed: one batch call
-of `Format.rows` over --steps steps (the search's path); the same steps one `row_ids` call at a
-time; and one at a time split over a thread per core (a single encode holds the GIL, so threads
-do not help it); each the median of 5.
+checkpoint fetched as the tests fetch it) plus the format's step tag "ки". Timed, each the
+median of 5:
+  one batch      one `Format.rows` call over --steps steps (the search's path)
+  one at a time  the same texts, one call of the tokenizer's `encode` each (the path before)
+  on threads     that, split over a thread per core (as the path before did past 64 rows)
 
     python benchmarks/bench_prm_tokenize.py [--steps 1024] [--json out.json]
 """
@@ -64,10 +65,18 @@ def main() -> None:
         indices = [1] * len(steps)
         tokens = statistics.mean(len(fmt.row_ids(s, 1)[0]) for s in steps)
         batch = median_seconds(lambda: fmt.rows(steps, indices))
-        alone = median_seconds(lambda: [fmt.row_ids(s, 1) for s in steps])
+        # The texts the format encodes for these steps (model-card layout, a step after the first).
+        texts = ["\n" + step + " ки" for step in steps]
+        encode = tok._tokenizer.encode
+
+        def one_at_a_time(chunk):
+            return [encode(text, add_special_tokens=False).ids for text in chunk]
+
+        alone = median_seconds(lambda: one_at_a_time(texts))
         with ThreadPoolExecutor(threads) as pool:
-            chunks = [steps[k::threads] for k in range(threads)]
-            threaded = median_seconds(lambda: list(pool.map(lambda c: [fmt.row_ids(s, 1) for s in c], chunks)))
+            chunks = [texts[k::threads] for k in range(threads)]
+            threaded = median_seconds(lambda: list(pool.map(one_at_a_time, chunks)))
+        assert [row[0] for row in fmt.rows(steps, indices)] == one_at_a_time(texts)
         us = {k: 1e6 * v / len(steps) for k, v in (("batch", batch), ("alone", alone), ("threads", threaded))}
         rows.append({"steps": name, "count": len(steps), "tokens_per_step": tokens, "batch_us_per_step": us["batch"],
                      "one_at_a_time_us_per_step": us["alone"], f"one_at_a_time_{threads}_threads_us_per_step": us["threads"]})

@@ -1,6 +1,7 @@
 """PRM scorer: cached incremental scores == uncached score_full == transformers on the same ids,
 the real formats' tokenization, token accounting, callables, outcome mode, aggregation, errors."""
 import shutil
+import threading
 
 import pytest
 import torch
@@ -145,8 +146,8 @@ def test_many_rows_are_encoded_in_one_batch_in_order(prm_case):
 def test_prefetched_steps_score_as_steps_encoded_on_demand(prm_case, monkeypatch):
     """Steps prefetched (some of them, one with another step index, one twice, one no call
     uses) give the same scores as none prefetched: the call takes the prefetched encodings,
-    encodes the rest in one batch and drops what it did not use; a step the format rejects
-    raises its error in the call that scores it."""
+    encodes the rest in one batch and drops what it did not use; a prefetched batch that failed
+    whole is encoded again; a step the format rejects raises its error in the call that scores it."""
     kind, path, prm = prm_case
     steps = [f"Step 1: add {i} and {i + 1}." for i in range(6)]
 
@@ -169,6 +170,14 @@ def test_prefetched_steps_score_as_steps_encoded_on_demand(prm_case, monkeypatch
     assert score(ahead) == pytest.approx(plain, abs=ATOL)
     assert calls == [list(dict.fromkeys(ahead)), [(s, 0) for i, s in enumerate(steps) if i not in (0, 2)]]
     assert prm.encoder._ahead == {}
+    # A prefetched batch that failed as a whole (the tokenizer raised): its rows are encoded again.
+    def fail_ahead(s, k, outcome=False):
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("tokenizer failed")
+        return rows(s, k, outcome)
+
+    monkeypatch.setattr(prm.fmt, "rows", fail_ahead)
+    assert score([(s, 0) for s in steps]) == pytest.approx(plain, abs=ATOL)
     # A step the format rejects: raised by the call that uses it, prefetched or not.
     monkeypatch.setattr(prm.fmt, "rows", lambda s, k, outcome=False: [ValueError(f"bad {x}") for x in s])
     for prefetch in ([("x", 0)], []):

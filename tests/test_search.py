@@ -10,6 +10,7 @@ import pytest
 import ttc_fast as tf
 from ttc_fast.data import Problem
 from ttc_fast.prompts import encode_prompt
+from ttc_fast.search import TreeSearch
 from ttc_fast.testing import build_tiny_model
 
 DELIM = "e"
@@ -305,3 +306,36 @@ def test_steps_are_encoded_for_the_prm_as_the_policy_finishes_them(engine, tmp_p
     assert len(on_worker) > 3 and on_caller == []  # every step encoded ahead, in several reports
     monkeypatch.setattr(prm, "prefetch", lambda items: None)
     assert run() == with_reports
+
+
+def test_an_engine_object_without_the_newer_methods_still_searches(engine, tmp_path):
+    """TreeSearch takes any object with start / fork / expand / release: one whose expand has no
+    on_finish and that has no release_many searches as the engine itself does."""
+    from prm_builders import build_math_shepherd_prm
+
+    class Plain:
+        def __init__(self, inner):
+            self.inner = inner
+            self.tokenizer, self.model, self.runner = inner.tokenizer, inner.model, inner.runner
+
+        def start(self, prompt):
+            return self.inner.start(prompt)
+
+        def fork(self, branch, n):
+            return self.inner.fork(branch, n)
+
+        def expand(self, branches, counts, sampling, seeds=None):
+            return self.inner.expand(branches, counts, sampling, seeds)
+
+        def release(self, branch):
+            self.inner.release(branch)
+
+    prm = tf.load_prm(build_math_shepherd_prm(tmp_path / "prm", seed=3), kind="math-shepherd", device="cpu", dtype="float32")
+    strategy = tf.BeamSearch(n=4, width=2, iterations=2, delimiter=DELIM)
+
+    def run(eng):
+        return [[(c.steps, c.step_scores) for c in r.completions] for r, _ in
+                TreeSearch(eng, prm, strategy, SAMPLING).run_with_problems(problems(2))]
+
+    assert run(Plain(engine)) == run(engine)
+    assert engine.runner.blocks.num_used_blocks == 0

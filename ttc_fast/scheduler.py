@@ -105,8 +105,8 @@ class Batch:
 class Scheduler:
     def __init__(self, runner, max_batch_tokens: int, stats: dict, stopper: StopChecker, samples: list[Sample],
                  on_finish=None):
-        """on_finish(samples): called once per step with the samples that step finished, while the
-        others decode on."""
+        """on_finish(samples): called with the samples just finished, before the next step runs,
+        while the others decode on."""
         self.runner, self.max_batch_tokens, self.stats, self.stopper = runner, max_batch_tokens, stats, stopper
         self.on_finish, self.finished_now = on_finish, []
         self.waiting: deque[Sample] = deque(samples)

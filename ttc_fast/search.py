@@ -11,6 +11,7 @@ An observer (`SearchObserver`) sees every pruning and every result.
 """
 from __future__ import annotations
 
+import inspect
 import time
 from collections import deque
 from dataclasses import dataclass, replace
@@ -91,8 +92,8 @@ class TreeSearch:
                  system_prompt: str | None = None, max_problems_in_flight: int | None = None,
                  chat_template: str | None = None, chat_template_kwargs: dict | None = None,
                  observer: SearchObserver | None = None):
-        """engine: an `Engine` (or anything with its start / fork / expand / release /
-        release_many);
+        """engine: an `Engine` (or anything with its start / fork / expand / release; its
+        expand's `on_finish` and its `release_many` are used where it has them);
         system_prompt: None is `DEFAULT_SYSTEM_PROMPT`, "" is no system message; chat_template:
         None is the policy tokenizer's own, "" none (plain prompt), else Jinja source;
         chat_template_kwargs go to `apply_chat_template` (see `ttc_fast.prompts`)."""
@@ -230,7 +231,11 @@ class TreeSearch:
                 # Seeds depend only on (problem, iteration, path within the problem): a problem's
                 # samples do not change with the other problems in flight (a resumed run repeats itself).
                 seeds.append(sample_seed(self.seed, st.index, st.iteration, k))
-        results = self.engine.expand(branches, counts, samplings, seeds, on_finish=self._prefetch_steps(owners))
+        report = self._prefetch_steps(owners)
+        if report is None:  # no verifier to tell (and an engine object may not take on_finish)
+            results = self.engine.expand(branches, counts, samplings, seeds)
+        else:
+            results = self.engine.expand(branches, counts, samplings, seeds, on_finish=report)
 
         context = self.engine.model.config.max_context
         children: list[tuple[ProblemState, Path]] = []
@@ -261,7 +266,7 @@ class TreeSearch:
         """`Engine.expand`'s on_finish report: the verifier starts on each finished child's new
         step (stepwise strategies score it next) while the other children still decode."""
         prefetch = getattr(self.prm, "prefetch", None)  # a verifier may not take the hint
-        if prefetch is None:
+        if prefetch is None or not _takes_keyword(self.engine.expand, "on_finish"):
             return None
 
         def report(finished):
@@ -336,7 +341,11 @@ class TreeSearch:
         """Free the paths' policy and PRM sequences, each pool in one call."""
         branches = [p.branch for p in paths if p.branch is not None]
         if branches:
-            self.engine.release_many(branches)
+            if hasattr(self.engine, "release_many"):
+                self.engine.release_many(branches)
+            else:  # an engine object with `release` alone
+                for branch in branches:
+                    self.engine.release(branch)
         handles = [p.prm for p in paths if p.prm is not None]
         if handles and self.prm is not None:
             if hasattr(self.prm, "free_many"):
@@ -374,6 +383,11 @@ class TreeSearch:
             policy_tokens_processed=st.prompt_tokens + st.policy_tokens, policy_context_sum=st.policy_context,
             prm_context_sum=int(round(st.prm_context)),
         )
+
+
+def _takes_keyword(fn, name: str) -> bool:
+    params = inspect.signature(fn).parameters
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def _by_strategy(items: list, strategy_of) -> list[tuple[Strategy, list]]:

@@ -9,12 +9,12 @@ segments, so the cached and uncached paths see the same token ids:
 Each segment is tokenized on its own by the PRM's tokenizer (a SentencePiece tokenizer's dummy
 prefix "▁" is not re-added at each segment: segments after the first are tokenized as a
 continuation); `rows(steps, indices)` gives many steps' segments from one batch call of the
-tokenizer, the ids of encoding each alone. Segments start where the whole text's tokenization splits anyway (after a special
-token, or at a space or newline the pre-tokenizer splits at), so the ids are the ones the reference
-code gets from tokenizing the whole text; the tests check this against re-implementations of each
-reference on the test tokenizers and on SmolLM2's real one. Step texts are used as written (the
-reference code does not strip them either). Formats (text of each segment; `|` marks the scored
-token):
+tokenizer, the ids of encoding each alone. Segments start where the whole text's tokenization
+splits anyway (after a special token, or at a space or newline the pre-tokenizer splits at), so
+the ids are the ones the reference code gets from tokenizing the whole text; the tests check
+this against re-implementations of each reference on the test tokenizers and on SmolLM2's real
+one. Step texts are used as written (the reference code does not strip them either). Formats
+(text of each segment; `|` marks the scored token):
 
 * "rlhflow" (RLHFlow/Llama3.1-8B-PRM-*): the checkpoint's chat template rendered over the
   conversation [user: question + " " + step0, assistant: "+", user: step1, assistant: "+", ...].
@@ -172,8 +172,10 @@ class Format:
         """The ids a handle's sequence holds after `steps` (prefix + every step's kept ids), the
         steps' score positions (in ids + that step's tag) and the last step's tag ids."""
         ids, positions, tag = self.prefix_ids(question), [], []
-        for k, step in enumerate(steps):
-            kept, tag, off = self.row_ids(step, k, outcome)
+        for row in self.rows(steps, list(range(len(steps))), outcome):
+            if isinstance(row, Exception):
+                raise row
+            kept, tag, off = row
             positions.append(len(ids) + off)
             ids = ids + kept
         return ids, positions, tag

@@ -174,9 +174,7 @@ class ModelPRM(PRM):
 
     def free_many(self, handles):
         """`free` of each, in one call to the block manager."""
-        held = [h for h in handles if h.alive and h.seq is not None]
-        if len({id(h) for h in held}) != len(held):
-            raise ValueError("free_many: the same handle appears twice")
+        held = list({id(h): h for h in handles if h.alive and h.seq is not None}.values())
         self.runner.free_many([h.seq for h in held])
         for h in held:
             self._resident.pop(id(h), None)

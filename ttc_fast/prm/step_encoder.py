@@ -38,12 +38,23 @@ class StepEncoder:
             for position, key in enumerate(todo):
                 self._ahead[key] = (batch, position)
 
+    @staticmethod
+    def _taken(found):
+        """A prefetched row, or None: not prefetched, or its batch failed as a whole (then the
+        row is encoded again, so that only its own error can stop the call)."""
+        if found is None:
+            return None
+        batch, position = found
+        try:
+            return batch.result()[position]
+        except Exception:
+            return None
+
     def rows(self, steps: list[str], indices: list[int]) -> list:
         """Each (step, index)'s (kept ids, tag ids, score offset); a row whose step the format
         rejects raises its error here."""
         ahead, self._ahead = self._ahead, {}
-        found = [ahead.get(key) for key in zip(steps, indices)]
-        out = [None if f is None else f[0].result()[f[1]] for f in found]
+        out = [self._taken(ahead.get(key)) for key in zip(steps, indices)]
         missing = [i for i, row in enumerate(out) if row is None]
         if missing:
             for i, row in zip(missing, self.fmt.rows([steps[i] for i in missing], [indices[i] for i in missing], self.outcome)):
