@@ -105,6 +105,9 @@ class TreeSearch:
         self.max_in_flight = max_problems_in_flight
         self.seed = fresh_seed() if self.sampling.seed is None else self.sampling.seed
         self.observer = observer or SearchObserver()
+        # Tell the verifier of finished steps during expansion where both sides take part.
+        expand = getattr(engine, "expand", None)
+        self._prefetch = getattr(prm, "prefetch", None) if expand and _takes_keyword(expand, "on_finish") else None
         self.scorer = StepScorer(prm)
 
     # --- driver --------------------------------------------------------------------------------
@@ -265,8 +268,8 @@ class TreeSearch:
     def _prefetch_steps(self, owners: list[tuple[ProblemState, Path]]):
         """`Engine.expand`'s on_finish report: the verifier starts on each finished child's new
         step (stepwise strategies score it next) while the other children still decode."""
-        prefetch = getattr(self.prm, "prefetch", None)  # a verifier may not take the hint
-        if prefetch is None or not _takes_keyword(self.engine.expand, "on_finish"):
+        prefetch = self._prefetch
+        if prefetch is None:
             return None
 
         def report(finished):

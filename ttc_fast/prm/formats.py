@@ -156,9 +156,7 @@ class Format:
     def row_ids(self, step: str, index: int, outcome: bool = False) -> tuple[list[int], list[int], int]:
         """What step `index` adds: (ids kept in the handle's sequence, tag ids run only on a
         throwaway fork to probe the score (outcome mode), score offset within kept + tag)."""
-        row, = self.rows([step], [index], outcome)
-        if isinstance(row, Exception):
-            raise row
+        row, = accepted(self.rows([step], [index], outcome))
         return row
 
     def step_ids(self, step: str, index: int) -> tuple[list[int], int]:
@@ -172,10 +170,7 @@ class Format:
         """The ids a handle's sequence holds after `steps` (prefix + every step's kept ids), the
         steps' score positions (in ids + that step's tag) and the last step's tag ids."""
         ids, positions, tag = self.prefix_ids(question), [], []
-        for row in self.rows(steps, list(range(len(steps))), outcome):
-            if isinstance(row, Exception):
-                raise row
-            kept, tag, off = row
+        for kept, tag, off in accepted(self.rows(steps, list(range(len(steps))), outcome)):
             positions.append(len(ids) + off)
             ids = ids + kept
         return ids, positions, tag
@@ -184,6 +179,14 @@ class Format:
         """Step mode: the ids of (question, steps) and each step's score position."""
         ids, positions, _ = self.kept_ids(question, steps)
         return ids, positions
+
+
+def accepted(rows: list) -> list:
+    """`Format.rows`' output, or the first error in it raised."""
+    for row in rows:
+        if isinstance(row, Exception):
+            raise row
+    return rows
 
 
 def _render(tok, messages, source) -> str:

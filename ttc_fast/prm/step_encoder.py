@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from .formats import accepted
+
 _POOL: ThreadPoolExecutor | None = None
 
 
@@ -59,7 +61,4 @@ class StepEncoder:
         if missing:
             for i, row in zip(missing, self.fmt.rows([steps[i] for i in missing], [indices[i] for i in missing], self.outcome)):
                 out[i] = row
-        for row in out:
-            if isinstance(row, Exception):
-                raise row
-        return out
+        return accepted(out)
