@@ -31,8 +31,7 @@ class AdaptiveMajority(Strategy):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.round_size < 1:
-            raise ValueError(f"{self.name}: round_size must be >= 1, got {self.round_size}")
+        self._require_at_least_one("round_size")
         if not 0.5 < self.confidence < 1:
             raise ValueError(f"{self.name}: confidence must be in (0.5, 1), got {self.confidence}")
 

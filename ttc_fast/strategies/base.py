@@ -58,8 +58,7 @@ class Strategy:
     stepwise: ClassVar[bool] = False  # an expansion writes one step, scored as it comes
 
     def __post_init__(self):
-        if self.n < 1:
-            raise ValueError(f"{type(self).__name__}: n must be >= 1, got {self.n}")
+        self._require_at_least_one("n")
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"{type(self).__name__}: aggregation must be one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}")
         if not self.delimiter:
@@ -68,6 +67,13 @@ class Strategy:
     @property
     def name(self) -> str:
         return type(self).__name__
+
+    def _require_at_least_one(self, *settings: str) -> None:
+        """A settings check of __post_init__: each named setting is an integer >= 1."""
+        for setting in settings:
+            value = getattr(self, setting)
+            if value < 1:
+                raise ValueError(f"{self.name}: {setting} must be >= 1, got {value}")
 
     def for_problem(self, problem) -> "Strategy":
         """The strategy that runs `problem` (this one)."""

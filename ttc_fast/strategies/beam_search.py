@@ -29,8 +29,7 @@ class BeamSearch(Strategy):
         super().__post_init__()
         if self.width < 1 or self.n % self.width:
             raise ValueError(f"{self.name}: n ({self.n}) must be a positive multiple of width ({self.width})")
-        if self.iterations < 1:
-            raise ValueError(f"{self.name}: iterations must be >= 1, got {self.iterations}")
+        self._require_at_least_one("iterations")
         if self.lookahead < 0:
             raise ValueError(f"{self.name}: lookahead must be >= 0, got {self.lookahead}")
 

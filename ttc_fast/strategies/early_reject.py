@@ -43,14 +43,12 @@ class EarlyReject(Strategy):
         super().__post_init__()
         if not 0.0 <= self.reject_fraction <= 1.0:
             raise ValueError(f"{self.name}: reject_fraction must be in [0, 1], got {self.reject_fraction}")
-        if self.checkpoint_steps < 1:
-            raise ValueError(f"{self.name}: checkpoint_steps must be >= 1, got {self.checkpoint_steps}")
+        self._require_at_least_one("checkpoint_steps")
         if self.rounds < 0:
             raise ValueError(f"{self.name}: rounds must be >= 0, got {self.rounds}")
         if not 1 <= self.min_keep <= self.n:
             raise ValueError(f"{self.name}: min_keep must be in [1, n = {self.n}], got {self.min_keep}")
-        if self.iterations < 1:
-            raise ValueError(f"{self.name}: iterations must be >= 1, got {self.iterations}")
+        self._require_at_least_one("iterations")
 
     def is_final_iteration(self, iteration: int) -> bool:
         return iteration >= self.iterations - 1

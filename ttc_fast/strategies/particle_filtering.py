@@ -24,8 +24,7 @@ class ParticleFiltering(Strategy):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.iterations < 1:
-            raise ValueError(f"{self.name}: iterations must be >= 1, got {self.iterations}")
+        self._require_at_least_one("iterations")
         if not self.temperature > 0:
             raise ValueError(f"{self.name}: temperature must be > 0, got {self.temperature}")
 

@@ -30,8 +30,7 @@ class Rebase(Strategy):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.iterations < 1:
-            raise ValueError(f"{self.name}: iterations must be >= 1, got {self.iterations}")
+        self._require_at_least_one("iterations")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ValueError(f"{self.name}: temperature must be a finite number > 0, got {self.temperature}")
 

@@ -75,8 +75,7 @@ class Routed(Strategy):
                              f"but there are {len(self.choices)} choices")
         if list(self.thresholds) != sorted(self.thresholds):
             raise ValueError(f"{self.name}: thresholds must be ascending, got {self.thresholds}")
-        if self.budget < 1:
-            raise ValueError(f"{self.name}: budget must be >= 1, got {self.budget}")
+        self._require_at_least_one("budget")
         if self.width < 1 or self.iterations < 1:
             raise ValueError(f"{self.name}: width and iterations must be >= 1, got {self.width} and {self.iterations}")
         for choice in self.choices:
